@@ -1,0 +1,58 @@
+# dermassist: a newcomer needs two targets, `make demo` and `make test`.
+# Each creates .venv and installs what it needs when missing; a second run reinstalls nothing
+# unless pyproject.toml changed.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,postgres,queue
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+PYTEST_ARGS ?=
+# PyTorch on a busy small machine is fastest with one thread; raise it where cores are free.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: help install demo test lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "dermassist needs Python 3.11 or newer; found $$($(PYTHON) --version 2>&1)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# The machine's pip configuration may list local index folders that do not exist; their
+# warnings are noise, every other line of pip's output is kept.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "installing dermassist[$(EXTRAS)] into $(VENV) (first time: a few minutes, ~6 GB with PyTorch)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]' 2>&1 \
+	  | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install dermassist with its dev extras
+
+demo: $(STAMP)  ## the main job on embedded defaults (a synthetic study for now)
+	$(BIN)/dermassist demo
+
+test: $(STAMP)  ## run the test suite
+	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove caches and demo output (keeps .venv)
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,226 @@
+"""Datasets in the derm-dev layout (real HAM10000 or synthetic), and lesion-grouped splits.
+
+The layout::
+
+    images/<image_id>.jpg|.png
+    masks/<image_id>_segmentation.png      lesion mask (0 / 255), optional
+    masks/<image_id>_<pattern>.png         pattern masks, optional (synthetic only)
+    labels.csv                             one row per image
+
+``labels.csv`` needs ``image_id`` and the diagnosis ``bcc`` (0/1); ``lesion_id`` (several images may
+show one lesion; default: one lesion per image), ``dx``, ``age``, ``sex``, ``localization`` and the seven
+pattern columns (0/1) are used where present. Real HAM10000 has no pattern labels: its rows get a
+target mask that trains the BCC head only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.typing import NDArray
+from PIL import Image
+from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import Dataset
+
+from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.csv"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+REQUIRED_COLUMNS = ("image_id", DIAGNOSIS_KEY)
+
+
+class DataError(ValueError):
+    """A dataset folder or table that cannot be read as the derm-dev layout."""
+
+
+def _image_path(images: Path, image_id: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        path = images / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_table(root: str | Path) -> pd.DataFrame:
+    """Read ``labels.csv`` of a dataset folder and resolve its files.
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        One row per image with ``image_id``, ``lesion_id``, ``bcc``, the seven pattern columns
+        (NaN where unknown), ``has_patterns`` (bool), ``image_path``, ``mask_path`` (None when absent)
+        and the metadata columns the table had.
+
+    Raises:
+        DataError: the folder, the table, a required column or an image is missing, a label is
+            not 0/1, or an image id is duplicated. The message names the offending rows.
+    """
+    root = Path(root)
+    table = root / LABELS_FILE
+    if not table.is_file():
+        raise DataError(f"{table} not found: a dataset folder needs labels.csv, images/ and masks/")
+    try:
+        df = pd.read_csv(table, dtype={"image_id": str, "lesion_id": str})
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{table} is not a readable CSV: {exc}") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{table} lacks the column(s) {missing}; it has {list(df.columns)}")
+    if df.empty:
+        raise DataError(f"{table} has no rows")
+    duplicated = df["image_id"][df["image_id"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"{table} lists these image ids more than once: {duplicated[:5]}")
+    bad = df.loc[~df[DIAGNOSIS_KEY].isin([0, 1]), "image_id"].tolist()
+    if bad:
+        raise DataError(f"{table}: column {DIAGNOSIS_KEY!r} must be 0 or 1; not so for {bad[:5]}")
+
+    df = df.copy()
+    if "lesion_id" not in df.columns:
+        df["lesion_id"] = df["image_id"]
+    df["lesion_id"] = df["lesion_id"].fillna(df["image_id"])
+    present = [k for k in PATTERN_KEYS if k in df.columns]
+    for key in PATTERN_KEYS:
+        if key not in df.columns:
+            df[key] = np.nan
+    df["has_patterns"] = df[list(PATTERN_KEYS)].notna().all(axis=1) if present else False
+    bad_patterns = df.loc[df["has_patterns"] & ~df[list(PATTERN_KEYS)].isin([0, 1]).all(axis=1), "image_id"]
+    if len(bad_patterns):
+        raise DataError(f"{table}: pattern columns must be 0 or 1; not so for {bad_patterns.tolist()[:5]}")
+
+    images, masks = root / "images", root / "masks"
+    paths = [_image_path(images, i) for i in df["image_id"]]
+    lost = [i for i, p in zip(df["image_id"], paths, strict=True) if p is None]
+    if lost:
+        raise DataError(f"{len(lost)} image(s) of {table} not found in {images}: {lost[:5]}")
+    df["image_path"] = [str(p) for p in paths]
+    mask_names = df["mask"] if "mask" in df.columns else df["image_id"] + "_segmentation.png"
+    df["mask_path"] = [
+        str(masks / str(name)) if isinstance(name, str) and (masks / name).is_file() else None
+        for name in mask_names
+    ]
+    return df
+
+
+def split_by_lesion(
+    df: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0, stratify: str = DIAGNOSIS_KEY
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Split rows into train and validation so that no lesion is on both sides, stratified by a label.
+
+    Args:
+        df: a table from :func:`load_table` (needs ``lesion_id`` and the ``stratify`` column).
+        val_fraction: share of rows for validation, in (0, 0.5].
+        seed: random seed (the same seed gives the same split).
+        stratify: a 0/1 or categorical column whose proportions both sides keep.
+
+    Returns:
+        Row positions (``np.ndarray`` of int) of the training and the validation rows.
+
+    Raises:
+        ValueError: for a fraction outside (0, 0.5] or fewer lesions than folds.
+    """
+    if not 0.0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    n_splits = max(2, round(1.0 / val_fraction))
+    groups = df["lesion_id"].to_numpy()
+    if len(np.unique(groups)) < n_splits:
+        raise ValueError(
+            f"{len(np.unique(groups))} lesions cannot be split {n_splits} ways; "
+            f"use more data or a larger val_fraction"
+        )
+    y = df[stratify].astype(str).to_numpy()
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train, val = next(splitter.split(np.zeros(len(df)), y, groups))
+    return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64)
+
+
+def table_hash(df: pd.DataFrame) -> str:
+    """A short content hash of the rows a model trains on (ids and targets), for checkpoints."""
+    cols = ["image_id", *TARGETS]
+    payload = df[cols].to_csv(index=False, lineterminator="\n").encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+class DermDataset(Dataset[dict[str, Any]]):
+    """Images with their targets in ``TARGETS`` order (diagnosis, then the seven patterns).
+
+    Targets are probabilities, so consensus posteriors can serve as soft labels: pass a
+    ``targets`` frame (index ``image_id``, columns a subset of ``TARGETS``) to override the table's.
+    Unknown targets (NaN) get ``target_mask`` 0 and do not contribute to the loss.
+
+    Args:
+        df: rows from :func:`load_table`.
+        transform: called on the ``(3, H, W)`` float tensor (e.g. torchvision.transforms.v2).
+        targets: optional soft targets overriding the table's.
+        with_mask: also return the lesion mask (``(1, H, W)`` float; zeros when absent).
+    """
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        transform: Callable[..., Any] | None = None,
+        targets: pd.DataFrame | None = None,
+        with_mask: bool = False,
+    ) -> None:
+        self.df = df.reset_index(drop=True)
+        values = self.df[list(TARGETS)].astype(float).copy()
+        values.loc[~self.df["has_patterns"].astype(bool), list(PATTERN_KEYS)] = np.nan
+        if targets is not None:
+            unknown = set(targets.columns) - set(TARGETS)
+            if unknown:
+                raise ValueError(
+                    f"unknown target columns {sorted(unknown)}; expected some of {list(TARGETS)}"
+                )
+            aligned = targets.reindex(self.df["image_id"])
+            for col in targets.columns:
+                values[col] = aligned[col].to_numpy(dtype=float)
+        arr = values.to_numpy(dtype=np.float32)
+        known = arr[~np.isnan(arr)]
+        if known.size and (known.min() < 0.0 or known.max() > 1.0):
+            raise ValueError("targets must be probabilities in [0, 1]")
+        self.target_mask = torch.from_numpy((~np.isnan(arr)).astype(np.float32))
+        self.targets = torch.from_numpy(np.nan_to_num(arr, nan=0.0))
+        self.transform = transform
+        self.with_mask = with_mask
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.df.iloc[index]
+        with Image.open(row["image_path"]) as img:
+            array = np.array(img.convert("RGB"), dtype=np.uint8)
+        image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+        item: dict[str, Any] = {
+            "image_id": row["image_id"],
+            "target": self.targets[index],
+            "target_mask": self.target_mask[index],
+        }
+        if self.with_mask:
+            if row["mask_path"]:
+                with Image.open(row["mask_path"]) as m:
+                    mask = torch.from_numpy((np.array(m.convert("L")) > 127).astype(np.float32))[None]
+            else:
+                mask = torch.zeros(1, *image.shape[1:])
+            item["mask"] = mask
+        if self.transform is not None:
+            if self.with_mask:
+                from torchvision import tv_tensors
+
+                image, mask_tv = self.transform(tv_tensors.Image(image), tv_tensors.Mask(item["mask"]))
+                item["mask"] = mask_tv.as_subclass(torch.Tensor)
+                image = image.as_subclass(torch.Tensor)
+            else:
+                image = self.transform(image)
+        item["image"] = image
+        return item

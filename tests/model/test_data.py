@@ -1,0 +1,148 @@
+"""One loader for synthetic and real (derm-dev) data; lesion-grouped, stratified splits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from labeling_config import PATTERN_KEYS, TARGETS
+from model.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
+
+
+def test_synthetic_study_loads_with_pattern_labels(small_study):
+    df = load_table(small_study)
+    assert len(df) == 40
+    assert df["has_patterns"].all()
+    assert df["mask_path"].notna().all()
+    item = DermDataset(df, with_mask=True)[0]
+    assert item["image"].shape == (3, 128, 128)
+    assert item["image"].dtype == torch.float32
+    assert item["image"].min() >= 0.0
+    assert item["image"].max() <= 1.0
+    assert item["target_mask"].tolist() == [1.0] * len(TARGETS)
+    row = df.iloc[0]
+    assert item["target"].tolist() == [float(row[t]) for t in TARGETS]
+    assert item["mask"].shape == (1, 128, 128)
+    assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_split_keeps_lesions_apart_is_stratified_and_seeded(small_study):
+    from model.synthetic import SynthConfig, sample_cases
+
+    cases = sample_cases(SynthConfig(n=600, seed=0))
+    df = pd.DataFrame(
+        {
+            "image_id": [c.image_id for c, _ in cases],
+            "lesion_id": [c.lesion_id for c, _ in cases],
+            "bcc": [c.bcc for c, _ in cases],
+        }
+    )
+    train, val = split_by_lesion(df, val_fraction=0.2, seed=3)
+    assert len(set(train) | set(val)) == len(df)
+    assert not set(train) & set(val)
+    assert not set(df.lesion_id.iloc[train]) & set(df.lesion_id.iloc[val])
+    assert 0.17 < len(val) / len(df) < 0.23
+    assert abs(df.bcc.iloc[val].mean() - df.bcc.iloc[train].mean()) < 0.04
+    again = split_by_lesion(df, val_fraction=0.2, seed=3)
+    assert np.array_equal(val, again[1])
+    assert not np.array_equal(val, split_by_lesion(df, val_fraction=0.2, seed=4)[1])
+
+
+def test_soft_targets_override_and_unknown_targets_are_masked(small_study):
+    df = load_table(small_study)
+    soft = pd.DataFrame({"bcc": 0.25, "ulceration": 0.9}, index=df["image_id"])
+    ds = DermDataset(df, targets=soft)
+    assert ds[3]["target"][0].item() == pytest.approx(0.25)
+    assert ds[3]["target"][TARGETS.index("ulceration")].item() == pytest.approx(0.9)
+    partial = soft.iloc[:5]  # images without a consensus get no target for those labels
+    ds = DermDataset(df, targets=partial)
+    assert ds[10]["target_mask"][0].item() == 0.0
+    assert ds[2]["target_mask"][0].item() == 1.0
+    with pytest.raises(ValueError, match="unknown target columns \\['melanoma'\\]"):
+        DermDataset(df, targets=pd.DataFrame({"melanoma": [0.1]}, index=df["image_id"][:1]))
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
+        DermDataset(df, targets=pd.DataFrame({"bcc": [1.5]}, index=df["image_id"][:1]))
+
+
+def _write(root, csv: str, images=("a", "b")):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name in images:
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(root / "images" / f"{name}.png")
+    (root / "labels.csv").write_text(csv)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("csv", "images", "message"),
+    [
+        (None, (), "labels.csv not found"),
+        ("image_id,dx\na,nv\n", ("a",), "lacks the column\\(s\\) \\['bcc'\\]"),
+        ("image_id,bcc\n", (), "has no rows"),
+        ("image_id,bcc\na,1\na,0\n", ("a",), "more than once: \\['a'\\]"),
+        ("image_id,bcc\na,1\nb,2\n", ("a", "b"), "must be 0 or 1; not so for \\['b'\\]"),
+        ("image_id,bcc\na,1\nzz,0\n", ("a",), "not found in .*\\['zz'\\]"),
+        ('image_id,bcc\na,1\n"b,0\n', ("a", "b"), "not a readable CSV"),
+        (
+            "image_id,bcc," + ",".join(PATTERN_KEYS) + "\na,1" + ",3" * 7 + "\n",
+            ("a",),
+            "pattern columns must be 0 or 1",
+        ),
+    ],
+    ids=[
+        "no-table",
+        "no-bcc",
+        "empty",
+        "duplicate",
+        "bad-label",
+        "missing-image",
+        "malformed",
+        "bad-pattern",
+    ],
+)
+def test_bad_datasets_get_a_clear_error(tmp_path, csv, images, message):
+    root = tmp_path / "ds"
+    if csv is None:
+        root.mkdir()
+    else:
+        _write(root, csv, images)
+    with pytest.raises(DataError, match=message):
+        load_table(root)
+
+
+def test_table_without_lesion_ids_or_masks_still_loads(tmp_path):
+    df = load_table(_write(tmp_path, "image_id,bcc\na,1\nb,0\n"))
+    assert df.lesion_id.tolist() == ["a", "b"]
+    assert df.mask_path.isna().all()
+    assert not df.has_patterns.any()
+    assert DermDataset(df, with_mask=True)[0]["mask"].sum().item() == 0.0
+
+
+def test_table_hash_changes_with_targets(small_study):
+    df = load_table(small_study)
+    other = df.copy()
+    other.loc[0, "bcc"] = 1 - other.loc[0, "bcc"]
+    assert table_hash(df) == table_hash(df.copy()) != table_hash(other)
+
+
+def test_split_rejects_bad_fractions_and_too_few_lesions():
+    df = pd.DataFrame({"image_id": list("abc"), "lesion_id": list("aab"), "bcc": [0, 0, 1]})
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        split_by_lesion(df, val_fraction=0.9)
+    with pytest.raises(ValueError, match="2 lesions cannot be split 5 ways"):
+        split_by_lesion(df, val_fraction=0.2)
+
+
+def test_real_derm_dev_loads_and_splits_by_lesion(derm_dev):
+    df = load_table(derm_dev)
+    assert len(df) == 4038
+    assert df.bcc.sum() == 207
+    assert not df.has_patterns.any()  # HAM10000 has no pattern labels: only the BCC head trains
+    assert df.mask_path.notna().all()
+    train, val = split_by_lesion(df, val_fraction=0.2, seed=0)
+    assert not set(df.lesion_id.iloc[train]) & set(df.lesion_id.iloc[val])
+    assert abs(df.bcc.iloc[val].mean() - df.bcc.mean()) < 0.01
+    item = DermDataset(df.iloc[val[:1]], with_mask=True)[0]
+    assert item["target_mask"].tolist() == [1.0] + [0.0] * len(PATTERN_KEYS)
+    assert item["mask"].shape[1:] == item["image"].shape[1:]
