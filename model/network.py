@@ -1,0 +1,170 @@
+"""DermNet: MobileNet-V2 with a BCC head and a dermoscopic-pattern head (Matas et al., arXiv:2407.00104).
+
+The network takes images in [0, 1] (normalisation is inside, so every caller — training, serving,
+Grad-CAM, ONNX export — feeds the same thing) and returns one logit per target in
+``labeling_config.TARGETS`` order: the diagnosis, then the seven patterns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+from labeling_config import PATTERN_KEYS, TARGETS
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
+IMAGENET_FILE = Path(IMAGENET_WEIGHTS.url).name  # mobilenet_v2-b0353104.pth
+IMAGENET_SHA256_PREFIX = IMAGENET_FILE.split("-")[1].split(".")[0]  # torchvision's naming: b0353104
+
+
+class DermNet(nn.Module):
+    """MobileNet-V2 ``features`` + global average pooling + dropout + two linear heads.
+
+    Args:
+        num_patterns: outputs of the pattern head (seven: ``PATTERN_KEYS``).
+        dropout: dropout before the heads.
+        width_mult: MobileNet-V2 width multiplier (1.0 as published; smaller for tests).
+        mean: per-channel normalisation mean applied inside ``forward``.
+        std: per-channel normalisation std applied inside ``forward``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        num_patterns: int = len(PATTERN_KEYS),
+        dropout: float = 0.2,
+        width_mult: float = 1.0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_patterns < 1:
+            raise ValueError(f"num_patterns must be at least 1, got {num_patterns}")
+        backbone = mobilenet_v2(weights=None, width_mult=width_mult)
+        self.features = backbone.features
+        channels = backbone.last_channel
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.bcc_head = nn.Linear(channels, 1)
+        self.pattern_head = nn.Linear(channels, num_patterns)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.width_mult = width_mult
+        self.dropout_p = dropout
+        for head in (self.bcc_head, self.pattern_head):
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 + self.pattern_head.out_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map ``(B, 1280, H/32, W/32)``: where Grad-CAM looks."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        features: torch.Tensor = self.features((x - self.mean) / self.std)
+        return features
+
+    def forward_heads(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 1 + num_patterns)`` from a feature map."""
+        pooled = self.dropout(torch.flatten(self.pool(features), 1))
+        return torch.cat([self.bcc_head(pooled), self.pattern_head(pooled)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 1 + num_patterns)`` in ``TARGETS`` order for images in [0, 1]."""
+        return self.forward_heads(self.forward_features(x))
+
+    def head_weights(self) -> torch.Tensor:
+        """The two heads stacked: ``(1 + num_patterns, channels)``, rows in ``TARGETS`` order."""
+        return torch.cat([self.bcc_head.weight, self.pattern_head.weight], dim=0)
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision keeps the ImageNet MobileNet-V2 file: ``$TORCH_HOME/hub/checkpoints/``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_imagenet_features(model: DermNet) -> None:
+    """Copy torchvision's ImageNet MobileNet-V2 weights into ``model.features``, from the local cache only.
+
+    Raises:
+        FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
+        ValueError: the file's SHA-256 does not begin with the prefix in its name, or the model's
+            width is not 1.0.
+    """
+    path = imagenet_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ImageNet weights for MobileNet-V2 are not at {path}: run `make weights` (or copy "
+            f"torchvision's {IMAGENET_FILE} there, or set TORCH_HOME); nothing is downloaded at run time."
+        )
+    if not _sha256(path).startswith(IMAGENET_SHA256_PREFIX):
+        raise ValueError(
+            f"{path} does not have the SHA-256 prefix {IMAGENET_SHA256_PREFIX}; replace the file"
+        )
+    if model.width_mult != 1.0:
+        raise ValueError(f"ImageNet weights need width_mult=1.0, the model has {model.width_mult}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    model.features.load_state_dict(features)
+    logger.info("initialised MobileNet-V2 features from ImageNet weights at %s", path)
+
+
+def build_model(weights: str | Path | None = None, dropout: float = 0.2, width_mult: float = 1.0) -> DermNet:
+    """Build a DermNet, optionally initialised.
+
+    Args:
+        weights: ``None`` (random initialisation), ``"imagenet"`` (torchvision's ImageNet features from
+            the local cache), or the path of a dermassist checkpoint whose weights are loaded.
+        dropout: dropout before the heads.
+        width_mult: MobileNet-V2 width multiplier.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        FileNotFoundError: the weights file is absent.
+        ValueError: an unknown ``weights`` value or a checkpoint of another architecture.
+    """
+    if weights is None:
+        logger.info("training MobileNet-V2 from scratch (no pretrained weights given)")
+        return DermNet(dropout=dropout, width_mult=width_mult)
+    if weights == "imagenet":
+        model = DermNet(dropout=dropout, width_mult=width_mult)
+        load_imagenet_features(model)
+        return model
+    from model.checkpoint import load_checkpoint
+
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights {weights!r}: no such file (use None, 'imagenet' or a checkpoint path)"
+        )
+    model, _ = load_checkpoint(path)
+    model.train()
+    return model
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TARGETS", "DermNet", "build_model", "imagenet_weights_path"]
