@@ -1,0 +1,122 @@
+"""Training: a 1-2 step smoke run, checkpoint round-trip, reproducibility, resume, kill mid-epoch."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from labeling_config import TARGETS
+from model.checkpoint import load_checkpoint, read_checkpoint
+from model.data import load_table
+from model.train import TrainConfig, masked_bce, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny(study: Path, out: Path, **overrides) -> TrainConfig:
+    settings = {
+        "data": str(study), "out": str(out), "epochs": 2, "batch_size": 8, "image_size": 64, "width_mult": 0.35,
+        "max_steps_per_epoch": 2, "warmup_steps": 1, "progress": False, "threads": 1,
+    }  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_smoke_run_writes_loadable_calibrated_checkpoints(small_study, tmp_path):
+    result = train(tiny(small_study, tmp_path))
+    assert result.best.is_file() and result.last.is_file()
+    model, meta = load_checkpoint(result.best)
+    assert set(meta.thresholds) == set(TARGETS) and set(meta.temperatures) == set(TARGETS)
+    assert all(0.0 <= t <= 1.0 for t in meta.thresholds.values())
+    assert meta.input_size == 64 and meta.data_hash and meta.version == result.meta.version
+    assert meta.threshold_rule == "youden"
+    assert len(result.history) == 2 and "auroc_bcc" in result.history[0]
+    assert (tmp_path / "history.csv").is_file()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, len(TARGETS))
+
+
+def test_same_seed_same_weights(small_study, tmp_path):
+    a = train(tiny(small_study, tmp_path / "a", epochs=1))
+    b = train(tiny(small_study, tmp_path / "b", epochs=1))
+    c = train(tiny(small_study, tmp_path / "c", epochs=1, seed=1))
+    version = lambda r: read_checkpoint(r.last)["meta"]["version"]  # noqa: E731
+    assert version(a) == version(b) != version(c)
+
+
+def test_resume_continues_where_it_stopped(small_study, tmp_path):
+    train(tiny(small_study, tmp_path, epochs=1))
+    resumed = train(tiny(small_study, tmp_path, epochs=2, resume=str(tmp_path / "last.pt")))
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert read_checkpoint(tmp_path / "last.pt")["state"]["epoch"] == 2
+
+
+def test_screening_thresholds_follow_the_target_sensitivity(small_study, tmp_path):
+    result = train(tiny(small_study, tmp_path, epochs=1, target_sensitivity=0.9))
+    assert result.meta.threshold_rule == "sensitivity>=0.9"
+
+
+def test_soft_targets_and_unlabelled_patterns(small_study, tmp_path):
+    table = load_table(small_study)
+    table.loc[table.index[:20], "has_patterns"] = False  # as HAM10000: diagnosis only
+    soft = pd.DataFrame({"bcc": 0.7}, index=table["image_id"])
+    result = train(tiny(small_study, tmp_path, epochs=1), table=table, targets=soft)
+    assert result.best.is_file()
+
+
+def test_masked_targets_do_not_contribute_to_the_loss():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    changed = target.clone()
+    changed[:, 1] = 1 - changed[:, 1]  # flip the masked column
+    weights = torch.ones(2)
+    assert masked_bce(logits, target, mask, weights) == masked_bce(logits, changed, mask, weights)
+    full = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target[:, 0])
+    assert torch.isclose(masked_bce(logits, target, mask, weights), full)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epochs", 0, "epochs must be at least 1"),
+    ("image_size", 8, "image_size must be between"),
+    ("lr", 0.0, "lr must be positive"),
+])  # fmt: skip
+def test_bad_training_settings_are_rejected(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_killing_training_mid_epoch_leaves_a_resumable_checkpoint(small_study, tmp_path):
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        from model.train import TrainConfig, train
+        train(TrainConfig(data={str(small_study)!r}, out={str(out)!r}, epochs=200, batch_size=4, image_size=64,
+                          width_mult=0.35, warmup_steps=1, progress=False, threads=1))
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "last.pt").exists(), "training wrote no checkpoint"
+        time.sleep(0.3)  # well inside the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = read_checkpoint(out / "last.pt")["state"]
+    assert state["epoch"] >= 1
+    load_checkpoint(out / "best.pt")
+    resumed = train(tiny(small_study, out, epochs=state["epoch"] + 1, batch_size=4, max_steps_per_epoch=None,
+                         resume=str(out / "last.pt")))  # fmt: skip
+    assert resumed.history[-1]["epoch"] == state["epoch"] + 1
