@@ -1,0 +1,516 @@
+"""Evaluation with the paper's metrics, explanation agreement, and a self-contained HTML report.
+
+Metrics (Matas et al., arXiv:2407.00104) with 95% intervals from a bootstrap over *lesions* (images of
+one lesion are resampled together, as they are not independent):
+
+- BCC: accuracy, precision, recall (sensitivity), specificity, F1, balanced accuracy at the
+  checkpoint's threshold; AUROC and AUPRC.
+- Each pattern, where labels exist: AUROC, average precision, F1 at its threshold.
+- The paper's two criteria: the share of BCC images in which at least one of the six BCC patterns is
+  detected (paper: 99%), and the share of non-BCC images in which pigment network is detected, so
+  the exclusion criterion holds (paper: 95%).
+- Explanation agreement where reference masks exist: the share of a map's energy inside the mask,
+  the IoU of the thresholded map (:func:`model.explain.cam_to_mask`) with the mask, and the pointing
+  game (is the map's maximum inside the mask?); per pattern against its mask, and for the diagnosis
+  map against the lesion mask (the second paper's claim that decisions rest on the lesion). The
+  mask's own area share is reported beside the energy share: it is what a uniform map would score.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.typing import NDArray
+from PIL import Image
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from torch.utils.data import DataLoader
+
+from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
+from model.checkpoint import CheckpointMeta, load_checkpoint
+from model.data import DermDataset, load_table, split_by_lesion, table_hash
+from model.explain import cam_to_mask, explain, scale_maps
+from model.train import transforms
+
+logger = logging.getLogger(__name__)
+
+Array = NDArray[Any]
+Metric = Callable[[Array, Array], float]
+
+
+@dataclass
+class Predictions:
+    """Model outputs over a table: calibrated probabilities, labels, and feature-resolution maps."""
+
+    table: pd.DataFrame
+    probs: Array  # (N, K)
+    raw_cams: Array  # (N, K, h, w)
+    meta: CheckpointMeta
+
+
+def predict(model: Any, meta: CheckpointMeta, table: pd.DataFrame, batch_size: int = 32) -> Predictions:
+    """Probabilities and Grad-CAM maps of every row, from one pass per batch."""
+    ds = DermDataset(table, transforms(meta.input_size, train=False))
+    loader = DataLoader(ds, batch_size=batch_size)
+    temps = [meta.temperatures.get(t, 1.0) for t in TARGETS]
+    probs, raws = [], []
+    model.eval()
+    for batch in loader:
+        e = explain(model, batch["image"], temperatures=temps)
+        probs.append(e.probs.numpy())
+        raws.append(e.raw.numpy())
+    return Predictions(table.reset_index(drop=True), np.concatenate(probs), np.concatenate(raws), meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics with bootstrap intervals
+# ------------------------------------------------------------------------------------------------
+
+
+def _safe(metric: Metric) -> Metric:
+    def wrapped(y: Array, s: Array) -> float:
+        if y.size == 0 or y.min() == y.max():
+            return float("nan")
+        return float(metric(y, s))
+
+    return wrapped
+
+
+def _rate(num: Array, den: Array) -> float:
+    return float(num.sum() / den.sum()) if den.sum() else float("nan")
+
+
+def threshold_metrics(y: Array, pred: Array) -> dict[str, float]:
+    """Accuracy, precision, recall, specificity, F1, balanced accuracy of 0/1 predictions."""
+    y, pred = y.astype(bool), pred.astype(bool)
+    recall = _rate(pred & y, y)
+    specificity = _rate(~pred & ~y, ~y)
+    precision = _rate(pred & y, pred)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")
+    return {
+        "accuracy": float((pred == y).mean()) if y.size else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "specificity": specificity,
+        "f1": f1,
+        "balanced_accuracy": (recall + specificity) / 2,
+    }
+
+
+def bootstrap(
+    statistic: Callable[[Array], dict[str, float]],
+    groups: Array,
+    n_boot: int,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """A statistic on all rows and its 95% percentile interval over a bootstrap of groups.
+
+    Args:
+        statistic: rows (index array) -> named values.
+        groups: group label of each row (lesion ids); groups are resampled whole.
+        n_boot: bootstrap replicates.
+        seed: random seed.
+
+    Returns:
+        name -> {"value", "low", "high"}.
+    """
+    codes, uniques = pd.factorize(pd.Series(groups))
+    members = [np.flatnonzero(codes == g) for g in range(len(uniques))]
+    point = statistic(np.arange(len(groups)))
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in point}
+    for _ in range(n_boot):
+        chosen = rng.integers(0, len(members), len(members))
+        rows = np.concatenate([members[g] for g in chosen]) if len(members) else np.array([], int)
+        for k, v in statistic(rows).items():
+            samples[k].append(v)
+    out: dict[str, dict[str, float]] = {}
+    for k, v in point.items():
+        values = np.asarray(samples[k], dtype=float)
+        values = values[~np.isnan(values)]
+        low, high = np.percentile(values, [2.5, 97.5]) if values.size else (np.nan, np.nan)
+        out[k] = {"value": float(v), "low": float(low), "high": float(high)}
+    return out
+
+
+def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """BCC and per-pattern metrics with intervals, and the paper's two criteria."""
+    table, probs, meta = pred.table, pred.probs, pred.meta
+    groups = table["lesion_id"].to_numpy()
+    thresholds = np.array([meta.thresholds.get(t, 0.5) for t in TARGETS])
+    detected = probs >= thresholds
+    y_bcc = table[DIAGNOSIS_KEY].to_numpy().astype(int)
+    auroc, auprc = _safe(roc_auc_score), _safe(average_precision_score)
+
+    def bcc_stat(rows: Array) -> dict[str, float]:
+        y, s = y_bcc[rows], probs[rows, 0]
+        return {**threshold_metrics(y, detected[rows, 0]), "auroc": auroc(y, s), "auprc": auprc(y, s)}
+
+    result: dict[str, Any] = {"n_images": len(table), "n_bcc": int(y_bcc.sum())}
+    result["bcc"] = bootstrap(bcc_stat, groups, n_boot, seed)
+    result["bcc"]["threshold"] = float(thresholds[0])
+
+    labelled = table["has_patterns"].to_numpy().astype(bool)
+    patterns: dict[str, Any] = {}
+    if labelled.any():
+        sub_groups = groups[labelled]
+        for k, key in enumerate(TARGETS[1:], start=1):
+            y = table.loc[labelled, key].to_numpy().astype(int)
+            s, d = probs[labelled, k], detected[labelled, k]
+
+            def stat(rows: Array, y: Array = y, s: Array = s, d: Array = d) -> dict[str, float]:
+                m = threshold_metrics(y[rows], d[rows])
+                return {"auroc": auroc(y[rows], s[rows]), "ap": auprc(y[rows], s[rows]), "f1": m["f1"]}
+
+            patterns[key] = bootstrap(stat, sub_groups, n_boot, seed)
+            patterns[key]["prevalence"] = float(y.mean())
+            patterns[key]["threshold"] = float(thresholds[k])
+    result["patterns"] = patterns
+
+    bcc_idx = [TARGETS.index(k) for k in BCC_PATTERNS]
+    pn_idx = TARGETS.index(EXCLUSION_PATTERN)
+    is_bcc = y_bcc == 1
+    criteria = {
+        "bcc_with_a_bcc_pattern_detected": _rate(detected[:, bcc_idx].any(axis=1) & is_bcc, is_bcc),
+        "non_bcc_with_pigment_network_detected": _rate(detected[:, pn_idx] & ~is_bcc, ~is_bcc),
+        "paper": {"bcc_with_a_bcc_pattern_detected": 0.99, "non_bcc_with_pigment_network_detected": 0.95},
+    }
+    if labelled.any():
+        truth = table.loc[labelled, list(PATTERN_KEYS)].to_numpy().astype(bool)
+        yb = is_bcc[labelled]
+        criteria["reference_labels"] = {
+            "bcc_with_a_bcc_pattern": _rate(
+                truth[:, [PATTERN_KEYS.index(k) for k in BCC_PATTERNS]].any(1) & yb, yb
+            ),
+            "non_bcc_with_pigment_network": _rate(truth[:, PATTERN_KEYS.index(EXCLUSION_PATTERN)] & ~yb, ~yb),
+        }
+    result["criteria"] = criteria
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Explanation agreement
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_mask(path: Path) -> NDArray[np.bool_]:
+    with Image.open(path) as img:
+        mask: NDArray[np.bool_] = np.asarray(img.convert("L")) > 127
+    return mask
+
+
+def map_agreement(raw: Array, mask: NDArray[np.bool_], threshold: float = 0.5) -> dict[str, float]:
+    """Energy share inside ``mask``, IoU of the thresholded map, pointing game, and the mask's area share."""
+    h, w = mask.shape
+    cam = scale_maps(torch.as_tensor(raw, dtype=torch.float32), (h, w)).numpy()
+    total = float(cam.sum())
+    region = cam_to_mask(raw, w, h, threshold)
+    union = (region | mask).sum()
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return {
+        "energy_inside": float(cam[mask].sum() / total) if total > 0 else float("nan"),
+        "iou": float((region & mask).sum() / union) if union else float("nan"),
+        "pointing": float(mask[peak]),
+        "area": float(mask.mean()),
+    }
+
+
+def explanation_metrics(pred: Predictions, threshold: float = 0.5) -> dict[str, Any]:
+    """Agreement of each pattern's map with its mask, and of the diagnosis map with the lesion mask."""
+    table = pred.table
+    rows: dict[str, list[dict[str, float]]] = {key: [] for key in TARGETS}
+    for i, row in enumerate(table.to_dict("records")):
+        folder = Path(row["mask_path"]).parent if row["mask_path"] else None
+        if folder is not None and row["bcc"] == 1:
+            rows[DIAGNOSIS_KEY].append(
+                map_agreement(pred.raw_cams[i, 0], _read_mask(Path(row["mask_path"])), threshold)
+            )
+        if folder is None or not row["has_patterns"]:
+            continue
+        for k, key in enumerate(TARGETS[1:], start=1):
+            path = folder / f"{row['image_id']}_{key}.png"
+            if row[key] == 1 and path.is_file():
+                rows[key].append(map_agreement(pred.raw_cams[i, k], _read_mask(path), threshold))
+    out: dict[str, Any] = {"threshold": threshold, "masks_found": bool(table["mask_path"].notna().any())}
+    for key, values in rows.items():
+        if values:
+            frame = pd.DataFrame(values)
+            out[key] = {"n": len(values), **{c: float(frame[c].mean()) for c in frame.columns}}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _curves(pred: Predictions) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    labelled = pred.table["has_patterns"].to_numpy().astype(bool)
+    for k, key in enumerate(TARGETS):
+        rows = np.ones(len(pred.table), bool) if k == 0 else labelled
+        y = pred.table.loc[rows, key].to_numpy().astype(int) if rows.any() else np.array([])
+        if y.size == 0 or y.min() == y.max():
+            continue
+        s = pred.probs[rows, k]
+        fpr, tpr, _ = roc_curve(y, s)
+        precision, recall, _ = precision_recall_curve(y, s)
+        style = {"lw": 2.5, "color": "black"} if k == 0 else {"lw": 1.2}
+        name = "BCC" if k == 0 else PATTERNS[k - 1].display
+        axes[0].plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, s):.3f})", **style)
+        axes[1].plot(recall, precision, label=name, **style)
+        edges = np.linspace(0, 1, 11)
+        bins = np.clip(np.digitize(s, edges) - 1, 0, 9)
+        filled = [b for b in range(10) if (bins == b).any()]
+        axes[2].plot(
+            [s[bins == b].mean() for b in filled], [y[bins == b].mean() for b in filled], "o-", ms=3, **style
+        )
+    axes[0].plot([0, 1], [0, 1], ":", color="grey")
+    axes[0].set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (AUROC)")
+    axes[1].set(xlabel="recall", ylabel="precision", title="Precision-recall")
+    axes[2].plot([0, 1], [0, 1], ":", color="grey")
+    axes[2].set(xlabel="predicted probability", ylabel="observed frequency", title="Calibration")
+    axes[0].legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def _confusion(pred: Predictions) -> str:
+    import matplotlib.pyplot as plt
+
+    y = pred.table[DIAGNOSIS_KEY].to_numpy().astype(int)
+    d = (pred.probs[:, 0] >= pred.meta.thresholds.get(DIAGNOSIS_KEY, 0.5)).astype(int)
+    matrix = np.array([[((y == a) & (d == b)).sum() for b in (1, 0)] for a in (1, 0)])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (a, b), v in np.ndenumerate(matrix):
+        ax.text(b, a, str(v), ha="center", va="center", fontsize=13)
+    ax.set_xticks([0, 1], ["BCC", "non-BCC"])
+    ax.set_yticks([0, 1], ["BCC", "non-BCC"])
+    ax.set(xlabel="predicted", ylabel="reference", title="BCC confusion matrix")
+    return _png(fig)
+
+
+def _overlay(image_path: str, raw: Array, mask_path: str | None) -> NDArray[np.uint8]:
+    import matplotlib
+
+    with Image.open(image_path) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
+    h, w = rgb.shape[:2]
+    cam = scale_maps(torch.as_tensor(raw, dtype=torch.float32), (h, w)).numpy()
+    heat = matplotlib.colormaps["jet"](cam)[..., :3]
+    out = 0.55 * rgb + 0.45 * heat
+    if mask_path:
+        mask = _read_mask(Path(mask_path))
+        edge = mask & ~np.pad(mask, 1)[2:, 1:-1] | mask & ~np.pad(mask, 1)[:-2, 1:-1]
+        out[edge] = 1.0
+    pixels: NDArray[np.uint8] = (np.clip(out, 0, 1) * 255).astype(np.uint8)
+    return pixels
+
+
+def _gallery(pred: Predictions, per_group: int, seed: int) -> str:
+    import matplotlib.pyplot as plt
+
+    y = pred.table[DIAGNOSIS_KEY].to_numpy().astype(bool)
+    d = pred.probs[:, 0] >= pred.meta.thresholds.get(DIAGNOSIS_KEY, 0.5)
+    groups = {
+        "true positive": y & d,
+        "false positive": ~y & d,
+        "false negative": y & ~d,
+        "true negative": ~y & ~d,
+    }
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(4, per_group, figsize=(2.4 * per_group, 10.4), squeeze=False)
+    for r, (name, selected) in enumerate(groups.items()):
+        rows = np.flatnonzero(selected)
+        rows = rng.choice(rows, min(per_group, len(rows)), replace=False) if len(rows) else rows
+        for c in range(per_group):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(rows):
+                i = int(rows[c])
+                row = pred.table.iloc[i]
+                ax.imshow(_overlay(row["image_path"], pred.raw_cams[i, 0], row["mask_path"]))
+                ax.set_title(f"{row['image_id']}\np(BCC)={pred.probs[i, 0]:.2f}", fontsize=7)
+            if c == 0:
+                ax.text(
+                    -0.08,
+                    0.5,
+                    name,
+                    transform=ax.transAxes,
+                    rotation=90,
+                    va="center",
+                    ha="right",
+                    fontsize=10,
+                )
+    fig.suptitle("BCC Grad-CAM (white: lesion outline)", fontsize=11)
+    return _png(fig)
+
+
+def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
+    import matplotlib.pyplot as plt
+
+    labelled = pred.table["has_patterns"].to_numpy().astype(bool)
+    if not labelled.any():
+        return None
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(2, len(PATTERN_KEYS), figsize=(2.3 * len(PATTERN_KEYS), 5.2), squeeze=False)
+    for k, pattern in enumerate(PATTERNS):
+        rows = np.flatnonzero(labelled & (pred.table[pattern.key].to_numpy() == 1))
+        rows = rng.choice(rows, min(2, len(rows)), replace=False) if len(rows) else rows
+        for r in range(2):
+            ax = axes[r, k]
+            ax.axis("off")
+            if r < len(rows):
+                i = int(rows[r])
+                row = pred.table.iloc[i]
+                mask = (
+                    Path(row["image_path"]).parent.parent / "masks" / f"{row['image_id']}_{pattern.key}.png"
+                )
+                ax.imshow(
+                    _overlay(
+                        row["image_path"], pred.raw_cams[i, k + 1], str(mask) if mask.is_file() else None
+                    )
+                )
+                ax.set_title(f"{pattern.display}\np={pred.probs[i, k + 1]:.2f}", fontsize=7)
+    fig.suptitle(
+        "Pattern Grad-CAM on images with the pattern (white: the pattern's reference mask)", fontsize=11
+    )
+    return _png(fig)
+
+
+def _fmt(entry: Any) -> str:
+    if isinstance(entry, dict) and "value" in entry:
+        return f"{entry['value']:.3f} <small>[{entry['low']:.3f}, {entry['high']:.3f}]</small>"
+    if isinstance(entry, float):
+        return f"{entry:.3f}"
+    return html.escape(str(entry))
+
+
+def write_report(
+    pred: Predictions, metrics: dict[str, Any], path: Path, gallery: int = 4, seed: int = 0
+) -> None:
+    """A self-contained HTML page: tables of metrics and the plots, images inlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cls = metrics["classification"]
+    bcc_rows = "".join(
+        f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in cls["bcc"].items() if isinstance(v, dict)
+    )
+    pattern_rows = "".join(
+        f"<tr><td>{html.escape(PATTERNS[PATTERN_KEYS.index(key)].display)}</td><td>{v['prevalence']:.2f}</td>"
+        f"<td>{_fmt(v['auroc'])}</td><td>{_fmt(v['ap'])}</td><td>{_fmt(v['f1'])}</td><td>{v['threshold']:.2f}</td></tr>"
+        for key, v in cls["patterns"].items()
+    )
+    crit = cls["criteria"]
+    expl = metrics["explanations"]
+    expl_rows = "".join(
+        f"<tr><td>{'BCC map vs lesion' if key == DIAGNOSIS_KEY else html.escape(PATTERNS[PATTERN_KEYS.index(key)].display)}</td>"
+        f"<td>{v['n']}</td><td>{v['energy_inside']:.3f}</td><td>{v['area']:.3f}</td><td>{v['iou']:.3f}</td>"
+        f"<td>{v['pointing']:.3f}</td></tr>"
+        for key, v in expl.items()
+        if isinstance(v, dict)
+    )
+    figures = [_curves(pred), _confusion(pred), _gallery(pred, gallery, seed)]
+    pattern_fig = _pattern_gallery(pred, seed)
+    if pattern_fig:
+        figures.append(pattern_fig)
+    images = "".join(f'<p><img src="data:image/png;base64,{f}" style="max-width:100%"></p>' for f in figures)
+    meta = pred.meta
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermassist evaluation {meta.version}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
+small{{color:#777}}</style></head><body>
+<h1>dermassist evaluation</h1>
+<p>Model <b>{html.escape(meta.version)}</b> ({html.escape(meta.arch)}, input {meta.input_size} px, thresholds: {html.escape(meta.threshold_rule)}).
+Data: {html.escape(str(metrics["data"]))} ({cls["n_images"]} images, {cls["n_bcc"]} BCC; split: {html.escape(metrics["split"])}).
+Intervals: 95% bootstrap over lesions ({metrics["n_bootstrap"]} replicates).</p>
+<h2>BCC</h2><table><tr><th>metric</th><th>value [95% CI]</th></tr>{bcc_rows}</table>
+<h2>Dermoscopic patterns</h2><table><tr><th>pattern</th><th>prevalence</th><th>AUROC</th><th>AP</th><th>F1</th><th>threshold</th></tr>{pattern_rows or "<tr><td colspan=6>no pattern labels in this data</td></tr>"}</table>
+<h2>Clinical criteria</h2><table><tr><th>criterion</th><th>model</th><th>paper</th></tr>
+<tr><td>BCC images with at least one BCC pattern detected</td><td>{_fmt(crit["bcc_with_a_bcc_pattern_detected"])}</td><td>0.99</td></tr>
+<tr><td>non-BCC images with pigment network detected</td><td>{_fmt(crit["non_bcc_with_pigment_network_detected"])}</td><td>0.95</td></tr></table>
+<h2>Explanations</h2><p>Energy inside: share of the Grad-CAM map's mass inside the reference mask (a uniform map scores the mask's area share).
+IoU: map thresholded at {expl["threshold"]} vs mask. Pointing: the map's maximum lies in the mask.</p>
+<table><tr><th>map</th><th>images</th><th>energy inside</th><th>mask area</th><th>IoU</th><th>pointing</th></tr>{expl_rows or "<tr><td colspan=6>no masks</td></tr>"}</table>
+<h2>Plots</h2>{images}
+</body></html>"""
+    path.write_text(page, encoding="utf-8")
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    split: str = "auto",
+    n_boot: int = 1000,
+    gallery: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a dataset folder; write ``metrics.json`` and ``report.html`` to ``out``.
+
+    Args:
+        checkpoint: a ``best.pt``.
+        data: a dataset folder (derm-dev layout).
+        out: output folder.
+        split: ``"all"`` rows, the training run's validation ``"val"`` split, or ``"auto"`` (``val``
+            when the checkpoint was trained on this very table, else ``all``).
+        n_boot: bootstrap replicates for the intervals.
+        gallery: images per row of the Grad-CAM gallery.
+        batch_size: images per forward pass.
+        seed: seed of the bootstrap and the gallery.
+
+    Returns:
+        The metrics (as written to ``metrics.json``).
+    """
+    if split not in ("auto", "all", "val"):
+        raise ValueError(f"split must be 'auto', 'all' or 'val', got {split!r}")
+    model, meta = load_checkpoint(checkpoint)
+    table = load_table(data)
+    if split == "auto":
+        split = "val" if table_hash(table) == meta.data_hash else "all"
+    if split == "val":
+        cfg = meta.extra.get("train_config", {})
+        _, val = split_by_lesion(table, cfg.get("val_fraction", 0.2), seed=cfg.get("split_seed", 0))
+        table = table.iloc[val]
+    logger.info("evaluating %s on %d images of %s (%s)", meta.version, len(table), data, split)
+    pred = predict(model, meta, table, batch_size)
+    metrics: dict[str, Any] = {
+        "model_version": meta.version,
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "split": split,
+        "n_bootstrap": n_boot,
+        "classification": classification_metrics(pred, n_boot, seed),
+        "explanations": explanation_metrics(pred),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    pd.DataFrame(
+        {"image_id": pred.table["image_id"], **{f"p_{t}": pred.probs[:, k] for k, t in enumerate(TARGETS)}}
+    ).to_csv(out / "predictions.csv", index=False)
+    write_report(pred, metrics, out / "report.html", gallery, seed)
+    return metrics
