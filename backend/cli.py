@@ -130,6 +130,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the MobileNet-V2 multitask model (BCC + seven patterns) on a dataset folder."""
+    from model.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        weights=args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        image_size=args.image_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        patience=args.patience,
+        threads=args.threads,
+        workers=args.workers,
+        target_sensitivity=args.target_sensitivity,
+        progress=not args.quiet,
+        resume=args.resume,
+    )
+    result = train(config)
+    metrics = result.meta.metrics
+    mean_auroc, bcc_auroc = metrics.get("auroc_mean", float("nan")), metrics.get("auroc_bcc", float("nan"))
+    print(
+        f"trained {result.meta.version}: validation mean AUROC {mean_auroc:.4f}, "
+        f"BCC AUROC {bcc_auroc:.4f} (epoch {result.meta.epoch}) -> {result.best}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint: metrics.json, predictions.csv and report.html with plots."""
+    from model.evaluate import evaluate
+
+    metrics = evaluate(args.checkpoint, args.data, args.out, split=args.split, n_boot=args.bootstrap)
+    bcc = metrics["classification"]["bcc"]
+    print(
+        f"{metrics['model_version']} on {metrics['classification']['n_images']} images ({metrics['split']}): "
+        f"BCC AUROC {bcc['auroc']['value']:.3f}, sensitivity {bcc['recall']['value']:.3f}, "
+        f"specificity {bcc['specificity']['value']:.3f} -> {Path(args.out) / 'report.html'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -151,6 +196,50 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output folder (created)")
     _add_synth_options(synth, n=500)
     synth.set_defaults(func=cmd_synth)
+
+    tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    tr.add_argument("data", help="dataset folder (labels.csv, images/, masks/)")
+    tr.add_argument("--out", default="runs/train", help="run folder (default: %(default)s)")
+    tr.add_argument(
+        "--weights",
+        default=None,
+        help="'imagenet' (local torchvision cache; see make weights) or a checkpoint",
+    )
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--image-size", type=int, default=224)
+    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")
+    tr.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("THREADS", "1")),
+        help="torch threads (default: THREADS or 1; more is slower on a busy small machine)",
+    )
+    tr.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    tr.add_argument(
+        "--target-sensitivity",
+        type=_probability,
+        default=None,
+        help="choose thresholds for this sensitivity (screening) instead of Youden's J",
+    )
+    tr.add_argument("--resume", default=None, help="continue from a last.pt")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    ev.add_argument("checkpoint", help="a best.pt")
+    ev.add_argument("data", help="dataset folder")
+    ev.add_argument("--out", required=True, help="report folder")
+    ev.add_argument(
+        "--split",
+        choices=["auto", "all", "val"],
+        default="auto",
+        help="rows to evaluate (auto: the validation split if trained on this data, else all)",
+    )
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
+    ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help="output folder (default: %(default)s)")

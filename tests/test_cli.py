@@ -80,3 +80,21 @@ def test_refuses_to_write_into_a_foreign_folder(tmp_path):
     assert result.returncode == 2
     assert "holds no synthetic study" in result.stderr
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_train_then_evaluate_from_the_command_line(small_study, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(small_study), "--out", str(run), "--epochs", "1", "--image-size", "64",
+                 "--batch-size", "16"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("trained dermnet-") and str(run / "best.pt") in out
+    assert main(["-q", "evaluate", str(run / "best.pt"), str(small_study), "--out", str(tmp_path / "ev"),
+                 "--bootstrap", "10"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(val): BCC AUROC" in out and (tmp_path / "ev" / "report.html").is_file()
+
+
+def test_evaluate_a_missing_checkpoint_is_one_clear_line(tmp_path):
+    result = run_cli("evaluate", str(tmp_path / "nope.pt"), str(tmp_path), "--out", str(tmp_path / "ev"))
+    assert result.returncode == 2
+    assert "nope.pt not found" in result.stderr and "Traceback" not in result.stderr
