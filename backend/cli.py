@@ -142,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         image_size=args.image_size,
+        output_stride=args.output_stride,
         val_fraction=args.val_fraction,
         seed=args.seed,
         patience=args.patience,
@@ -209,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--image-size", type=int, default=224)
+    tr.add_argument(
+        "--output-stride",
+        type=int,
+        choices=[16, 32],
+        default=32,
+        help="32 as published; 16 gives Grad-CAM maps at twice the resolution (+~35%% compute)",
+    )
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")

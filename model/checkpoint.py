@@ -46,6 +46,7 @@ class CheckpointMeta:
         mean: normalisation mean (applied inside the network).
         std: normalisation std.
         width_mult: MobileNet-V2 width multiplier.
+        output_stride: 32 or 16 (see ``model.network.DermNet``).
         dropout: dropout before the heads.
         thresholds: per-output decision threshold on the calibrated probability.
         temperatures: per-output temperature (logit / T before the sigmoid).
@@ -65,6 +66,7 @@ class CheckpointMeta:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     width_mult: float = 1.0
+    output_stride: int = 32
     dropout: float = 0.2
     thresholds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0.5))
     temperatures: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 1.0))
@@ -199,6 +201,7 @@ def load_checkpoint(path: str | Path) -> tuple[DermNet, CheckpointMeta]:
         num_patterns=len(meta.targets) - 1,
         dropout=meta.dropout,
         width_mult=meta.width_mult,
+        output_stride=meta.output_stride,
         mean=tuple(meta.mean),  # type: ignore[arg-type]
         std=tuple(meta.std),  # type: ignore[arg-type]
     )

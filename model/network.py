@@ -33,6 +33,10 @@ class DermNet(nn.Module):
         num_patterns: outputs of the pattern head (seven: ``PATTERN_KEYS``).
         dropout: dropout before the heads.
         width_mult: MobileNet-V2 width multiplier (1.0 as published; smaller for tests).
+        output_stride: 32 as published, or 16: the last stride-2 convolution keeps stride 1 and
+            the convolutions after it are dilated (as DeepLab does), so the last feature map, and
+            with it every Grad-CAM map, has twice the resolution (14 x 14 at 224 px). The weights
+            keep their shapes, so ImageNet initialisation applies unchanged.
         mean: per-channel normalisation mean applied inside ``forward``.
         std: per-channel normalisation std applied inside ``forward``.
     """
@@ -47,6 +51,7 @@ class DermNet(nn.Module):
         width_mult: float = 1.0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -55,6 +60,8 @@ class DermNet(nn.Module):
             raise ValueError(f"num_patterns must be at least 1, got {num_patterns}")
         backbone = mobilenet_v2(weights=None, width_mult=width_mult)
         self.features = backbone.features
+        set_output_stride(self.features, output_stride)
+        self.output_stride = output_stride
         channels = backbone.last_channel
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
@@ -91,6 +98,28 @@ class DermNet(nn.Module):
     def head_weights(self) -> torch.Tensor:
         """The two heads stacked: ``(1 + num_patterns, channels)``, rows in ``TARGETS`` order."""
         return torch.cat([self.bcc_head.weight, self.pattern_head.weight], dim=0)
+
+
+def set_output_stride(features: nn.Module, output_stride: int) -> None:
+    """Trade the strides that would take ``features`` past ``output_stride`` for dilation, in place.
+
+    Raises:
+        ValueError: for an output stride other than 8, 16 or 32.
+    """
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    stride, dilation = 1, 1
+    for module in features.modules():  # definition order is execution order in MobileNet-V2
+        if not isinstance(module, nn.Conv2d) or module.kernel_size != (3, 3):
+            continue
+        if module.stride == (2, 2):
+            if stride * 2 > output_stride:
+                module.stride = (1, 1)
+                module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+                dilation *= 2
+                continue
+            stride *= 2
+        module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
 
 
 def imagenet_weights_path() -> Path:
@@ -132,7 +161,9 @@ def load_imagenet_features(model: DermNet) -> None:
     logger.info("initialised MobileNet-V2 features from ImageNet weights at %s", path)
 
 
-def build_model(weights: str | Path | None = None, dropout: float = 0.2, width_mult: float = 1.0) -> DermNet:
+def build_model(
+    weights: str | Path | None = None, dropout: float = 0.2, width_mult: float = 1.0, output_stride: int = 32
+) -> DermNet:
     """Build a DermNet, optionally initialised.
 
     Args:
@@ -140,6 +171,7 @@ def build_model(weights: str | Path | None = None, dropout: float = 0.2, width_m
             the local cache), or the path of a dermassist checkpoint whose weights are loaded.
         dropout: dropout before the heads.
         width_mult: MobileNet-V2 width multiplier.
+        output_stride: 32 (as published) or 16 (finer Grad-CAM maps); see :class:`DermNet`.
 
     Returns:
         The model, in training mode.
@@ -150,9 +182,9 @@ def build_model(weights: str | Path | None = None, dropout: float = 0.2, width_m
     """
     if weights is None:
         logger.info("training MobileNet-V2 from scratch (no pretrained weights given)")
-        return DermNet(dropout=dropout, width_mult=width_mult)
+        return DermNet(dropout=dropout, width_mult=width_mult, output_stride=output_stride)
     if weights == "imagenet":
-        model = DermNet(dropout=dropout, width_mult=width_mult)
+        model = DermNet(dropout=dropout, width_mult=width_mult, output_stride=output_stride)
         load_imagenet_features(model)
         return model
     from model.checkpoint import load_checkpoint

@@ -70,6 +70,7 @@ class TrainConfig:
         workers: DataLoader worker processes.
         dropout: dropout before the heads.
         width_mult: MobileNet-V2 width multiplier.
+        output_stride: 32 (as published) or 16 (Grad-CAM maps at twice the resolution).
         max_pos_weight: cap of the per-output positive weight.
         target_sensitivity: choose thresholds for this sensitivity instead of Youden's J.
         max_steps_per_epoch: stop each epoch early (smoke tests).
@@ -95,6 +96,7 @@ class TrainConfig:
     workers: int = 0
     dropout: float = 0.2
     width_mult: float = 1.0
+    output_stride: int = 32
     max_pos_weight: float = 20.0
     target_sensitivity: float | None = None
     max_steps_per_epoch: int | None = None
@@ -299,7 +301,7 @@ def _train(
 
     resume = read_checkpoint(config.resume) if config.resume else None
     weights = None if resume else config.weights
-    model = build_model(weights, dropout=config.dropout, width_mult=config.width_mult)
+    model = build_model(weights, config.dropout, config.width_mult, config.output_stride)
     parent = None
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
@@ -351,6 +353,7 @@ def _train(
     base_meta = CheckpointMeta(
         input_size=config.image_size,
         width_mult=config.width_mult,
+        output_stride=config.output_stride,
         dropout=config.dropout,
         data_hash=data_hash,
         parent=parent,

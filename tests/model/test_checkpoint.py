@@ -77,3 +77,13 @@ def test_unreadable_foreign_and_mismatched_checkpoints_are_refused(tmp_path):
 def test_unknown_metadata_keys_from_newer_versions_are_ignored():
     meta = CheckpointMeta.from_dict({"version": "v", "input_size": 128, "added_later": 1})
     assert meta.input_size == 128
+
+
+def test_output_stride_travels_with_the_checkpoint(tmp_path):
+    model = DermNet(width_mult=0.35, output_stride=16).eval()
+    save_checkpoint(tmp_path / "m.pt", model, CheckpointMeta(width_mult=0.35, output_stride=16))
+    loaded, meta = load_checkpoint(tmp_path / "m.pt")
+    assert meta.output_stride == 16 and loaded.output_stride == 16
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))

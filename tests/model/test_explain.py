@@ -108,3 +108,13 @@ def test_maps_become_masks_at_the_original_size(model):
         cam_to_mask(raw, 300, 200, threshold=0.0)
     with pytest.raises(ValueError, match="lesion mask is"):
         cam_to_mask(raw, 300, 200, lesion=np.zeros((10, 10), bool))
+
+
+def test_maps_of_a_stride_16_network_equal_the_library_too():
+    torch.manual_seed(3)
+    net = DermNet(width_mult=0.5, output_stride=16).eval()
+    nn.init.normal_(net.pattern_head.weight, 0.0, 0.5)
+    x = torch.rand(2, 3, 64, 64)
+    ours = explain(net, x)
+    assert ours.raw.shape[-2:] == (4, 4)
+    assert np.abs(ours.cams.numpy() - library_cams(net, x, net.features[-1])).max() < 1e-4

@@ -71,3 +71,14 @@ def test_imagenet_weights_load_into_the_features_when_present():
 def test_unknown_weights_are_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         build_model(str(tmp_path / "nope.pt"))
+
+
+def test_output_stride_16_doubles_the_map_resolution_with_the_same_weights():
+    coarse, fine = DermNet(width_mult=0.35), DermNet(width_mult=0.35, output_stride=16)
+    fine.load_state_dict(coarse.state_dict())  # same parameter shapes: ImageNet weights fit both
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert coarse.forward_features(x).shape[-2:] == (7, 7)
+        assert fine.forward_features(x).shape[-2:] == (14, 14)
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32"):
+        DermNet(output_stride=4)
