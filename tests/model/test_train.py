@@ -120,3 +120,21 @@ def test_killing_training_mid_epoch_leaves_a_resumable_checkpoint(small_study, t
     resumed = train(tiny(small_study, out, epochs=state["epoch"] + 1, batch_size=4, max_steps_per_epoch=None,
                          resume=str(out / "last.pt")))  # fmt: skip
     assert resumed.history[-1]["epoch"] == state["epoch"] + 1
+
+
+def test_the_same_code_runs_under_torchrun_with_two_cpu_processes(small_study, tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        from model.train import TrainConfig, train
+        train(TrainConfig(data={str(small_study)!r}, out={str(tmp_path / 'run')!r}, epochs=1, batch_size=4,
+                          image_size=64, width_mult=0.35, max_steps_per_epoch=2, progress=False, threads=1))
+    """))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert meta.epoch == 1
+    assert not any(k.startswith("module.") for k in model.state_dict())  # saved unwrapped from DDP
