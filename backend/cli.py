@@ -166,7 +166,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint: metrics.json, predictions.csv and report.html with plots."""
     from model.evaluate import evaluate
 
-    metrics = evaluate(args.checkpoint, args.data, args.out, split=args.split, n_boot=args.bootstrap)
+    metrics = evaluate(
+        args.checkpoint,
+        args.data,
+        args.out,
+        split=args.split,
+        n_boot=args.bootstrap,
+        cam_method=args.cam_method,
+    )
     bcc = metrics["classification"]["bcc"]
     print(
         f"{metrics['model_version']} on {metrics['classification']['n_images']} images ({metrics['split']}): "
@@ -247,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows to evaluate (auto: the validation split if trained on this data, else all)",
     )
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
+    ev.add_argument(
+        "--cam-method",
+        default="gradcam",
+        choices=["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam"],
+        help="gradcam: ours, all maps from one pass; others: pytorch-grad-cam, one call per output",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
 from model.checkpoint import CheckpointMeta, load_checkpoint
 from model.data import DermDataset, load_table, split_by_lesion, table_hash
-from model.explain import cam_to_mask, explain, scale_maps
+from model.explain import LIBRARY_METHODS, cam_to_mask, explain, library_cams, scale_maps
 from model.train import transforms
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,16 @@ class Predictions:
     meta: CheckpointMeta
 
 
-def predict(model: Any, meta: CheckpointMeta, table: pd.DataFrame, batch_size: int = 32) -> Predictions:
-    """Probabilities and Grad-CAM maps of every row, from one pass per batch."""
+def predict(
+    model: Any, meta: CheckpointMeta, table: pd.DataFrame, batch_size: int = 32, cam_method: str = "gradcam"
+) -> Predictions:
+    """Probabilities and Grad-CAM maps of every row, from one pass per batch.
+
+    ``cam_method`` other than ``"gradcam"`` takes the maps from pytorch-grad-cam (one call per output,
+    see :data:`model.explain.LIBRARY_METHODS`); they are kept at a quarter of the input size.
+    """
+    if cam_method != "gradcam" and cam_method not in LIBRARY_METHODS:
+        raise ValueError(f"unknown CAM method {cam_method!r}; choose one of {list(LIBRARY_METHODS)}")
     ds = DermDataset(table, transforms(meta.input_size, train=False))
     loader = DataLoader(ds, batch_size=batch_size)
     temps = [meta.temperatures.get(t, 1.0) for t in TARGETS]
@@ -68,7 +77,11 @@ def predict(model: Any, meta: CheckpointMeta, table: pd.DataFrame, batch_size: i
     for batch in loader:
         e = explain(model, batch["image"], temperatures=temps)
         probs.append(e.probs.numpy())
-        raws.append(e.raw.numpy())
+        if cam_method == "gradcam":
+            raws.append(e.raw.numpy())
+        else:
+            maps = torch.from_numpy(library_cams(model, batch["image"], model.features[-1], cam_method))
+            raws.append(F.interpolate(maps, scale_factor=0.25, mode="area").numpy())
     return Predictions(table.reset_index(drop=True), np.concatenate(probs), np.concatenate(raws), meta)
 
 
@@ -468,6 +481,7 @@ def evaluate(
     gallery: int = 4,
     batch_size: int = 32,
     seed: int = 0,
+    cam_method: str = "gradcam",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset folder; write ``metrics.json`` and ``report.html`` to ``out``.
 
@@ -481,6 +495,8 @@ def evaluate(
         gallery: images per row of the Grad-CAM gallery.
         batch_size: images per forward pass.
         seed: seed of the bootstrap and the gallery.
+        cam_method: ``"gradcam"`` (ours, all outputs from one pass) or a pytorch-grad-cam method
+            for the explanation metrics and galleries.
 
     Returns:
         The metrics (as written to ``metrics.json``).
@@ -496,9 +512,10 @@ def evaluate(
         _, val = split_by_lesion(table, cfg.get("val_fraction", 0.2), seed=cfg.get("split_seed", 0))
         table = table.iloc[val]
     logger.info("evaluating %s on %d images of %s (%s)", meta.version, len(table), data, split)
-    pred = predict(model, meta, table, batch_size)
+    pred = predict(model, meta, table, batch_size, cam_method)
     metrics: dict[str, Any] = {
         "model_version": meta.version,
+        "cam_method": cam_method,
         "checkpoint": str(checkpoint),
         "data": str(data),
         "split": split,

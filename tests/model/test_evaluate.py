@@ -104,3 +104,15 @@ def test_evaluate_on_the_training_table_uses_the_validation_split(small_study, t
     assert metrics["classification"]["n_images"] == result.meta.extra["n_val"]
     with pytest.raises(ValueError, match="split must be"):
         evaluate(result.best, small_study, tmp_path / "x", split="test")
+
+
+def test_other_cam_methods_are_selectable_for_evaluation(small_study, tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(
+        tmp_path / "best.pt", DermNet(width_mult=0.35), CheckpointMeta(input_size=64, width_mult=0.35)
+    )
+    metrics = evaluate(tmp_path / "best.pt", small_study, tmp_path / "eval", n_boot=5, cam_method="gradcam++")
+    assert metrics["cam_method"] == "gradcam++"
+    assert metrics["explanations"]["bcc"]["n"] == metrics["classification"]["n_bcc"]
+    with pytest.raises(ValueError, match="unknown CAM method 'magic'"):
+        evaluate(tmp_path / "best.pt", small_study, tmp_path / "x", cam_method="magic")
