@@ -124,11 +124,13 @@ def test_killing_training_mid_epoch_leaves_a_resumable_checkpoint(small_study, t
 
 def test_the_same_code_runs_under_torchrun_with_two_cpu_processes(small_study, tmp_path):
     script = tmp_path / "train_ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from model.train import TrainConfig, train
-        train(TrainConfig(data={str(small_study)!r}, out={str(tmp_path / 'run')!r}, epochs=1, batch_size=4,
+        train(TrainConfig(data={str(small_study)!r}, out={str(tmp_path / "run")!r}, epochs=1, batch_size=4,
                           image_size=64, width_mult=0.35, max_steps_per_epoch=2, progress=False, threads=1))
-    """))
+    """)
+    )
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
