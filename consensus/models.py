@@ -1,0 +1,199 @@
+"""The SQL store: typed SQLAlchemy 2.0 models (DESIGN.md, "SQL").
+
+- ``raters`` — one per dermatologist (Label Studio user id where known).
+- ``items`` — one per image / Label Studio task.
+- ``annotation_events`` — every raw event as received (webhook, sync, import): append-only, so the
+  store can always be rebuilt and audited.
+- ``annotations`` — one row per (item, rater): the diagnosis, every binary target (``bcc`` and the
+  seven patterns, keys from ``labeling_config.TARGETS``) and the regions. Updates replace the values,
+  deletes are soft.
+- ``consensus_runs`` / ``consensus_labels`` / ``rater_reliability`` — every consensus run with its
+  parameters and convergence, its per-item posteriors, and its per-rater sensitivity / specificity,
+  so any exported number traces back to the run that produced it.
+
+Label values are stored as JSON keyed by target (``{"bcc": 1, "ulceration": 0, ...}``) rather than as
+one column per pattern, so a schema change needs no migration of the annotations.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Source(enum.StrEnum):
+    """Where an annotation or event came from."""
+
+    WEBHOOK = "webhook"
+    SYNC = "sync"
+    IMPORT = "import"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: DateTime(timezone=True),
+        # StrEnums are stored as their values in a VARCHAR (no native ENUM: portable, easy to extend).
+        Source: SAEnum(Source, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+    }
+
+
+class Rater(Base):
+    """A dermatologist (or any rater)."""
+
+    __tablename__ = "raters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    ls_user_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    annotations: Mapped[list[Annotation]] = relationship(back_populates="rater")
+
+
+class Item(Base):
+    """An image to be labelled: a Label Studio task, or an image of an imported study."""
+
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(300), unique=True)  # image id, or "ls-<task id>"
+    ls_task_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    ls_project_id: Mapped[int | None] = mapped_column(BigInteger)
+    image: Mapped[str | None] = mapped_column(Text)  # URL or path as Label Studio / the study gives it
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the task's data (metadata fields)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    annotations: Mapped[list[Annotation]] = relationship(back_populates="item")
+
+
+class AnnotationEvent(Base):
+    """A raw event exactly as received. Append-only: never updated, never deleted."""
+
+    __tablename__ = "annotation_events"
+    __table_args__ = (Index("ix_annotation_events_received_at", "received_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    source: Mapped[Source]
+    action: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    ls_project_id: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)  # why it could not be applied, if it could not
+
+
+class Annotation(Base):
+    """One rater's labels for one item (the latest version; earlier ones live in the events)."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (UniqueConstraint("item_id", "rater_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id", ondelete="CASCADE"), index=True)
+    ls_annotation_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    diagnosis: Mapped[str | None] = mapped_column(String(64))  # the chosen diagnosis value, as shown
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)  # target key -> 0 / 1
+    regions: Mapped[list[Any]] = mapped_column(default=list)  # [{label, rle | mask, width, height}]
+    source: Mapped[Source]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted_at: Mapped[datetime | None]
+
+    item: Mapped[Item] = relationship(back_populates="annotations")
+    rater: Mapped[Rater] = relationship(back_populates="annotations")
+
+
+class ConsensusRun(Base):
+    """One consensus computation: its parameters, convergence, and the data it saw."""
+
+    __tablename__ = "consensus_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    method: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    convergence: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per label: n_iter, converged, ll
+    n_items: Mapped[int] = mapped_column(Integer)
+    n_raters: Mapped[int] = mapped_column(Integer)
+    n_answers: Mapped[int] = mapped_column(Integer)
+    data_hash: Mapped[str] = mapped_column(String(64))
+
+    labels: Mapped[list[ConsensusLabel]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    reliability: Mapped[list[RaterReliability]] = relationship(
+        back_populates="run", cascade="all, delete-orphan"
+    )
+
+
+class ConsensusLabel(Base):
+    """The consensus of one label of one item in one run."""
+
+    __tablename__ = "consensus_labels"
+    __table_args__ = (UniqueConstraint("run_id", "item_id", "label_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("consensus_runs.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    label_key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(64))  # the consensus class, as text ("1", "0", "mel")
+    posterior: Mapped[float] = mapped_column(Float)  # probability of that class
+    probabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)  # every class -> probability
+
+    run: Mapped[ConsensusRun] = relationship(back_populates="labels")
+
+
+class RaterReliability(Base):
+    """A rater's sensitivity and specificity for one binary label, as estimated by one run."""
+
+    __tablename__ = "rater_reliability"
+    __table_args__ = (UniqueConstraint("run_id", "rater_id", "label_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("consensus_runs.id", ondelete="CASCADE"), index=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id", ondelete="CASCADE"), index=True)
+    label_key: Mapped[str] = mapped_column(String(64))
+    sensitivity: Mapped[float | None]
+    sensitivity_low: Mapped[float | None]
+    sensitivity_high: Mapped[float | None]
+    specificity: Mapped[float | None]
+    specificity_low: Mapped[float | None]
+    specificity_high: Mapped[float | None]
+    n_items: Mapped[int] = mapped_column(Integer)
+
+    run: Mapped[ConsensusRun] = relationship(back_populates="reliability")

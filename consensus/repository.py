@@ -1,0 +1,443 @@
+"""SQL <-> long tables: the only way annotations and consensus results enter or leave the store.
+
+Writes are idempotent: the same Label Studio annotation id twice is one row; an update replaces the
+values (unless it is older than what is stored: replays may arrive out of order); a delete is soft
+and recorded. Every function takes the session explicitly and never commits: the caller owns the
+transaction, so a batch either lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from consensus.models import (
+    Annotation,
+    AnnotationEvent,
+    ConsensusLabel,
+    ConsensusRun,
+    Item,
+    Rater,
+    RaterReliability,
+    Source,
+    utcnow,
+)
+from labeling_config import TARGETS
+
+logger = logging.getLogger(__name__)
+
+RATINGS_COLUMNS = ("image_id", "rater", "label", "value")
+RELIABILITY_COLUMNS = (
+    "sensitivity",
+    "sensitivity_low",
+    "sensitivity_high",
+    "specificity",
+    "specificity_low",
+    "specificity_high",
+)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def get_or_create_rater(session: Session, name: str | None = None, ls_user_id: int | None = None) -> Rater:
+    """The rater with this Label Studio user id (or name), created when new.
+
+    Raises:
+        ValueError: when neither a name nor a user id is given.
+    """
+    if name is None and ls_user_id is None:
+        raise ValueError("a rater needs a name or a Label Studio user id")
+    rater = None
+    if ls_user_id is not None:
+        rater = session.scalars(select(Rater).where(Rater.ls_user_id == ls_user_id)).first()
+    if rater is None and name is not None:
+        rater = session.scalars(select(Rater).where(Rater.name == name)).first()
+    if rater is None:
+        rater = Rater(name=name if name is not None else f"ls-user-{ls_user_id}", ls_user_id=ls_user_id)
+        session.add(rater)
+        session.flush()
+    elif ls_user_id is not None and rater.ls_user_id is None:
+        rater.ls_user_id = ls_user_id
+    return rater
+
+
+def get_or_create_item(
+    session: Session,
+    external_id: str,
+    ls_task_id: int | None = None,
+    image: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    ls_project_id: int | None = None,
+) -> Item:
+    """The item with this Label Studio task id (or external id), created when new; fills what was unknown."""
+    item = None
+    if ls_task_id is not None:
+        item = session.scalars(select(Item).where(Item.ls_task_id == ls_task_id)).first()
+    if item is None:
+        item = session.scalars(select(Item).where(Item.external_id == external_id)).first()
+    if item is None:
+        item = Item(
+            external_id=external_id,
+            ls_task_id=ls_task_id,
+            ls_project_id=ls_project_id,
+            image=image,
+            data=dict(data or {}),
+        )
+        session.add(item)
+        session.flush()
+        return item
+    if ls_task_id is not None and item.ls_task_id is None:
+        item.ls_task_id = ls_task_id
+    if image is not None and item.image != image:
+        item.image = image
+    if data is not None and dict(data) != item.data:
+        item.data = dict(data)
+    if ls_project_id is not None:
+        item.ls_project_id = ls_project_id
+    return item
+
+
+def record_event(
+    session: Session,
+    source: Source,
+    action: str,
+    payload: Mapping[str, Any],
+    ls_project_id: int | None = None,
+    error: str | None = None,
+) -> AnnotationEvent:
+    """Append a raw event to the log (it is never changed afterwards)."""
+    event = AnnotationEvent(
+        source=source, action=action, payload=dict(payload), ls_project_id=ls_project_id, error=error
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """What :func:`upsert_annotation` did."""
+
+    annotation: Annotation
+    created: bool
+    changed: bool
+
+
+def upsert_annotation(
+    session: Session,
+    item: Item,
+    rater: Rater,
+    labels: Mapping[str, int],
+    source: Source,
+    diagnosis: str | None = None,
+    regions: list[Any] | None = None,
+    ls_annotation_id: int | None = None,
+    updated_at: datetime | None = None,
+) -> Upsert:
+    """Insert or replace a rater's annotation of an item; identical replays change nothing.
+
+    Args:
+        session: the open session (not committed here).
+        item: the item annotated.
+        rater: who annotated it.
+        labels: target key -> 0 / 1 (keys from ``labeling_config.TARGETS``).
+        source: where it came from.
+        diagnosis: the diagnosis value as chosen (e.g. "BCC", "mel").
+        regions: brush regions as given.
+        ls_annotation_id: Label Studio's annotation id, if any.
+        updated_at: when Label Studio last changed it; an older version than the stored one is ignored.
+
+    Raises:
+        ValueError: for unknown target keys or values other than 0 / 1.
+    """
+    unknown = sorted(set(labels) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown label keys {unknown}; expected some of {list(TARGETS)}")
+    bad = {k: v for k, v in labels.items() if v not in (0, 1)}
+    if bad:
+        raise ValueError(f"label values must be 0 or 1, got {bad}")
+    values = {k: int(labels[k]) for k in TARGETS if k in labels}
+    existing = None
+    if ls_annotation_id is not None:
+        existing = session.scalars(
+            select(Annotation).where(Annotation.ls_annotation_id == ls_annotation_id)
+        ).first()
+    if existing is None:
+        existing = session.scalars(
+            select(Annotation).where(Annotation.item_id == item.id, Annotation.rater_id == rater.id)
+        ).first()
+    when = updated_at or utcnow()
+    if existing is None:
+        annotation = Annotation(
+            item_id=item.id,
+            rater_id=rater.id,
+            ls_annotation_id=ls_annotation_id,
+            diagnosis=diagnosis,
+            labels=values,
+            regions=list(regions or []),
+            source=source,
+            created_at=when,
+            updated_at=when,
+        )
+        session.add(annotation)
+        session.flush()
+        return Upsert(annotation, created=True, changed=True)
+
+    stored_at = _aware(existing.updated_at)
+    if updated_at is not None and stored_at is not None and _aware(updated_at) < stored_at:  # type: ignore[operator]
+        logger.info("ignoring an older version of annotation %s", ls_annotation_id)
+        return Upsert(existing, created=False, changed=False)
+    same = (
+        existing.labels == values
+        and existing.diagnosis == diagnosis
+        and existing.regions == list(regions or [])
+        and not existing.deleted
+        and (ls_annotation_id is None or existing.ls_annotation_id == ls_annotation_id)
+    )
+    if same:
+        return Upsert(existing, created=False, changed=False)
+    existing.labels = values
+    existing.diagnosis = diagnosis
+    existing.regions = list(regions or [])
+    existing.source = source
+    existing.updated_at = when
+    existing.deleted = False
+    existing.deleted_at = None
+    if ls_annotation_id is not None:
+        existing.ls_annotation_id = ls_annotation_id
+    return Upsert(existing, created=False, changed=True)
+
+
+def soft_delete_annotations(session: Session, ls_annotation_ids: Iterable[int]) -> int:
+    """Mark annotations deleted (kept for the audit trail). Returns how many changed."""
+    ids = list(ls_annotation_ids)
+    if not ids:
+        return 0
+    changed = 0
+    for annotation in session.scalars(select(Annotation).where(Annotation.ls_annotation_id.in_(ids))):
+        if not annotation.deleted:
+            annotation.deleted = True
+            annotation.deleted_at = utcnow()
+            changed += 1
+    return changed
+
+
+def validate_ratings(table: pd.DataFrame) -> pd.DataFrame:
+    """Check a long ratings table (``image_id, rater, label, value``) and return it normalised.
+
+    Raises:
+        ValueError: naming the problem: missing columns, no rows, missing values (with the first
+            rows), unknown label keys, values other than 0 / 1, or one rater giving two different
+            values for one label of one image.
+    """
+    missing = [c for c in RATINGS_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"the ratings table lacks the column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("the ratings table has no rows")
+    df = table[list(RATINGS_COLUMNS)].copy()
+    blank = df.isna() | df.astype(str).apply(lambda col: col.str.strip() == "")
+    if blank.any().any():
+        rows = [int(i) + 2 for i in df.index[blank.any(axis=1)][:5]]  # +2: header line, 1-based
+        cols = [c for c in RATINGS_COLUMNS if blank[c].any()]
+        raise ValueError(f"missing values in column(s) {cols} at CSV line(s) {rows}")
+    df["image_id"] = df["image_id"].astype(str)
+    df["rater"] = df["rater"].astype(str)
+    df["label"] = df["label"].astype(str)
+    unknown = sorted(set(df["label"]) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown label keys {unknown}; expected some of {list(TARGETS)}")
+    values = pd.to_numeric(df["value"], errors="coerce")
+    bad = df.loc[~values.isin([0, 1]), "value"]
+    if len(bad):
+        raise ValueError(f"values must be 0 or 1; found {sorted(map(str, set(bad)))[:5]}")
+    df["value"] = values.astype(int)
+    conflicts = df.groupby(["image_id", "rater", "label"])["value"].nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):
+        first = conflicts.index[0]
+        raise ValueError(f"rater {first[1]!r} gives two values for {first[2]!r} of image {first[0]!r}")
+    return df.drop_duplicates(["image_id", "rater", "label"]).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What :func:`import_ratings` did."""
+
+    rows: int
+    items: int
+    raters: int
+    created: int
+    changed: int
+    unchanged: int
+
+
+def import_ratings(session: Session, table: pd.DataFrame, origin: str = "table") -> ImportSummary:
+    """Import a long ratings table (the synthetic ``ratings.csv`` or any such table) into the store.
+
+    Everything is validated before anything is written, and the import is one event in the log.
+
+    Raises:
+        ValueError: see :func:`validate_ratings`.
+    """
+    df = validate_ratings(table)
+    digest = hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
+    record_event(
+        session, Source.IMPORT, "RATINGS_IMPORTED", {"origin": origin, "rows": len(df), "sha256": digest}
+    )
+    raters = {name: get_or_create_rater(session, name=name) for name in sorted(df["rater"].unique())}
+    items: dict[str, Item] = {}
+    created = changed = unchanged = 0
+    for (image_id, rater_name), group in df.groupby(["image_id", "rater"], sort=True):
+        image_key = str(image_id)
+        if image_key not in items:
+            items[image_key] = get_or_create_item(session, external_id=image_key)
+        labels = dict(zip(group["label"], group["value"].astype(int), strict=True))
+        result = upsert_annotation(session, items[image_key], raters[str(rater_name)], labels, Source.IMPORT)
+        created += result.created
+        changed += result.changed and not result.created
+        unchanged += not result.changed
+    return ImportSummary(len(df), len(items), len(raters), created, changed, unchanged)
+
+
+def answers(session: Session, label_keys: Iterable[str] = TARGETS) -> pd.DataFrame:
+    """Every live (not deleted) answer as a long table ``task, worker, label_key, value``.
+
+    ``task`` is the item's external id and ``worker`` the rater's name; a label a rater did not give
+    is simply absent (missing answers are absent rows, as the estimators expect).
+    """
+    keys = list(label_keys)
+    rows = session.execute(
+        select(Item.external_id, Rater.name, Annotation.labels)
+        .join(Annotation, Annotation.item_id == Item.id)
+        .join(Rater, Annotation.rater_id == Rater.id)
+        .where(Annotation.deleted.is_(False))
+        .order_by(Item.external_id, Rater.name)
+    ).all()
+    records = [
+        (task, worker, key, int(labels[key]))
+        for task, worker, labels in rows
+        for key in keys
+        if key in labels
+    ]
+    return pd.DataFrame(records, columns=["task", "worker", "label_key", "value"])
+
+
+def answers_hash(table: pd.DataFrame) -> str:
+    """Content hash of a long answers table (order-independent)."""
+    ordered = table.sort_values(list(table.columns)).reset_index(drop=True)
+    return hashlib.sha256(ordered.to_csv(index=False).encode()).hexdigest()
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def save_consensus_run(
+    session: Session,
+    method: str,
+    params: Mapping[str, Any],
+    answers_table: pd.DataFrame,
+    probas: Mapping[str, pd.DataFrame],
+    convergence: Mapping[str, Any] | None = None,
+    reliability: pd.DataFrame | None = None,
+) -> ConsensusRun:
+    """Store one consensus run: parameters, convergence, posteriors per item and label, reliability.
+
+    Args:
+        session: the open session.
+        method: estimator name (e.g. ``"dawid-skene"``).
+        params: the estimator's hyperparameters.
+        answers_table: the answers it was fitted on (``task, worker, label_key, value``).
+        probas: label key -> DataFrame (index: task, columns: classes) of posterior probabilities.
+        convergence: per label: iterations, converged, log-likelihood, ...
+        reliability: rows ``label_key, worker, sensitivity, sensitivity_low, sensitivity_high,
+            specificity, specificity_low, specificity_high, n_items``.
+
+    Raises:
+        ValueError: for a task or rater the store does not know.
+    """
+    run = ConsensusRun(
+        method=method,
+        params=dict(params),
+        convergence=dict(convergence or {}),
+        n_items=int(answers_table["task"].nunique()),
+        n_raters=int(answers_table["worker"].nunique()),
+        n_answers=len(answers_table),
+        data_hash=answers_hash(answers_table),
+    )
+    session.add(run)
+    session.flush()
+    item_ids: dict[str, int] = dict(session.execute(select(Item.external_id, Item.id)).all())
+    rater_ids: dict[str, int] = dict(session.execute(select(Rater.name, Rater.id)).all())
+    rows: list[dict[str, Any]] = []
+    for key, frame in probas.items():
+        unknown = set(map(str, frame.index)) - set(item_ids)
+        if unknown:
+            raise ValueError(f"consensus for unknown items {sorted(unknown)[:5]}")
+        values = frame.to_numpy(dtype=float)
+        best = values.argmax(axis=1)
+        classes = [str(c) for c in frame.columns]
+        for task, probs, b in zip(frame.index, values, best, strict=True):
+            rows.append({
+                "run_id": run.id,
+                "item_id": item_ids[str(task)],
+                "label_key": key,
+                "value": classes[b],
+                "posterior": float(probs[b]),
+                "probabilities": dict(zip(classes, map(float, probs), strict=True)),
+            })  # fmt: skip
+    if rows:
+        session.execute(insert(ConsensusLabel), rows)
+    if reliability is not None and len(reliability):
+        unknown = set(reliability["worker"].astype(str)) - set(rater_ids)
+        if unknown:
+            raise ValueError(f"reliability for unknown raters {sorted(unknown)[:5]}")
+        session.execute(
+            insert(RaterReliability),
+            [
+                {
+                    "run_id": run.id,
+                    "rater_id": rater_ids[str(r["worker"])],
+                    "label_key": str(r["label_key"]),
+                    **{c: _finite(r.get(c)) for c in RELIABILITY_COLUMNS},
+                    "n_items": int(r.get("n_items", 0)),
+                }
+                for r in reliability.to_dict("records")
+            ],
+        )
+    session.flush()
+    return run
+
+
+def latest_run(session: Session) -> ConsensusRun | None:
+    """The most recent consensus run, if any."""
+    return session.scalars(select(ConsensusRun).order_by(ConsensusRun.id.desc()).limit(1)).first()
+
+
+def consensus_table(session: Session, run: ConsensusRun) -> pd.DataFrame:
+    """A run's consensus as a long table ``task, label_key, value, posterior``."""
+    rows = session.execute(
+        select(Item.external_id, ConsensusLabel.label_key, ConsensusLabel.value, ConsensusLabel.posterior)
+        .join(Item, ConsensusLabel.item_id == Item.id)
+        .where(ConsensusLabel.run_id == run.id)
+        .order_by(Item.external_id, ConsensusLabel.label_key)
+    ).all()
+    return pd.DataFrame(rows, columns=["task", "label_key", "value", "posterior"])
