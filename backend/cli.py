@@ -143,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         image_size=args.image_size,
         output_stride=args.output_stride,
+        cam_loss=args.cam_loss,
         val_fraction=args.val_fraction,
         seed=args.seed,
         patience=args.patience,
@@ -217,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--image-size", type=int, default=224)
+    tr.add_argument(
+        "--cam-loss",
+        type=float,
+        default=0.0,
+        help="weight of the localisation loss that draws each positive target's Grad-CAM into its "
+        "reference region (0: off, the published model)",
+    )
     tr.add_argument(
         "--output-stride",
         type=int,

@@ -163,6 +163,10 @@ class DermDataset(Dataset[dict[str, Any]]):
         transform: called on the ``(3, H, W)`` float tensor (e.g. torchvision.transforms.v2).
         targets: optional soft targets overriding the table's.
         with_mask: also return the lesion mask (``(1, H, W)`` float; zeros when absent).
+        with_regions: also return ``regions`` (``(K, H, W)``, aligned with ``TARGETS``: the lesion
+            mask for the diagnosis, each pattern's mask ``masks/<id>_<pattern>.png`` for the patterns)
+            and ``region_known`` (``(K,)``: 1 where that mask exists). Geometric transforms move them
+            with the image.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class DermDataset(Dataset[dict[str, Any]]):
         transform: Callable[..., Any] | None = None,
         targets: pd.DataFrame | None = None,
         with_mask: bool = False,
+        with_regions: bool = False,
     ) -> None:
         self.df = df.reset_index(drop=True)
         values = self.df[list(TARGETS)].astype(float).copy()
@@ -192,6 +197,7 @@ class DermDataset(Dataset[dict[str, Any]]):
         self.targets = torch.from_numpy(np.nan_to_num(arr, nan=0.0))
         self.transform = transform
         self.with_mask = with_mask
+        self.with_regions = with_regions
 
     def __len__(self) -> int:
         return len(self.df)
@@ -206,21 +212,47 @@ class DermDataset(Dataset[dict[str, Any]]):
             "target": self.targets[index],
             "target_mask": self.target_mask[index],
         }
+        size = tuple(image.shape[1:])
+        lesion = _read_mask(row["mask_path"], size)
+        masks: list[torch.Tensor] = []
         if self.with_mask:
-            if row["mask_path"]:
-                with Image.open(row["mask_path"]) as m:
-                    mask = torch.from_numpy((np.array(m.convert("L")) > 127).astype(np.float32))[None]
-            else:
-                mask = torch.zeros(1, *image.shape[1:])
-            item["mask"] = mask
+            masks.append(lesion if lesion is not None else torch.zeros(1, *size))
+        if self.with_regions:
+            folder = Path(row["image_path"]).parent.parent / "masks"
+            regions = [lesion] + [
+                _read_mask(folder / f"{row['image_id']}_{key}.png", size) for key in PATTERN_KEYS
+            ]
+            item["region_known"] = torch.tensor([float(r is not None) for r in regions])
+            masks.extend(r if r is not None else torch.zeros(1, *size) for r in regions)
+        stacked = torch.cat(masks) if masks else None
         if self.transform is not None:
-            if self.with_mask:
+            if stacked is not None:
                 from torchvision import tv_tensors
 
-                image, mask_tv = self.transform(tv_tensors.Image(image), tv_tensors.Mask(item["mask"]))
-                item["mask"] = mask_tv.as_subclass(torch.Tensor)
+                image, moved = self.transform(tv_tensors.Image(image), tv_tensors.Mask(stacked))
+                stacked = moved.as_subclass(torch.Tensor)
                 image = image.as_subclass(torch.Tensor)
             else:
                 image = self.transform(image)
+        if stacked is not None:
+            if self.with_mask:
+                item["mask"], stacked = stacked[:1], stacked[1:]
+            if self.with_regions:
+                item["regions"] = stacked
         item["image"] = image
         return item
+
+
+def _read_mask(path: str | Path | None, size: tuple[int, ...]) -> torch.Tensor | None:
+    """A binary mask as a ``(1, H, W)`` float tensor, or None when there is no such file.
+
+    Raises:
+        DataError: a mask whose size differs from its image's.
+    """
+    if not path or not Path(path).is_file():
+        return None
+    with Image.open(path) as m:
+        array = (np.array(m.convert("L")) > 127).astype(np.float32)
+    if array.shape != size:
+        raise DataError(f"mask {path} is {array.shape[1]}x{array.shape[0]}, its image {size[1]}x{size[0]}")
+    return torch.from_numpy(array)[None]

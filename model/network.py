@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,9 +92,15 @@ class DermNet(nn.Module):
         pooled = self.dropout(torch.flatten(self.pool(features), 1))
         return torch.cat([self.bcc_head(pooled), self.pattern_head(pooled)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, 1 + num_patterns)`` in ``TARGETS`` order for images in [0, 1]."""
-        return self.forward_heads(self.forward_features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> Any:
+        """Logits ``(B, 1 + num_patterns)`` in ``TARGETS`` order for images in [0, 1].
+
+        With ``return_features``, ``(logits, features)``: training's localisation loss needs the last
+        feature map, and going through ``forward`` keeps DistributedDataParallel in the loop.
+        """
+        features = self.forward_features(x)
+        logits = self.forward_heads(features)
+        return (logits, features) if return_features else logits
 
     def head_weights(self) -> torch.Tensor:
         """The two heads stacked: ``(1 + num_patterns, channels)``, rows in ``TARGETS`` order."""

@@ -72,6 +72,9 @@ class TrainConfig:
         width_mult: MobileNet-V2 width multiplier.
         output_stride: 32 (as published) or 16 (Grad-CAM maps at twice the resolution).
         max_pos_weight: cap of the per-output positive weight.
+        cam_loss: weight of the localisation loss (0: off, the published model). For each positive
+            target with a reference region (the lesion mask for the diagnosis, the pattern's mask for a
+            pattern), it adds one minus the share of that target's Grad-CAM inside the region.
         target_sensitivity: choose thresholds for this sensitivity instead of Youden's J.
         max_steps_per_epoch: stop each epoch early (smoke tests).
         amp: mixed precision on CUDA.
@@ -98,6 +101,7 @@ class TrainConfig:
     width_mult: float = 1.0
     output_stride: int = 32
     max_pos_weight: float = 20.0
+    cam_loss: float = 0.0
     target_sensitivity: float | None = None
     max_steps_per_epoch: int | None = None
     amp: bool = True
@@ -158,6 +162,30 @@ def masked_bce(
     """Mean binary cross-entropy over the known targets, positives weighted per output."""
     loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def localisation_loss(
+    features: torch.Tensor,
+    head_weights: torch.Tensor,
+    regions: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over valid (image, target) pairs of 1 - (share of the target's Grad-CAM inside its region).
+
+    The map is the closed-form Grad-CAM of a pooled linear head, ``ReLU(W_k . A)`` (see
+    :mod:`model.explain`), so the loss is differentiable and costs one contraction.
+
+    Args:
+        features: ``(B, C, h, w)`` last feature map.
+        head_weights: ``(K, C)`` stacked head weights.
+        regions: ``(B, K, H, W)`` reference regions in [0, 1] at input size.
+        valid: ``(B, K)``; 1 where the pair counts (positive target with a non-empty region).
+    """
+    cam = torch.relu(torch.einsum("kc,bchw->bkhw", head_weights, features))
+    cell = (int(cam.shape[-2]), int(cam.shape[-1]))
+    cover = F.adaptive_avg_pool2d(regions, cell)  # share of each feature cell inside the region
+    share = (cam * cover).sum(dim=(2, 3)) / (cam.sum(dim=(2, 3)) + 1e-6)
+    return ((1.0 - share) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
 def positive_weights(dataset: DermDataset, cap: float) -> torch.Tensor:
@@ -283,7 +311,9 @@ def _train(
     device = _device(ctx)
     generator = seed_everything(config.seed + ctx.rank)
     train_idx, val_idx = split_by_lesion(table, config.val_fraction, seed=config.split_seed)
-    train_ds = DermDataset(table.iloc[train_idx], transforms(config.image_size, True), targets)
+    train_ds = DermDataset(
+        table.iloc[train_idx], transforms(config.image_size, True), targets, with_regions=config.cam_loss > 0
+    )
     val_ds = DermDataset(table.iloc[val_idx], transforms(config.image_size, False), targets)
     sampler: DistributedSampler[dict[str, Any]] | None = None
     if ctx.world > 1:
@@ -383,8 +413,15 @@ def _train(
             target = batch["target"].to(device)
             mask = batch["target_mask"].to(device)
             with torch.autocast(device_type=device.type, enabled=cuda and config.amp):
-                logits = net(images)
+                logits, features = net(images, return_features=True)
             loss = masked_bce(logits.float(), target, mask, pos_weight)
+            if config.cam_loss > 0:
+                regions = batch["regions"].to(device)
+                valid = (target >= 0.5) * mask * batch["region_known"].to(device)
+                valid = valid * (regions.flatten(2).amax(dim=2) > 0)
+                loss = loss + config.cam_loss * localisation_loss(
+                    features.float(), model.head_weights(), regions, valid
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             scaler.step(optimizer)

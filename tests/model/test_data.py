@@ -146,3 +146,39 @@ def test_real_derm_dev_loads_and_splits_by_lesion(derm_dev):
     item = DermDataset(df.iloc[val[:1]], with_mask=True)[0]
     assert item["target_mask"].tolist() == [1.0] + [0.0] * len(PATTERN_KEYS)
     assert item["mask"].shape[1:] == item["image"].shape[1:]
+
+
+def test_regions_are_aligned_with_the_targets_and_move_with_the_image(small_study):
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    df = load_table(small_study)
+    row = df[df.has_patterns & (df.ulceration == 1)].iloc[0]
+    i = int(df.index[df.image_id == row.image_id][0])
+    item = DermDataset(df, with_regions=True)[i]
+    assert item["regions"].shape == (len(TARGETS), 128, 128)
+    k = TARGETS.index("ulceration")
+    with Image.open(small_study / "masks" / f"{row.image_id}_ulceration.png") as m:
+        expected = torch.from_numpy((np.array(m) > 127).astype(np.float32))
+    assert torch.equal(item["regions"][k], expected)
+    assert item["region_known"][0] == 1 and item["region_known"][k] == 1  # lesion and ulceration masks
+    for key in PATTERN_KEYS:
+        if row[key] == 0:
+            assert (
+                item["region_known"][TARGETS.index(key)] == 0
+                and item["regions"][TARGETS.index(key)].sum() == 0
+            )
+    flipped = DermDataset(df, transform=v2.RandomHorizontalFlip(p=1.0), with_regions=True, with_mask=True)[i]
+    assert torch.equal(flipped["regions"], item["regions"].flip(-1))
+    assert torch.equal(flipped["image"], item["image"].flip(-1))
+    assert torch.equal(flipped["mask"][0], item["regions"][0].flip(-1))
+
+
+def test_a_mask_of_another_size_than_its_image_is_an_error(tmp_path):
+    from PIL import Image
+
+    root = _write(tmp_path, "image_id,bcc,mask\na,1,a_segmentation.png\n", images=("a",))
+    (root / "masks").mkdir()
+    Image.new("L", (4, 4)).save(root / "masks" / "a_segmentation.png")
+    with pytest.raises(DataError, match="is 4x4, its image 8x8"):
+        DermDataset(load_table(root), with_mask=True)[0]

@@ -140,3 +140,28 @@ def test_the_same_code_runs_under_torchrun_with_two_cpu_processes(small_study, t
     model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
     assert meta.epoch == 1
     assert not any(k.startswith("module.") for k in model.state_dict())  # saved unwrapped from DDP
+
+
+def test_localisation_loss_rewards_maps_inside_the_region():
+    from model.train import localisation_loss
+
+    weights = torch.eye(2)  # target k reads channel k
+    features = torch.zeros(1, 2, 4, 4)
+    features[0, 0, 0, 0] = 5.0  # target 0 looks at the top-left cell
+    features[0, 1, 3, 3] = 5.0  # target 1 looks at the bottom-right cell
+    regions = torch.zeros(1, 2, 16, 16)
+    regions[0, :, :4, :4] = 1.0  # both regions: the top-left cell
+    valid = torch.ones(1, 2)
+    assert (
+        localisation_loss(features, weights, regions, valid[:, :1].repeat(1, 2) * torch.tensor([[1.0, 0.0]]))
+        < 1e-3
+    )
+    assert localisation_loss(features, weights, regions, torch.tensor([[0.0, 1.0]])) > 0.999
+    assert localisation_loss(features, weights, regions, valid) == pytest.approx(0.5, abs=1e-3)
+    assert localisation_loss(features, weights, regions, torch.zeros(1, 2)) == 0.0
+
+
+def test_training_with_the_localisation_loss(small_study, tmp_path):
+    result = train(tiny(small_study, tmp_path, epochs=1, cam_loss=1.0))
+    assert result.best.is_file()
+    assert result.meta.extra["train_config"]["cam_loss"] == 1.0
