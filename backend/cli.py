@@ -184,6 +184,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(args: argparse.Namespace) -> str:
+    from consensus.db import DEFAULT_URL
+
+    return str(args.db or os.environ.get("DATABASE_URL") or DEFAULT_URL)
+
+
+def cmd_import_ratings(args: argparse.Namespace) -> int:
+    """Import a long ratings table (image_id, rater, label, value) into the store."""
+    import pandas as pd
+
+    from consensus.db import init_db
+    from consensus.repository import import_ratings
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        table = pd.read_csv(path, dtype={"image_id": str, "rater": str, "label": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable CSV: {exc}") from exc
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions.begin() as session:  # one transaction: the whole file or nothing
+            summary = import_ratings(session, table, origin=str(path))
+    finally:
+        engine.dispose()
+    print(
+        f"imported {summary.rows} ratings of {summary.items} images by {summary.raters} raters: "
+        f"{summary.created} annotations new, {summary.changed} changed, {summary.unchanged} unchanged"
+    )
+    return 0
+
+
+def cmd_consensus_run(args: argparse.Namespace) -> int:
+    """Run the Dawid-Skene consensus over every annotation in the store and store the run."""
+    from consensus.dawid_skene import DawidSkene, OneCoinDawidSkene
+    from consensus.db import init_db
+    from consensus.repository import consensus_table
+    from consensus.service import run_consensus
+
+    kind = OneCoinDawidSkene if args.one_coin else DawidSkene
+    estimator = kind(n_iter=args.n_iter, smoothing=args.smoothing, diag_smoothing=args.diag_smoothing)
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions.begin() as session:
+            run = run_consensus(session, estimator)
+            table = consensus_table(session, run)
+    finally:
+        engine.dispose()
+    positives = (table[table["value"] == "1"].groupby("label_key").size()).to_dict()
+    from labeling_config import TARGETS
+
+    shown = ", ".join(f"{k} {positives[k]}" for k in TARGETS if k in positives)
+    print(f"consensus run {run.id} ({run.method}): {run.n_items} items, {run.n_raters} raters, "
+          f"{run.n_answers} answers; positives: {shown}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -270,6 +328,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=cmd_evaluate)
 
+    cons = sub.add_parser("consensus", help="the dermatologists' consensus (store, EM, reliability)")
+    cons_sub = cons.add_subparsers(dest="consensus_command", metavar="ACTION", required=True)
+    imp = cons_sub.add_parser(
+        "import-ratings", help=cmd_import_ratings.__doc__, description=cmd_import_ratings.__doc__
+    )
+    imp.add_argument(
+        "file", help="CSV with columns image_id, rater, label, value (e.g. a synthetic ratings.csv)"
+    )
+    imp.set_defaults(func=cmd_import_ratings)
+    crun = cons_sub.add_parser("run", help=cmd_consensus_run.__doc__, description=cmd_consensus_run.__doc__)
+    crun.add_argument(
+        "--one-coin", action="store_true", help="one accuracy per rater instead of a confusion matrix"
+    )
+    crun.add_argument("--n-iter", type=int, default=100, help="EM iteration cap (default: %(default)s)")
+    crun.add_argument("--smoothing", type=float, default=0.1, help="pseudo-count on every confusion cell")
+    crun.add_argument(
+        "--diag-smoothing",
+        type=float,
+        default=2.0,
+        help="extra pseudo-count (x (K-1)) on the diagonal: raters beat chance",
+    )
+    crun.set_defaults(func=cmd_consensus_run)
+    for p in (imp, crun):
+        p.add_argument(
+            "--db",
+            default=None,
+            help="database URL (default: DATABASE_URL, else sqlite:///dermassist.sqlite)",
+        )
+
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help="output folder (default: %(default)s)")
     _add_synth_options(demo, n=200)
@@ -282,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

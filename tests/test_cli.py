@@ -98,3 +98,31 @@ def test_evaluate_a_missing_checkpoint_is_one_clear_line(tmp_path):
     result = run_cli("evaluate", str(tmp_path / "nope.pt"), str(tmp_path), "--out", str(tmp_path / "ev"))
     assert result.returncode == 2
     assert "nope.pt not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_import_ratings_then_run_the_consensus(small_study, tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    assert main(["consensus", "import-ratings", str(small_study / "ratings.csv"), "--db", db]) == 0
+    assert "annotations new" in capsys.readouterr().out
+    assert main(["consensus", "import-ratings", str(small_study / "ratings.csv"), "--db", db]) == 0
+    assert " 0 annotations new, 0 changed" in capsys.readouterr().out
+    assert main(["consensus", "run", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("consensus run 1 (DawidSkene): 40 items, 4 raters") and "positives: bcc" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('image_id,rater,label,value\n"a,r,bcc,1\n', "not a readable CSV"),
+        ("image_id,rater,label,value\na,r,melanoma,1\n", "unknown label keys ['melanoma']"),
+        ("", "not a readable CSV"),
+    ],
+)
+def test_bad_ratings_files_get_one_clear_line_and_write_nothing(tmp_path, content, message):
+    path = tmp_path / "ratings.csv"
+    path.write_text(content)
+    db = tmp_path / "store.sqlite"
+    result = run_cli("consensus", "import-ratings", str(path), "--db", f"sqlite:///{db}")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
