@@ -242,6 +242,51 @@ def cmd_consensus_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a consensus run: csv (a folder), json, ls-import (Label Studio tasks), report (HTML)."""
+    import json
+
+    import pandas as pd
+    from sqlalchemy import select
+
+    from consensus.db import init_db
+    from consensus.export import build_study, write_csv, write_json, write_report
+    from consensus.models import Item
+
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions() as session:
+            study = build_study(session, args.run)
+            images = {e: i for e, i in session.execute(select(Item.external_id, Item.image)) if i}
+    finally:
+        engine.dispose()
+    out = Path(args.out)
+    if args.format == "csv":
+        written = write_csv(study, out)
+        print(f"consensus run {study.run['id']}: {len(written)} files in {out}")
+    elif args.format == "json":
+        write_json(study, out)
+        print(f"consensus run {study.run['id']}: {len(study.consensus)} images -> {out}")
+    elif args.format == "report":
+        truth = None
+        if args.truth:
+            truth = pd.read_csv(args.truth, dtype={"image_id": str}).set_index("image_id")
+        write_report(study, out, truth)
+        print(f"consensus run {study.run['id']}: report -> {out}")
+    else:
+        from backend.ls_export import ls_import_tasks
+        from labeling_config import parse_config
+
+        config = parse_config(Path(args.config).read_text(encoding="utf-8"))
+        tasks = ls_import_tasks(study.consensus, config, images, args.image_template, study.run["id"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
+        print(f"consensus run {study.run['id']}: {len(tasks)} Label Studio tasks -> {out}")
+    for note in study.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -356,6 +401,28 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="database URL (default: DATABASE_URL, else sqlite:///dermassist.sqlite)",
         )
+
+    ex = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    ex.add_argument("--format", choices=["csv", "json", "ls-import", "report"], required=True)
+    ex.add_argument("--out", required=True, help="a folder for csv, a file for the others")
+    ex.add_argument("--run", type=int, default=None, help="consensus run id (default: the latest)")
+    ex.add_argument(
+        "--truth", default=None, help="report: a labels.csv with known truth, for a calibration curve"
+    )
+    ex.add_argument(
+        "--config",
+        default=str(Path(__file__).resolve().parents[1] / "labeling_config" / "bcc.xml"),
+        help="ls-import: the target project's labeling config (default: the shipped bcc.xml)",
+    )
+    ex.add_argument(
+        "--image-template",
+        default="{id}",
+        help="ls-import: image reference for images the store has none for; {id} is the image id",
+    )
+    ex.add_argument(
+        "--db", default=None, help="database URL (default: DATABASE_URL, else sqlite:///dermassist.sqlite)"
+    )
+    ex.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help="output folder (default: %(default)s)")

@@ -126,3 +126,30 @@ def test_bad_ratings_files_get_one_clear_line_and_write_nothing(tmp_path, conten
     result = run_cli("consensus", "import-ratings", str(path), "--db", f"sqlite:///{db}")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_every_format(small_study, tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    main(["consensus", "import-ratings", str(small_study / "ratings.csv"), "--db", db])
+    main(["consensus", "run", "--db", db])
+    for fmt, out in [("csv", "csv"), ("json", "s.json"), ("ls-import", "ls.json"), ("report", "r.html")]:
+        args = ["export", "--format", fmt, "--out", str(tmp_path / out), "--db", db]
+        if fmt == "report":
+            args += ["--truth", str(small_study / "labels.csv")]
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "40 Label Studio tasks" in out and "report ->" in out
+    assert (tmp_path / "csv" / "consensus.csv").is_file() and (tmp_path / "r.html").is_file()
+
+
+def test_export_without_a_run_is_one_clear_line(tmp_path):
+    result = run_cli(
+        "export",
+        "--format",
+        "json",
+        "--out",
+        str(tmp_path / "x.json"),
+        "--db",
+        f"sqlite:///{tmp_path}/e.sqlite",
+    )
+    assert result.returncode == 2 and "no consensus run in the store" in result.stderr

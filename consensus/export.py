@@ -1,0 +1,415 @@
+"""Study export: the consensus with its posteriors, every rater's labels, reliability, agreement.
+
+Everything comes from one stored consensus run (the latest by default), so every exported number
+traces back to the run's parameters and to the answers it saw (``data_hash``). Formats: a folder of
+CSV files, one JSON document, and a self-contained HTML report with plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from consensus.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen_kappa, percent_agreement
+from consensus.agreement import rater_vs_consensus as rater_vs_consensus_table
+from consensus.models import ConsensusRun, Rater, RaterReliability
+from consensus.repository import RELIABILITY_COLUMNS, answers, answers_hash, consensus_table, latest_run
+from labeling_config import (
+    BCC_PATTERNS,
+    DIAGNOSIS_KEY,
+    EXCLUSION_PATTERN,
+    PATTERN_KEYS,
+    TARGETS,
+    bcc_consistent,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("csv", "json", "report")
+
+
+@dataclass
+class Study:
+    """A consensus run laid out for a study.
+
+    Attributes:
+        run: the run's id, method, parameters, convergence, counts, data hash and time.
+        consensus: one row per image: each label's consensus (0/1) and ``<label>_posterior``, and the
+            criterion columns ``criterion_bcc`` (the consensus patterns are BCC-consistent) and
+            ``criterion_agrees`` (that equals the consensus diagnosis).
+        ratings: one row per image, one column ``<rater>:<label>`` per rater and label.
+        reliability: per label and rater: sensitivity / specificity with 95% intervals.
+        agreement: per label: items, percent agreement, Fleiss' kappa, Krippendorff's alpha.
+        pairwise: per label and rater pair: Cohen's kappa and percent agreement.
+        vs_consensus: per label and rater: kappa and percent agreement with the consensus.
+        answers_changed: the store's answers differ from the ones the run saw.
+    """
+
+    run: dict[str, Any]
+    consensus: pd.DataFrame
+    ratings: pd.DataFrame
+    reliability: pd.DataFrame
+    agreement: pd.DataFrame
+    pairwise: pd.DataFrame
+    vs_consensus: pd.DataFrame
+    answers_changed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _run_dict(run: ConsensusRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "created_at": run.created_at.isoformat(),
+        "method": run.method,
+        "params": run.params,
+        "convergence": run.convergence,
+        "n_items": run.n_items,
+        "n_raters": run.n_raters,
+        "n_answers": run.n_answers,
+        "data_hash": run.data_hash,
+    }
+
+
+def build_study(session: Session, run_id: int | None = None) -> Study:
+    """Lay out a stored run (default: the latest) for export.
+
+    Raises:
+        ValueError: no consensus run in the store, or no run with that id.
+    """
+    if run_id is None:
+        run = latest_run(session)
+        if run is None:
+            raise ValueError("no consensus run in the store: run `dermassist consensus run` first")
+    else:
+        run = session.get(ConsensusRun, run_id)
+        if run is None:
+            raise ValueError(f"no consensus run with id {run_id}")
+    long = consensus_table(session, run)
+    keys = [k for k in TARGETS if k in set(long["label_key"])] + sorted(set(long["label_key"]) - set(TARGETS))
+    values = long.pivot(index="task", columns="label_key", values="value")[keys]
+    posteriors = long.pivot(index="task", columns="label_key", values="posterior")[keys]
+    consensus = pd.DataFrame(index=values.index)
+    for key in keys:
+        value = pd.Series(values[key])
+        consensus[key] = pd.to_numeric(value, errors="coerce").astype("Int64")
+        # The posterior of the positive class, whichever class won.
+        consensus[f"{key}_posterior"] = np.where(value == "1", posteriors[key], 1 - posteriors[key])
+    if set(PATTERN_KEYS) <= set(keys) and DIAGNOSIS_KEY in keys:
+        present = consensus[list(PATTERN_KEYS)].fillna(0).astype(int)
+        consensus["criterion_bcc"] = [
+            bcc_consistent({str(k): v for k, v in row.items()}) for row in present.to_dict("records")
+        ]
+        consensus["criterion_agrees"] = consensus["criterion_bcc"].astype(int) == consensus[
+            DIAGNOSIS_KEY
+        ].fillna(-1)
+    consensus.index.name = "image_id"
+
+    table = answers(session, keys)
+    changed = answers_hash(table) != run.data_hash
+    notes = []
+    if changed:
+        notes.append(
+            f"the store's answers changed after run {run.id}: rater columns and agreement show the current "
+            "answers, the consensus and reliability those of the run; run the consensus again to align them"
+        )
+    ratings = table.assign(column=table["worker"] + ":" + table["label_key"]).pivot(
+        index="task", columns="column", values="value"
+    )
+    ratings.index.name = "image_id"
+
+    agreement_rows, pairwise_frames, versus_frames = [], [], []
+    for key in keys:
+        data = table[table["label_key"] == key].rename(columns={"value": "label"})[
+            ["task", "worker", "label"]
+        ]
+        if data.empty:
+            continue
+        classes = [0, 1]
+        agreement_rows.append({
+            "label_key": key,
+            "n_items": int(data["task"].nunique()),
+            "n_answers": len(data),
+            "percent_agreement": _maybe(percent_agreement, data, classes),
+            "fleiss_kappa": _maybe(fleiss_kappa, data, classes),
+            "krippendorff_alpha": _maybe(krippendorff_alpha, data, classes),
+        })  # fmt: skip
+        pairwise_frames.append(pairwise_cohen_kappa(data, classes).assign(label_key=key))
+        reference = pd.Series(consensus[key]).dropna().astype(int)
+        versus_frames.append(rater_vs_consensus_table(data, reference, classes).assign(label_key=key))
+
+    rel_rows = session.execute(
+        select(RaterReliability, Rater.name)
+        .join(Rater, RaterReliability.rater_id == Rater.id)
+        .where(RaterReliability.run_id == run.id)
+        .order_by(RaterReliability.label_key, Rater.name)
+    ).all()
+    reliability = pd.DataFrame(
+        [
+            {
+                "label_key": r.label_key,
+                "rater": name,
+                **{c: getattr(r, c) for c in RELIABILITY_COLUMNS},
+                "n_items": r.n_items,
+            }
+            for r, name in rel_rows
+        ]
+    )
+
+    def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        if not frames:
+            return pd.DataFrame()
+        out = pd.concat(frames, ignore_index=True)
+        return out[["label_key", *[c for c in out.columns if c != "label_key"]]]
+
+    return Study(
+        run=_run_dict(run),
+        consensus=consensus,
+        ratings=ratings,
+        reliability=reliability,
+        agreement=pd.DataFrame(agreement_rows),
+        pairwise=stack(pairwise_frames),
+        vs_consensus=stack(versus_frames),
+        answers_changed=changed,
+        notes=notes,
+    )
+
+
+def _maybe(statistic: Any, data: pd.DataFrame, classes: list[int]) -> float:
+    """A statistic, or NaN where the data cannot give it (e.g. no item with two ratings)."""
+    try:
+        return float(statistic(data, classes))
+    except ValueError as exc:
+        logger.info("%s not computed: %s", statistic.__name__, exc)
+        return float("nan")
+
+
+def write_csv(study: Study, out: str | Path) -> list[Path]:
+    """Write the study as CSV files into the folder ``out``; returns their paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "consensus.csv": study.consensus.join(study.ratings, how="outer"),
+        "rater_reliability.csv": study.reliability,
+        "agreement.csv": study.agreement,
+        "pairwise_kappa.csv": study.pairwise,
+        "rater_vs_consensus.csv": study.vs_consensus,
+    }
+    written = []
+    for name, frame in files.items():
+        path = folder / name
+        frame.to_csv(path, index=name == "consensus.csv", lineterminator="\n")
+        written.append(path)
+    run_file = folder / "run.json"
+    run_file.write_text(json.dumps({**study.run, "notes": study.notes}, indent=2) + "\n", encoding="utf-8")
+    return [*written, run_file]
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    clean = frame.astype(object).where(frame.notna(), None)
+    return [{str(k): v for k, v in r.items()} for r in clean.to_dict("records")]
+
+
+def to_json(study: Study) -> dict[str, Any]:
+    """The study as one JSON-able document."""
+    consensus = study.consensus.join(study.ratings, how="outer").reset_index()
+    return {
+        "run": study.run,
+        "notes": study.notes,
+        "images": _records(consensus),
+        "rater_reliability": _records(study.reliability),
+        "agreement": _records(study.agreement),
+        "pairwise_kappa": _records(study.pairwise),
+        "rater_vs_consensus": _records(study.vs_consensus),
+    }
+
+
+def write_json(study: Study, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(to_json(study), indent=2, default=str) + "\n", encoding="utf-8")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _reliability_plot(study: Study) -> str | None:
+    import matplotlib.pyplot as plt
+
+    rel = study.reliability
+    if rel.empty:
+        return None
+    present = set(rel["label_key"])
+    keys = [k for k in TARGETS if k in present] + sorted(present - set(TARGETS))
+    raters = sorted(rel["rater"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(keys) * len(raters) / 2 + 2.5), sharey=True)
+    for ax, what in zip(axes, ("sensitivity", "specificity"), strict=True):
+        y = 0.0
+        ticks, names = [], []
+        for key in keys:
+            for j, rater in enumerate(raters):
+                row = rel[(rel["label_key"] == key) & (rel["rater"] == rater)]
+                if row.empty:
+                    continue
+                r = row.iloc[0]
+                ax.errorbar(r[what], y, xerr=[[r[what] - r[f"{what}_low"]], [r[f"{what}_high"] - r[what]]],
+                            fmt="o", color=f"C{j}", label=rater if y < len(raters) else None, ms=4)  # fmt: skip
+                y += 1
+            ticks.append(y - len(raters) / 2 - 0.5)
+            names.append(key)
+            y += 1
+        ax.set_yticks(ticks, names)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.02)
+        ax.set_title(f"{what} with 95% interval")
+        ax.grid(axis="x", alpha=0.3)
+    axes[1].legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+def _agreement_plot(study: Study) -> str | None:
+    import matplotlib.pyplot as plt
+
+    pw = study.pairwise
+    if pw.empty:
+        return None
+    key = DIAGNOSIS_KEY if DIAGNOSIS_KEY in set(pw["label_key"]) else pw["label_key"].iloc[0]
+    sub = pw[pw["label_key"] == key]
+    raters = sorted(set(sub["worker_a"]) | set(sub["worker_b"]))
+    position = {name: i for i, name in enumerate(raters)}
+    kappa = np.eye(len(raters))
+    for a, b, k in zip(sub["worker_a"], sub["worker_b"], sub["kappa"], strict=True):
+        kappa[position[a], position[b]] = kappa[position[b], position[a]] = k
+    matrix = pd.DataFrame(kappa, index=raters, columns=raters)
+    fig, ax = plt.subplots(figsize=(1.1 * len(raters) + 2, 1.1 * len(raters) + 1))
+    image = ax.imshow(matrix.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis")
+    for (a, b), v in np.ndenumerate(matrix.to_numpy(dtype=float)):
+        ax.text(b, a, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set_xticks(range(len(raters)), raters, rotation=45)
+    ax.set_yticks(range(len(raters)), raters)
+    ax.set_title(f"Cohen's kappa between raters: {key}")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _png(fig)
+
+
+def _prevalence_plot(study: Study) -> str:
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in TARGETS if k in study.consensus.columns]
+    share = [float(study.consensus[k].astype(float).mean()) for k in keys]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(range(len(keys)), share, color=["black"] + ["C0"] * (len(keys) - 1))
+    ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right")
+    ax.set_ylabel("share of images")
+    ax.set_title("Prevalence in the consensus")
+    return _png(fig)
+
+
+def calibration(study: Study, truth: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
+    """Posterior vs observed frequency against known truth (index image_id, columns labels), pooled."""
+    rows = []
+    for key in [k for k in TARGETS if k in study.consensus.columns and k in truth.columns]:
+        joined = study.consensus[[f"{key}_posterior"]].join(truth[[key]], how="inner").dropna()
+        rows.append(pd.DataFrame({"p": joined[f"{key}_posterior"], "y": joined[key].astype(float)}))
+    if not rows:
+        return pd.DataFrame(columns=["bin", "mean_posterior", "observed", "n"])
+    data = pd.concat(rows)
+    data["bin"] = np.clip((data["p"] * bins).astype(int), 0, bins - 1)
+    grouped = data.groupby("bin").agg(mean_posterior=("p", "mean"), observed=("y", "mean"), n=("y", "size"))
+    return grouped.reset_index()
+
+
+def _calibration_plot(table: pd.DataFrame) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.plot(table["mean_posterior"], table["observed"], "o-")
+    for r in table.itertuples():
+        ax.annotate(
+            str(r.n), (r.mean_posterior, r.observed), fontsize=7, xytext=(3, -8), textcoords="offset points"
+        )
+    ax.set(
+        xlabel="consensus posterior", ylabel="share truly positive", title="Posterior calibration (vs truth)"
+    )
+    return _png(fig)
+
+
+def _table_html(frame: pd.DataFrame, digits: int = 3) -> str:
+    if frame.empty:
+        return "<p>none</p>"
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="-", border=0)
+
+
+def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = None) -> Path:
+    """A self-contained HTML page: the run, agreement, reliability, criterion consistency, plots.
+
+    Args:
+        study: from :func:`build_study`.
+        path: the HTML file to write.
+        truth: optional known truth (index image_id, columns labels; e.g. a synthetic labels.csv) for
+            a calibration curve of the posteriors.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures = [f for f in (_reliability_plot(study), _agreement_plot(study), _prevalence_plot(study)) if f]
+    calibration_html = ""
+    if truth is not None:
+        table = calibration(study, truth)
+        if not table.empty:
+            figures.append(_calibration_plot(table))
+            calibration_html = "<h2>Posterior calibration against the given truth</h2>" + _table_html(table)
+    criterion = ""
+    if "criterion_agrees" in study.consensus.columns:
+        agrees = study.consensus["criterion_agrees"]
+        by_dx = study.consensus.groupby(DIAGNOSIS_KEY)["criterion_agrees"].mean()
+        criterion = (
+            f"<p>The consensus diagnosis follows the dermatologists' criterion (pigment network absent and at "
+            f"least one of {', '.join(BCC_PATTERNS)} present; {EXCLUSION_PATTERN} excludes) on "
+            f"<b>{agrees.mean():.1%}</b> of {len(agrees)} images (BCC: {by_dx.get(1, float('nan')):.1%}, "
+            f"non-BCC: {by_dx.get(0, float('nan')):.1%}).</p>"
+        )
+    run = study.run
+    notes = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in study.notes)
+    images = "".join(f'<p><img src="data:image/png;base64,{f}" style="max-width:100%"></p>' for f in figures)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermassist consensus run {run["id"]}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0;font-size:90%}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body>
+<h1>Consensus of the dermatologists: run {run["id"]}</h1>
+<p>{html.escape(run["method"])} on {run["n_answers"]} answers of {run["n_raters"]} raters about {run["n_items"]} images,
+{html.escape(run["created_at"])}; parameters <code>{html.escape(json.dumps(run["params"]))}</code>;
+answers hash <code>{run["data_hash"][:16]}</code>.</p>{notes}
+<h2>Agreement between raters</h2>{_table_html(study.agreement)}
+<h2>Criterion consistency</h2>{criterion or "<p>needs the diagnosis and all seven patterns</p>"}
+<h2>Rater reliability (Dawid-Skene)</h2>{_table_html(study.reliability)}
+<h2>Each rater against the consensus</h2>{_table_html(study.vs_consensus)}
+{calibration_html}
+<h2>Plots</h2>{images}
+</body></html>"""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out

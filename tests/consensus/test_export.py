@@ -1,0 +1,77 @@
+"""Study export: per image consensus + every rater, reliability, agreement; traceable to the run."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from consensus.db import init_db
+from consensus.export import build_study, calibration, to_json, write_csv, write_report
+from consensus.repository import import_ratings
+from consensus.service import run_consensus
+from labeling_config import TARGETS
+
+
+@pytest.fixture
+def study_db(tmp_path, small_study):
+    engine, sessions = init_db(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    with sessions.begin() as session:
+        import_ratings(session, pd.read_csv(small_study / "ratings.csv"))
+    with sessions.begin() as session:
+        run_consensus(session)
+    yield sessions
+    engine.dispose()
+
+
+def test_the_study_table_holds_consensus_raters_and_the_criterion(study_db, small_study):
+    with study_db() as session:
+        study = build_study(session)
+    c = study.consensus
+    assert len(c) == 40 and c.index.name == "image_id"
+    for key in TARGETS:
+        assert set(c[key].dropna().unique()) <= {0, 1}
+        assert c[f"{key}_posterior"].between(0, 1).all()
+        # The posterior is that of the positive class: consensus 1 <=> posterior >= 0.5.
+        assert ((c[f"{key}_posterior"] >= 0.5) == (c[key] == 1)).all()
+    assert "criterion_bcc" in c and c["criterion_agrees"].mean() > 0.8
+    assert {"derm1:bcc", "derm4:ulceration"} <= set(study.ratings.columns)
+    assert list(study.agreement.label_key) == list(TARGETS)
+    assert study.agreement[["percent_agreement", "fleiss_kappa", "krippendorff_alpha"]].notna().all().all()
+    assert len(study.reliability) == 4 * len(TARGETS)
+    assert set(study.vs_consensus.worker) == {"derm1", "derm2", "derm3", "derm4"}
+    assert study.run["params"]["smoothing"] == 0.1 and not study.answers_changed and not study.notes
+
+
+def test_files_and_documents(study_db, small_study, tmp_path):
+    with study_db() as session:
+        study = build_study(session)
+    written = write_csv(study, tmp_path / "csv")
+    assert {p.name for p in written} == {"consensus.csv", "rater_reliability.csv", "agreement.csv",
+                                         "pairwise_kappa.csv", "rater_vs_consensus.csv", "run.json"}  # fmt: skip
+    table = pd.read_csv(tmp_path / "csv" / "consensus.csv")
+    assert len(table) == 40 and "bcc_posterior" in table and "derm2:spoke_wheel" in table
+    doc = json.loads(json.dumps(to_json(study)))  # plain JSON, no NaN objects left
+    assert doc["run"]["id"] == 1 and len(doc["images"]) == 40 and len(doc["rater_reliability"]) == 32
+    truth = pd.read_csv(small_study / "labels.csv").set_index("image_id")
+    assert calibration(study, truth)["n"].sum() == 40 * len(TARGETS)
+    html = write_report(study, tmp_path / "report.html", truth).read_text()
+    assert html.count("data:image/png;base64,") == 4  # reliability, kappa matrix, prevalence, calibration
+    assert "Criterion consistency" in html and "run 1" in html
+
+
+def test_a_store_changed_after_the_run_is_flagged_and_a_missing_run_is_an_error(
+    study_db, small_study, tmp_path
+):
+    ratings = pd.read_csv(small_study / "ratings.csv")
+    ratings.loc[0, "value"] = 1 - ratings.loc[0, "value"]
+    with study_db.begin() as session:
+        import_ratings(session, ratings)
+    with study_db() as session:
+        study = build_study(session)
+        assert study.answers_changed and "changed after run 1" in study.notes[0]
+        with pytest.raises(ValueError, match="no consensus run with id 7"):
+            build_study(session, 7)
+    engine, empty = init_db(f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    with empty() as session, pytest.raises(ValueError, match="no consensus run in the store"):
+        build_study(session)
+    engine.dispose()
