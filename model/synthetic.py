@@ -711,7 +711,16 @@ def _save_mask(mask: BoolMask, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, optimize=False)
 
 
-_OUTPUTS = ("images", "masks", "regions", LABELS_FILE, RATINGS_FILE, RATERS_FILE, STUDY_FILE)
+_OUTPUTS = (
+    "images",
+    "masks",
+    "regions",
+    LABELS_FILE,
+    RATINGS_FILE,
+    RATERS_FILE,
+    STUDY_FILE,
+    "contact_sheet.png",
+)
 
 
 def _prepare_out(out: Path) -> None:
