@@ -134,7 +134,8 @@ def imagenet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -156,7 +157,7 @@ def load_imagenet_features(model: DermNet) -> None:
             f"ImageNet weights for MobileNet-V2 are not at {path}: run `make weights` (or copy "
             f"torchvision's {IMAGENET_FILE} there, or set TORCH_HOME); nothing is downloaded at run time."
         )
-    if not _sha256(path).startswith(IMAGENET_SHA256_PREFIX):
+    if not file_sha256(path).startswith(IMAGENET_SHA256_PREFIX):
         raise ValueError(
             f"{path} does not have the SHA-256 prefix {IMAGENET_SHA256_PREFIX}; replace the file"
         )

