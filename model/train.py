@@ -330,14 +330,17 @@ def _train(
     val_loader = DataLoader(val_ds, batch_size=config.batch_size, num_workers=config.workers)
 
     resume = read_checkpoint(config.resume) if config.resume else None
-    weights = None if resume else config.weights
-    model = build_model(weights, config.dropout, config.width_mult, config.output_stride)
     parent = None
-    if resume is not None:
+    if resume is not None:  # the checkpoint's weights replace any initialisation
+        model = DermNet(
+            dropout=config.dropout, width_mult=config.width_mult, output_stride=config.output_stride
+        )
         model.load_state_dict(resume["state_dict"])
         parent = resume["meta"].get("parent")
-    elif config.weights not in (None, "imagenet"):
-        parent = read_checkpoint(str(config.weights))["meta"]["version"]
+    else:
+        model = build_model(config.weights, config.dropout, config.width_mult, config.output_stride)
+        if config.weights not in (None, "imagenet"):
+            parent = read_checkpoint(str(config.weights))["meta"]["version"]
     model.to(device)
     cuda = device.type == "cuda"
     if cuda:

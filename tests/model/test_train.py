@@ -162,3 +162,10 @@ def test_training_with_the_localisation_loss(small_study, tmp_path):
     result = train(tiny(small_study, tmp_path, epochs=1, cam_loss=1.0))
     assert result.best.is_file()
     assert result.meta.extra["train_config"]["cam_loss"] == 1.0
+
+
+def test_training_from_a_checkpoint_records_it_as_the_parent(small_study, tmp_path):
+    first = train(tiny(small_study, tmp_path / "a", epochs=1))
+    second = train(tiny(small_study, tmp_path / "b", epochs=1, weights=str(first.best)))
+    assert first.meta.parent is None
+    assert second.meta.parent == first.meta.version
