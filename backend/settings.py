@@ -1,0 +1,146 @@
+"""Settings, read once from the environment into a frozen object (names as Label Studio's backends use).
+
+``Settings.from_env()`` is called by ``serve`` and the CLI; tests build ``Settings(...)`` directly.
+Secrets (the API key, the basic-auth password) never appear in ``repr`` or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from consensus.db import DEFAULT_URL
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value the backend cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend reads from its environment.
+
+    Attributes:
+        label_studio_url: ``LABEL_STUDIO_URL``, where images and the export API live (inside Docker,
+            the Label Studio service's name, never localhost).
+        label_studio_api_key: ``LABEL_STUDIO_API_KEY``, a legacy token or a personal access token.
+        model_dir: ``MODEL_DIR``, checkpoints and the promoted model.
+        database_url: ``DATABASE_URL`` (default: a SQLite file).
+        basic_auth_user: ``BASIC_AUTH_USER``; with ``BASIC_AUTH_PASS`` protects every route but /health.
+        basic_auth_pass: ``BASIC_AUTH_PASS``.
+        redis_url: ``REDIS_URL``; when set, training jobs go to RQ workers.
+        log_level: ``LOG_LEVEL``.
+        workers: ``WORKERS``, gunicorn worker processes.
+        threads: ``THREADS``, PyTorch threads per process (one is fastest on a busy small machine).
+        start_training_each_n_updates: ``START_TRAINING_EACH_N_UPDATES`` (0: only on request).
+        model_score_threshold: ``MODEL_SCORE_THRESHOLD``, overrides the checkpoint's thresholds if set.
+        allowed_image_hosts: ``ALLOWED_IMAGE_HOSTS``, comma-separated hosts that plain http(s)
+            images may come from.
+        max_image_bytes: ``MAX_IMAGE_BYTES``, largest image file accepted.
+        max_image_pixels: ``MAX_IMAGE_PIXELS``, largest image accepted (decompression bombs).
+        image_timeout: ``IMAGE_TIMEOUT``, seconds to fetch one image.
+    """
+
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    model_dir: Path = Path("runs/models")
+    database_url: str = DEFAULT_URL
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    redis_url: str | None = None
+    log_level: str = "INFO"
+    workers: int = 1
+    threads: int = 1
+    start_training_each_n_updates: int = 0
+    model_score_threshold: float | None = None
+    allowed_image_hosts: tuple[str, ...] = ()
+    max_image_bytes: int = 30 * 1024 * 1024
+    max_image_pixels: int = 60_000_000
+    image_timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.label_studio_url is not None and not self.label_studio_url.startswith(
+            ("http://", "https://")
+        ):
+            raise SettingsError(
+                f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the environment once.
+
+        Raises:
+            SettingsError: naming the variable and what is wrong with its value.
+        """
+        env = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        threshold = env.get("MODEL_SCORE_THRESHOLD", "").strip()
+        hosts = tuple(h.strip().lower() for h in env.get("ALLOWED_IMAGE_HOSTS", "").split(",") if h.strip())
+        url = text("LABEL_STUDIO_URL")
+        return cls(
+            label_studio_url=url.rstrip("/") if url else None,
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY"),
+            model_dir=Path(text("MODEL_DIR") or cls.model_dir),
+            database_url=text("DATABASE_URL") or DEFAULT_URL,
+            basic_auth_user=text("BASIC_AUTH_USER"),
+            basic_auth_pass=text("BASIC_AUTH_PASS"),
+            redis_url=text("REDIS_URL"),
+            log_level=(text("LOG_LEVEL") or "INFO").upper(),
+            workers=_int(env, "WORKERS", 1, 1),
+            threads=_int(env, "THREADS", 1, 1),
+            start_training_each_n_updates=_int(env, "START_TRAINING_EACH_N_UPDATES", 0, 0),
+            model_score_threshold=_float(env, "MODEL_SCORE_THRESHOLD", 0.5, 0.0, 1.0) if threshold else None,
+            allowed_image_hosts=hosts,
+            max_image_bytes=_int(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
+            image_timeout=_float(env, "IMAGE_TIMEOUT", cls.image_timeout, 0.1, 600.0),
+        )
+
+    def describe(self) -> dict[str, object]:
+        """The settings for a log line or /health: secrets shown only as set / not set."""
+        secret = {"label_studio_api_key", "basic_auth_pass"}
+        return {
+            f.name: ("<set>" if getattr(self, f.name) else "<not set>")
+            if f.name in secret
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
