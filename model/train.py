@@ -237,22 +237,43 @@ def _device(ctx: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def _valid_regions(batch: dict[str, Any], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(image, target) pairs the localisation loss counts: positive, known, with a non-empty region."""
+    regions = batch["regions"]
+    known = batch["region_known"].to(target.device) * (regions.flatten(2).amax(dim=2) > 0).to(target.device)
+    valid: torch.Tensor = (target >= 0.5) * mask * known
+    return valid
+
+
 @torch.no_grad()
 def predict_logits(
     model: DermNet, loader: DataLoader[Any], device: torch.device
-) -> tuple[FloatArray, FloatArray, FloatArray, list[str]]:
-    """Logits, targets, masks and ids over a loader, in eval mode."""
+) -> tuple[FloatArray, FloatArray, FloatArray, list[str], float | None]:
+    """Logits, targets, masks and ids over a loader, in eval mode, and the mean localisation loss
+    when the loader's dataset returns regions (else None)."""
     model.eval()
     logits, targets, masks, ids = [], [], [], []
+    loc_sum, loc_count = 0.0, 0.0
     for batch in loader:
         images = batch["image"].to(device)
         if device.type == "cuda":
             images = images.to(memory_format=torch.channels_last)
-        logits.append(model(images).float().cpu())
+        out, features = model(images, return_features=True)
+        if "regions" in batch:
+            valid = _valid_regions(batch, batch["target"].to(device), batch["target_mask"].to(device))
+            count = float(valid.sum())
+            if count:
+                loss = localisation_loss(
+                    features.float(), model.head_weights(), batch["regions"].to(device), valid
+                )
+                loc_sum += float(loss) * count
+                loc_count += count
+        logits.append(out.float().cpu())
         targets.append(batch["target"])
         masks.append(batch["target_mask"])
         ids.extend(batch["image_id"])
-    return torch.cat(logits).numpy(), torch.cat(targets).numpy(), torch.cat(masks).numpy(), ids
+    localisation = loc_sum / loc_count if loc_count else None
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy(), torch.cat(masks).numpy(), ids, localisation
 
 
 def validation_metrics(logits: FloatArray, targets: FloatArray, masks: FloatArray) -> dict[str, float]:
@@ -314,7 +335,9 @@ def _train(
     train_ds = DermDataset(
         table.iloc[train_idx], transforms(config.image_size, True), targets, with_regions=config.cam_loss > 0
     )
-    val_ds = DermDataset(table.iloc[val_idx], transforms(config.image_size, False), targets)
+    val_ds = DermDataset(
+        table.iloc[val_idx], transforms(config.image_size, False), targets, with_regions=config.cam_loss > 0
+    )
     sampler: DistributedSampler[dict[str, Any]] | None = None
     if ctx.world > 1:
         sampler = DistributedSampler(train_ds, ctx.world, ctx.rank, seed=config.seed)
@@ -419,11 +442,9 @@ def _train(
                 logits, features = net(images, return_features=True)
             loss = masked_bce(logits.float(), target, mask, pos_weight)
             if config.cam_loss > 0:
-                regions = batch["regions"].to(device)
-                valid = (target >= 0.5) * mask * batch["region_known"].to(device)
-                valid = valid * (regions.flatten(2).amax(dim=2) > 0)
+                valid = _valid_regions(batch, target, mask)
                 loss = loss + config.cam_loss * localisation_loss(
-                    features.float(), model.head_weights(), regions, valid
+                    features.float(), model.head_weights(), batch["regions"].to(device), valid
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
@@ -438,13 +459,23 @@ def _train(
         if ctx.world > 1:
             dist.barrier()
         if ctx.main:
-            logits_v, targets_v, masks_v, _ = predict_logits(model, val_loader, device)
+            logits_v, targets_v, masks_v, _, localisation = predict_logits(model, val_loader, device)
             metrics = validation_metrics(logits_v, targets_v, masks_v)
+            if localisation is not None:
+                metrics["val_localisation"] = localisation
+                metrics["val_objective"] = metrics["val_loss"] + config.cam_loss * localisation
             metrics.update(
                 epoch=epoch + 1, train_loss=running / max(1, seen), seconds=time.perf_counter() - started
             )
             history.append(metrics)
-            monitor = metrics["auroc_mean"] if not math.isnan(metrics["auroc_mean"]) else -metrics["val_loss"]
+            # Select on what is trained: with the localisation loss on, the whole validation objective
+            # (AUROC alone kept epochs whose maps were still far from the regions).
+            if "val_objective" in metrics:
+                monitor = -metrics["val_objective"]
+            elif not math.isnan(metrics["auroc_mean"]):
+                monitor = metrics["auroc_mean"]
+            else:
+                monitor = -metrics["val_loss"]
             improved = monitor > best_metric + 1e-4
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, mean AUROC %.4f%s (%.0f s)",

@@ -169,3 +169,14 @@ def test_training_from_a_checkpoint_records_it_as_the_parent(small_study, tmp_pa
     second = train(tiny(small_study, tmp_path / "b", epochs=1, weights=str(first.best)))
     assert first.meta.parent is None
     assert second.meta.parent == first.meta.version
+
+
+def test_with_the_localisation_loss_selection_watches_the_whole_validation_objective(small_study, tmp_path):
+    result = train(tiny(small_study, tmp_path, epochs=2, cam_loss=1.0))
+    for row in result.history:
+        assert 0.0 <= row["val_localisation"] <= 1.0
+        assert row["val_objective"] == pytest.approx(row["val_loss"] + row["val_localisation"])
+    best = min(result.history, key=lambda row: row["val_objective"])
+    assert result.meta.epoch == best["epoch"]
+    plain = train(tiny(small_study, tmp_path / "plain", epochs=1))
+    assert "val_objective" not in plain.history[0]
