@@ -477,10 +477,11 @@ def _train(
             else:
                 monitor = -metrics["val_loss"]
             improved = monitor > best_metric + 1e-4
+            localised = f", map outside region {localisation:.3f}" if localisation is not None else ""
             logger.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, mean AUROC %.4f%s (%.0f s)",
+                "epoch %d/%d: train loss %.4f, val loss %.4f, mean AUROC %.4f%s%s (%.0f s)",
                 epoch + 1, config.epochs, metrics["train_loss"], metrics["val_loss"], metrics["auroc_mean"],
-                " (best)" if improved else "", metrics["seconds"],
+                localised, " (best)" if improved else "", metrics["seconds"],
             )  # fmt: skip
             if improved:
                 best_metric, bad_epochs = monitor, 0
