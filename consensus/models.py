@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -197,3 +198,90 @@ class RaterReliability(Base):
     n_items: Mapped[int] = mapped_column(Integer)
 
     run: Mapped[ConsensusRun] = relationship(back_populates="reliability")
+
+
+class ModelStatus(enum.StrEnum):
+    """Where a trained model stands."""
+
+    CANDIDATE = "candidate"  # trained, being evaluated
+    PROMOTED = "promoted"  # the model the backend serves (one at a time)
+    RETIRED = "retired"  # served before, replaced by a newer promoted model
+    REJECTED = "rejected"  # evaluated worse than the promoted model: never served
+
+
+class JobStatus(enum.StrEnum):
+    """Where a training job stands."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ModelVersion(Base):
+    """A trained checkpoint, its evaluation and whether it is served."""
+
+    __tablename__ = "model_versions"
+    # At most one promoted model, enforced by the database (partial unique index).
+    __table_args__ = (
+        Index(
+            "uq_model_versions_one_promoted",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'promoted'"),
+            postgresql_where=text("status = 'promoted'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)  # CheckpointMeta.version
+    path: Mapped[str] = mapped_column(Text)  # the checkpoint file
+    parent: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[ModelStatus] = mapped_column(
+        SAEnum(ModelStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    )
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # on the fixed validation split
+    consensus_run_id: Mapped[int | None] = mapped_column(ForeignKey("consensus_runs.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[datetime | None]
+
+
+class TrainingJob(Base):
+    """One retraining: what triggered it, how it went, what it produced."""
+
+    __tablename__ = "training_jobs"
+    # At most one queued and one running job, enforced by the database: concurrent triggers from any
+    # number of processes coalesce into the queued job, and jobs run one at a time.
+    __table_args__ = (
+        Index(
+            "uq_training_jobs_one_queued",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'queued'"),
+            postgresql_where=text("status = 'queued'"),
+        ),
+        Index(
+            "uq_training_jobs_one_running",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(64))  # START_TRAINING, updates, cli
+    status: Mapped[JobStatus] = mapped_column(
+        SAEnum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    )
+    triggers: Mapped[int] = mapped_column(Integer, default=1)  # requests coalesced into this job
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    pid: Mapped[int | None] = mapped_column(Integer)
+    log: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(String(64))  # the model it produced
+    promoted: Mapped[bool | None] = mapped_column(Boolean)

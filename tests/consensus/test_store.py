@@ -84,7 +84,17 @@ def test_migrations_create_every_table_and_are_idempotent(db):
     upgrade(engine)  # a second upgrade is a no-op
     tables = set(inspect(engine).get_table_names())
     assert {"raters", "items", "annotation_events", "annotations", "consensus_runs", "consensus_labels",
-            "rater_reliability", "alembic_version"} <= tables  # fmt: skip
+            "rater_reliability", "model_versions", "training_jobs", "alembic_version"} <= tables  # fmt: skip
+
+
+def test_migrations_match_the_models(db):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from consensus.models import Base
+
+    with db.kw["bind"].connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
