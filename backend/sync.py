@@ -1,0 +1,98 @@
+"""Reconcile the store with a Label Studio project's export, so a missed webhook loses nothing.
+
+Label Studio sends webhooks once, with a 1 s timeout and no retry; a backend that was down, slow or
+killed misses them. ``sync`` reads the project's full export and makes the store match it:
+annotations that are new or newer are written (the same code as the webhook, so the rows are the
+same), annotations the store holds for the project but the export no longer has are soft-deleted,
+and skipped tasks are soft-deleted too. Running it twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend.ingest import EventError, apply_annotation
+from consensus.models import Annotation, Item, Source
+from consensus.repository import record_event, soft_delete_annotations
+from labeling_config.parse import ProjectConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncSummary:
+    """What a sync did."""
+
+    project: int
+    tasks: int = 0
+    annotations: int = 0
+    created: int = 0
+    changed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def sync_project(
+    sessions: sessionmaker[Session],
+    project: int,
+    tasks: Iterable[Mapping[str, Any]],
+    config: ProjectConfig,
+) -> SyncSummary:
+    """Make the store match ``tasks`` (a Label Studio JSON export of ``project``), in one transaction.
+
+    Annotations that cannot be read are counted in ``errors`` and logged with their reason; the rest
+    of the export still lands.
+    """
+    summary = SyncSummary(project=project)
+    seen: set[int] = set()
+    problems: list[str] = []
+    with sessions() as session:
+        for task in tasks:
+            summary.tasks += 1
+            for annotation in task.get("annotations") or []:
+                summary.annotations += 1
+                if isinstance(annotation.get("id"), int):
+                    seen.add(annotation["id"])
+                try:
+                    outcome = apply_annotation(session, annotation, task, config, Source.SYNC, project)
+                except EventError as exc:
+                    summary.errors += 1
+                    problems.append(str(exc))
+                    logger.warning("sync: %s", exc)
+                    continue
+                summary.created += outcome.created
+                summary.changed += outcome.changed
+                summary.deleted += outcome.deleted
+                if not (outcome.created or outcome.changed or outcome.deleted):
+                    summary.unchanged += 1
+        stale = session.scalars(
+            select(Annotation.ls_annotation_id)
+            .join(Item, Annotation.item_id == Item.id)
+            .where(
+                Item.ls_project_id == project,
+                Annotation.deleted.is_(False),
+                Annotation.ls_annotation_id.is_not(None),
+            )
+        ).all()
+        gone = [i for i in stale if i is not None and i not in seen]
+        summary.deleted += soft_delete_annotations(session, gone)
+        record_event(
+            session,
+            Source.SYNC,
+            "SYNC",
+            {"summary": summary.as_dict(), "problems": problems[:100]},
+            ls_project_id=project,
+        )
+        session.commit()
+    logger.info("sync of project %d: %s", project, summary.as_dict())
+    return summary

@@ -1,0 +1,82 @@
+"""A synthetic study as Label Studio would send it: tasks with uploaded images, annotations, webhook events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from labeling_config import PATTERNS, load_config
+
+BCC_XML = load_config("bcc")
+DISPLAY = {p.key: p.display for p in PATTERNS}
+
+
+def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = None) -> list[dict[str, Any]]:
+    """Label Studio's JSON export of the study: one task per image, one annotation per rater.
+
+    Images are put on the test server as ``/data/upload/<project>/<file name>``.
+    """
+    ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
+    images = sorted(ratings["image_id"].unique())[:limit]
+    raters = sorted(ratings["rater"].unique())
+    tasks = []
+    for t, image_id in enumerate(images, start=1):
+        source = next((study / "images").glob(f"{image_id}.*"))
+        path = f"/data/upload/{project}/{source.name}"
+        if files is not None:
+            files.routes[path] = (200, {"Content-Type": "image/jpeg"}, source.read_bytes())
+        annotations = []
+        for r, rater in enumerate(raters):
+            rows = ratings[(ratings["image_id"] == image_id) & (ratings["rater"] == rater)]
+            values = dict(zip(rows["label"], rows["value"], strict=True))
+            if "bcc" not in values:
+                continue
+            result = [
+                {
+                    "from_name": "diagnosis",
+                    "to_name": "image",
+                    "type": "choices",
+                    "value": {"choices": ["BCC" if values["bcc"] else "non-BCC"]},
+                }
+            ]
+            chosen = [DISPLAY[k] for k, v in values.items() if k in DISPLAY and v]
+            if chosen:
+                result.append(
+                    {
+                        "from_name": "patterns",
+                        "to_name": "image",
+                        "type": "choices",
+                        "value": {"choices": chosen},
+                    }
+                )
+            annotations.append(
+                {
+                    "id": t * 100 + r,
+                    "completed_by": r + 1,
+                    "result": result,
+                    "task": t,
+                    "was_cancelled": False,
+                    "updated_at": "2026-11-20T10:00:00Z",
+                }
+            )
+        tasks.append({"id": t, "data": {"image": path}, "project": project, "annotations": annotations})
+    return tasks
+
+
+def webhook_events(tasks: list[dict[str, Any]], project: int = 1) -> list[dict[str, Any]]:
+    """One ANNOTATION_CREATED event per annotation of the export."""
+    events = []
+    for task in tasks:
+        bare = {k: v for k, v in task.items() if k != "annotations"}
+        for annotation in task["annotations"]:
+            events.append(
+                {
+                    "action": "ANNOTATION_CREATED",
+                    "annotation": annotation,
+                    "task": bare,
+                    "project": {"id": project, "label_config": BCC_XML},
+                }
+            )
+    return events
