@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from backend.settings import Settings
     from model.synthetic import SynthConfig
 
 logger = logging.getLogger("dermassist")
@@ -116,6 +117,161 @@ def _write_study(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    from backend.settings import Settings
+
+    settings = Settings.from_env()
+    overrides = {}
+    if getattr(args, "db", None):
+        overrides["database_url"] = args.db
+    if getattr(args, "model_dir", None):
+        overrides["model_dir"] = Path(args.model_dir)
+    if overrides:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, **overrides)
+    return settings
+
+
+def _train_from_db(args: argparse.Namespace) -> int:
+    from backend import jobs
+    from consensus.db import init_db
+
+    settings = _settings(args)
+    _, sessions = init_db(settings.database_url)
+    params: dict[str, object] = {
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "patience": args.patience,
+    }
+    if args.images:
+        params["images"] = str(Path(args.images).resolve())
+    if args.weights:
+        params["weights"] = args.weights
+    job, created = jobs.request_training(sessions, "cli", params)
+    if not created:
+        print(f"a training job is already queued (job {job.id}); this request joined it")
+    status = jobs.supervise(settings, job.id, sessions)
+    with sessions() as session:
+        from consensus.models import TrainingJob
+
+        row = session.get(TrainingJob, job.id)
+        assert row is not None
+        if status.value != "succeeded":
+            print(f"training job {job.id} {status.value}: {row.error}", file=sys.stderr)
+            return 1
+        outcome = "promoted" if row.promoted else "not promoted (worse than the served model)"
+        print(f"training job {job.id}: {row.version} {outcome}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the Label Studio ML backend (gunicorn; --dev: Flask's development server)."""
+    from backend.app import create_app
+    from consensus.db import init_db, make_engine, make_sessionmaker
+
+    settings = _settings(args)
+    engine, _ = init_db(settings.database_url)  # migrate once, before any worker starts
+    engine.dispose()
+    if args.dev:
+        app = create_app(settings, start_runner=True)
+        app.run(host=args.host, port=args.port, threaded=True)
+        return 0
+    from gunicorn.app.base import BaseApplication
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", settings.workers)
+            self.cfg.set("threads", args.http_threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", 300)
+            self.cfg.set("loglevel", settings.log_level.lower())
+            self.cfg.set("accesslog", None)
+
+        def load(self) -> object:  # in each worker: its own engine and connection pool
+            sessions = make_sessionmaker(make_engine(settings.database_url))
+            return create_app(settings, sessions=sessions, start_runner=True)
+
+    logger.info("serving on http://%s:%d with %s", args.host, args.port, settings.describe())
+    Server().run()
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Reconcile the store with a Label Studio project's export (what missed webhooks left out)."""
+    from backend.ls_client import LabelStudioClient, LabelStudioError
+    from backend.sync import sync_project
+    from consensus.db import init_db
+    from labeling_config.parse import parse_config
+
+    settings = _settings(args)
+    if args.export:
+        import json
+
+        tasks = json.loads(Path(args.export).read_text())
+        config = parse_config(Path(args.config).read_text()) if args.config else parse_config(_bcc_xml())
+    else:
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or give --export FILE)")
+        client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        try:
+            config = parse_config(client.label_config(args.project))
+            tasks = client.export(args.project)
+        except LabelStudioError as exc:
+            raise ValueError(str(exc)) from None
+    _, sessions = init_db(settings.database_url)
+    summary = sync_project(sessions, args.project, tasks, config)
+    print(" ".join(f"{k}={v}" for k, v in summary.as_dict().items()))
+    return 0 if summary.errors == 0 else 1
+
+
+def _bcc_xml() -> str:
+    from labeling_config import load_config
+
+    return load_config("bcc")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run training jobs from Redis (REDIS_URL) with an RQ worker."""
+    from redis import Redis
+    from rq import Queue, Worker
+
+    from backend.jobs import RQQueue
+
+    settings = _settings(args)
+    if not settings.redis_url:
+        raise ValueError("set REDIS_URL: the worker takes its jobs from Redis")
+    connection = Redis.from_url(settings.redis_url)
+    worker = Worker([Queue(RQQueue.name, connection=connection)], connection=connection)
+    worker.work(burst=args.burst)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the model versions, or promote a checkpoint to be served."""
+    from backend import registry
+    from consensus.db import init_db
+    from consensus.models import ModelVersion
+
+    settings = _settings(args)
+    _, sessions = init_db(settings.database_url)
+    with sessions() as session:
+        if args.action == "promote":
+            if not args.checkpoint:
+                raise ValueError("dermassist models promote CHECKPOINT")
+            version = registry.register(session, args.checkpoint, Path(settings.model_dir))
+            registry.promote(session, version)
+            session.commit()
+            print(f"promoted {version.version} ({version.path})")
+            return 0
+        from sqlalchemy import select
+
+        for row in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+            print(f"{row.version}\t{row.status.value}\t{row.created_at:%Y-%m-%d %H:%M}\t{row.path}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     """Draw a synthetic dermoscopy study with simulated dermatologists."""
     return _write_study(args, Path(args.out))
@@ -165,9 +321,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the MobileNet-V2 multitask model (BCC + seven patterns) on a dataset folder."""
+    """Train the MobileNet-V2 multitask model (BCC + seven patterns) on a dataset folder, or (--from-db)
+    run a retraining job on the store's consensus, promoted only if not worse."""
     from model.train import TrainConfig, train
 
+    if args.from_db:
+        return _train_from_db(args)
+    if args.data is None:
+        raise ValueError("give a dataset folder, or --from-db to train on the store's consensus")
     config = TrainConfig(
         data=args.data,
         out=args.out,
@@ -344,7 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    tr.add_argument("data", help="dataset folder (labels.csv, images/, masks/)")
+    tr.add_argument("data", nargs="?", help="dataset folder (labels.csv, images/, masks/)")
+    tr.add_argument(
+        "--from-db",
+        action="store_true",
+        help="run a retraining job on the store's consensus (DATABASE_URL / --db), promoted if not worse",
+    )
+    tr.add_argument("--images", default=None, help="with --from-db: a study folder holding the items' images")
+    tr.add_argument("--db", default=None, help="with --from-db: database URL (default: DATABASE_URL)")
+    tr.add_argument("--model-dir", default=None, help="with --from-db: MODEL_DIR")
     tr.add_argument("--out", default="runs/train", help="run folder (default: %(default)s)")
     tr.add_argument(
         "--weights",
@@ -457,6 +626,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=None, help="database URL (default: DATABASE_URL, else sqlite:///dermassist.sqlite)"
     )
     ex.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface (default: %(default)s; 0.0.0.0 in Docker)"
+    )
+    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--http-threads", type=int, default=8, help="request threads per worker")
+    serve.add_argument("--dev", action="store_true", help="Flask's development server, one process")
+    serve.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    serve.add_argument("--model-dir", default=None, help="MODEL_DIR")
+    serve.set_defaults(func=cmd_serve)
+
+    sy = sub.add_parser("sync", help=cmd_sync.__doc__, description=cmd_sync.__doc__)
+    sy.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    sy.add_argument("--export", default=None, help="read this JSON export instead of asking Label Studio")
+    sy.add_argument(
+        "--config", default=None, help="with --export: the labeling config XML (default: bcc.xml)"
+    )
+    sy.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    sy.set_defaults(func=cmd_sync)
+
+    wk = sub.add_parser("worker", help=cmd_worker.__doc__, description=cmd_worker.__doc__)
+    wk.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    wk.set_defaults(func=cmd_worker)
+
+    md = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
+    md.add_argument("action", choices=["list", "promote"])
+    md.add_argument("checkpoint", nargs="?", help="with promote: the checkpoint to serve")
+    md.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    md.add_argument("--model-dir", default=None, help="MODEL_DIR")
+    md.set_defaults(func=cmd_models)
 
     demo = sub.add_parser(
         "demo", help="the main job on embedded defaults (headless for now)", description=cmd_demo.__doc__

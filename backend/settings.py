@@ -46,6 +46,13 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float, high: 
     return value
 
 
+def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    raw = [p.strip() for p in env.get(name, "").split(",") if p.strip()]
+    if not all(p.isdigit() for p in raw):
+        raise SettingsError(f"{name} must be comma-separated project ids, got {env.get(name)!r}")
+    return tuple(int(p) for p in raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the backend reads from its environment.
@@ -69,6 +76,11 @@ class Settings:
         max_image_bytes: ``MAX_IMAGE_BYTES``, largest image file accepted.
         max_image_pixels: ``MAX_IMAGE_PIXELS``, largest image accepted (decompression bombs).
         image_timeout: ``IMAGE_TIMEOUT``, seconds to fetch one image.
+        max_tasks: ``MAX_TASKS_PER_REQUEST``, most tasks one /predict may carry.
+        train_epochs: ``TRAIN_EPOCHS``, epochs of a retraining job.
+        sync_projects: ``SYNC_PROJECTS``, comma-separated Label Studio project ids that ``serve``
+            reconciles periodically.
+        sync_interval: ``SYNC_INTERVAL``, seconds between those syncs (0: off).
     """
 
     label_studio_url: str | None = None
@@ -87,6 +99,10 @@ class Settings:
     max_image_bytes: int = 30 * 1024 * 1024
     max_image_pixels: int = 60_000_000
     image_timeout: float = 20.0
+    max_tasks: int = 1000
+    train_epochs: int = 5
+    sync_projects: tuple[int, ...] = ()
+    sync_interval: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
@@ -133,7 +149,42 @@ class Settings:
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             image_timeout=_float(env, "IMAGE_TIMEOUT", cls.image_timeout, 0.1, 600.0),
+            max_tasks=_int(env, "MAX_TASKS_PER_REQUEST", cls.max_tasks, 1),
+            train_epochs=_int(env, "TRAIN_EPOCHS", cls.train_epochs, 1),
+            sync_projects=_ids(env, "SYNC_PROJECTS"),
+            sync_interval=_float(env, "SYNC_INTERVAL", 0.0, 0.0, 7 * 24 * 3600.0),
         )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that :meth:`from_env` reads back into these settings (for child processes)."""
+        env = {
+            "MODEL_DIR": str(self.model_dir),
+            "DATABASE_URL": self.database_url,
+            "LOG_LEVEL": self.log_level,
+            "WORKERS": str(self.workers),
+            "THREADS": str(self.threads),
+            "START_TRAINING_EACH_N_UPDATES": str(self.start_training_each_n_updates),
+            "ALLOWED_IMAGE_HOSTS": ",".join(self.allowed_image_hosts),
+            "MAX_IMAGE_BYTES": str(self.max_image_bytes),
+            "MAX_IMAGE_PIXELS": str(self.max_image_pixels),
+            "IMAGE_TIMEOUT": str(self.image_timeout),
+            "MAX_TASKS_PER_REQUEST": str(self.max_tasks),
+            "TRAIN_EPOCHS": str(self.train_epochs),
+            "SYNC_PROJECTS": ",".join(str(p) for p in self.sync_projects),
+            "SYNC_INTERVAL": str(self.sync_interval),
+        }
+        optional = {
+            "LABEL_STUDIO_URL": self.label_studio_url,
+            "LABEL_STUDIO_API_KEY": self.label_studio_api_key,
+            "BASIC_AUTH_USER": self.basic_auth_user,
+            "BASIC_AUTH_PASS": self.basic_auth_pass,
+            "REDIS_URL": self.redis_url,
+            "MODEL_SCORE_THRESHOLD": None
+            if self.model_score_threshold is None
+            else str(self.model_score_threshold),
+        }
+        env.update({k: v for k, v in optional.items() if v is not None})
+        return env
 
     def describe(self) -> dict[str, object]:
         """The settings for a log line or /health: secrets shown only as set / not set."""

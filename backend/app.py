@@ -1,0 +1,444 @@
+"""The Label Studio ML backend: Flask app speaking Label Studio 1.23's protocol (docs/label-studio.md).
+
+Routes: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /versions``,
+``GET /metrics`` (and ``GET /jobs``, the recent training jobs). Every route but ``/health`` asks for
+basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error is JSON
+``{"error": code, "message": sentence}`` with its 4xx / 5xx status; a traceback never reaches a client
+(it goes to the log, without the API key).
+
+``/webhook`` answers within milliseconds (Label Studio waits 1 s and never retries): it stores the raw
+event and what it says in one small transaction; anything slow (the retraining policy's count, a
+training job) happens on other threads or processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify, request
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from backend import jobs, registry
+from backend.images import ImageError, ImageFetcher
+from backend.ingest import TRAIN_EVENT, ingest_webhook
+from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
+from backend.predictor import ModelHolder, ServedModel, run_batch
+from backend.settings import Settings
+from consensus.models import Annotation, AnnotationEvent, ModelVersion, Source, TrainingJob
+from consensus.repository import record_event
+from labeling_config import load_config
+from labeling_config.parse import ConfigError, ProjectConfig, parse_config
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+PROMOTED_CHECK_S = 1.0
+UNTRAINED = "untrained"
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{error, message}`` with ``status``."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+
+
+@dataclass
+class Backend:
+    """The state of one backend process."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    fetcher: ImageFetcher
+    holder: ModelHolder = field(default_factory=ModelHolder)
+    runner: Any = None  # JobRunner or RQQueue
+    configs: dict[str, ProjectConfig] = field(default_factory=dict)  # by config hash
+    projects: dict[int, ProjectConfig] = field(default_factory=dict)  # from /setup
+    counters: Counter[str] = field(default_factory=Counter)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+    _promoted: tuple[float, str | None, str | None] = (0.0, None, None)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _policy: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "dermassist-policy"))
+    _policy_pending: threading.Event = field(default_factory=threading.Event)
+    write_lock: Any = None  # SQLite: one writer thread at a time in this process
+
+    # -- configs
+    def parse(self, xml: str) -> ProjectConfig:
+        key = hashlib.sha256(xml.encode()).hexdigest()
+        config = self.configs.get(key)
+        if config is None:
+            try:
+                config = parse_config(xml)
+            except ConfigError as exc:
+                raise ApiError(422, "labeling_config", str(exc)) from None
+            if not any(role in config.controls for role in MODEL_ROLES):
+                found = ", ".join(f"{c.name} ({c.role.value})" for c in config.controls.values())
+                raise ApiError(
+                    422,
+                    "labeling_config",
+                    f"this model fills a BCC / non-BCC diagnosis, the seven patterns and their regions; the "
+                    f"config's controls map only onto {found}. Add a diagnosis, patterns or regions control "
+                    "(see labeling_config/bcc.xml).",
+                )
+            with self._lock:
+                self.configs[key] = config
+        return config
+
+    def resolve(self, project: int | None, project_obj: Mapping[str, Any] | None) -> ProjectConfig:
+        """The config of a webhook's project: the event's own, else /setup's, else bcc.xml."""
+        xml = project_obj.get("label_config") if project_obj is not None else None
+        if isinstance(xml, str) and xml.strip():
+            try:
+                return self.parse(xml)
+            except ApiError as exc:
+                from backend.ingest import EventError
+
+                raise EventError(exc.message) from None
+        if project is not None and project in self.projects:
+            return self.projects[project]
+        return self.parse(load_config("bcc"))
+
+    # -- model
+    def served(self) -> ServedModel | None:
+        checked, version, path = self._promoted
+        now = time.monotonic()
+        if now - checked > PROMOTED_CHECK_S:
+            with self.sessions() as session:
+                current = registry.promoted(session)
+                version, path = (current.version, current.path) if current is not None else (None, None)
+            self._promoted = (now, version, path)
+        if version is None or path is None:
+            return None
+        return self.holder.ensure(version, path)
+
+    def version(self) -> str:
+        served = self.served()
+        return served.version if served is not None else UNTRAINED
+
+    # -- training
+    def queue_training(self, trigger: str, params: dict[str, Any] | None = None) -> tuple[TrainingJob, bool]:
+        job, created = jobs.request_training(self.sessions, trigger, params)
+        if created and self.runner is not None:
+            if isinstance(self.runner, jobs.JobRunner):
+                self.runner.submit()
+            else:
+                self.runner.submit(job.id)
+        return job, created
+
+    def check_policy(self) -> None:
+        """Queue a job once N items gained annotations since the last job (off when N is 0)."""
+        n = self.settings.start_training_each_n_updates
+        if n <= 0 or self._policy_pending.is_set():
+            return
+        self._policy_pending.set()
+        self._policy.submit(self._check_policy, n)
+
+    def _check_policy(self, n: int) -> None:
+        try:
+            with self.sessions() as session:
+                since = session.scalar(select(func.max(TrainingJob.created_at)))
+                query = select(func.count(func.distinct(Annotation.item_id))).where(
+                    Annotation.deleted.is_(False)
+                )
+                if since is not None:
+                    query = query.where(Annotation.updated_at > since)
+                changed = session.scalar(query) or 0
+            if changed >= n:
+                self.queue_training("updates", {"items": int(changed)})
+        except Exception:
+            logger.exception("the retraining policy check failed")
+        finally:
+            self._policy_pending.clear()
+
+    # -- metrics
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            values = self.timings.setdefault(name, [])
+            values.append(seconds)
+            if len(values) > 10_000:
+                del values[: len(values) - 10_000]
+
+
+def backend() -> Backend:
+    state: Backend = current_app.extensions["dermassist"]
+    return state
+
+
+def _json_body() -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise ApiError(400, "bad_request", "the request has no body; send a JSON object")
+    try:
+        import json
+
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _project_id(raw: Any) -> int | None:
+    """Label Studio sends ``project`` as ``"<id>.<created timestamp>"`` to /setup and /predict."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        head = raw.split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return None
+
+
+def _check_auth(settings: Settings) -> None:
+    if settings.basic_auth_user is None or request.path == "/health":
+        return
+    auth = request.authorization
+    ok = (
+        auth is not None
+        and auth.type == "basic"
+        and hmac.compare_digest(str(auth.username or "").encode(), settings.basic_auth_user.encode())
+        and hmac.compare_digest(str(auth.password or "").encode(), str(settings.basic_auth_pass).encode())
+    )
+    if not ok:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this backend needs basic auth: set the user and password in Label Studio's model settings",
+        )
+
+
+def create_app(
+    settings: Settings,
+    sessions: sessionmaker[Session] | None = None,
+    start_runner: bool = False,
+) -> Flask:
+    """The backend's Flask app.
+
+    Args:
+        settings: read once (``Settings.from_env()``), never again.
+        sessions: the store's session factory (default: ``init_db(settings.database_url)``).
+        start_runner: run training jobs from this process (``serve`` does; tests choose).
+    """
+    from consensus.db import init_db
+
+    if sessions is None:
+        _, sessions = init_db(settings.database_url)
+    app = Flask("dermassist")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    state = Backend(settings=settings, sessions=sessions, fetcher=ImageFetcher(settings))
+    bind = sessions.kw.get("bind")
+    if bind is not None and bind.dialect.name == "sqlite":
+        state.write_lock = threading.Lock()
+    if settings.redis_url:
+        state.runner = jobs.RQQueue(settings.redis_url)
+    elif start_runner:
+        state.runner = jobs.JobRunner(settings, sessions).start()
+    app.extensions["dermassist"] = state
+
+    @app.before_request
+    def _before() -> None:
+        request.environ["dermassist.t0"] = time.perf_counter()
+        _check_auth(settings)
+
+    @app.after_request
+    def _after(response: Response) -> Response:
+        t0 = request.environ.get("dermassist.t0")
+        if t0 is not None:
+            state.observe(request.path, time.perf_counter() - t0)
+        state.counters[f"{request.path} {response.status_code}"] += 1
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> tuple[Response, int, dict[str, str]]:
+        headers = {"WWW-Authenticate": 'Basic realm="dermassist"'} if exc.status == 401 else {}
+        return jsonify(error=exc.error, message=exc.message), exc.status, headers
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        messages = {
+            404: f"no route {request.path}; this backend serves /health, /setup, /predict, /webhook, "
+            "/versions, /metrics",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB",
+        }
+        name = (exc.name or "error").lower().replace(" ", "_")
+        return jsonify(error=name, message=messages.get(code, exc.description or name)), code
+
+    @app.errorhandler(Exception)
+    def _internal(exc: Exception) -> tuple[Response, int]:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error="internal", message="the backend hit an internal error; its log says more"), 500
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(status="UP", model_class="DermNet", model_version=state.version())
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        schema = body.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            raise ApiError(400, "bad_request", "/setup needs the project's labeling config in 'schema'")
+        config = state.parse(schema)
+        project = _project_id(body.get("project"))
+        if project is not None:
+            with state._lock:
+                state.projects[project] = config
+        return jsonify(model_version=state.version())
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise ApiError(400, "bad_request", "/predict needs a 'tasks' list")
+        if len(tasks) > settings.max_tasks:
+            raise ApiError(
+                413,
+                "too_many_tasks",
+                f"{len(tasks)} tasks in one request; this backend takes at most {settings.max_tasks} "
+                "(MAX_TASKS_PER_REQUEST): send them in batches",
+            )
+        xml = body.get("label_config")
+        project = _project_id(body.get("project"))
+        if isinstance(xml, str) and xml.strip():
+            config = state.parse(xml)
+        elif project is not None and project in state.projects:
+            config = state.projects[project]
+        else:
+            raise ApiError(
+                400, "bad_request", "/predict needs the project's 'label_config' (or a /setup first)"
+            )
+        served = state.served()
+        if served is None:
+            raise ApiError(
+                503,
+                "no_model",
+                "no model is promoted yet: register one with `dermassist models promote CHECKPOINT` "
+                "or train one",
+            )
+        predictions: list[dict[str, Any] | None] = [None] * len(tasks)
+        good: list[tuple[int, Any]] = []
+        for i, task in enumerate(tasks):
+            data = task.get("data") if isinstance(task, dict) else None
+            ref = data.get(config.image_key) if isinstance(data, dict) else None
+            if not isinstance(ref, str):
+                reason = f"task has no '{config.image_key}' in its data"
+            else:
+                try:
+                    good.append((i, state.fetcher.fetch(ref)))
+                    continue
+                except ImageError as exc:
+                    reason = str(exc)
+            task_id = task.get("id") if isinstance(task, dict) else None
+            logger.warning("task %s: no prediction: %s", task_id, reason)
+            state.counters["predict task errors"] += 1
+            predictions[i] = empty_prediction(served.version, reason)
+        if good:
+            outputs = run_batch(served, [loaded.image for _, loaded in good])
+            for (i, loaded), output in zip(good, outputs, strict=True):
+                predictions[i] = task_prediction(
+                    output,
+                    config,
+                    served.version,
+                    loaded.width,
+                    loaded.height,
+                    served.meta.thresholds,
+                    settings.model_score_threshold,
+                )
+        state.counters["predict tasks"] += len(tasks)
+        return jsonify(results=predictions, model_version=served.version)
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        raw = request.get_data(cache=True)
+        try:
+            body = _json_body()
+        except ApiError as exc:
+            with state.sessions() as session:  # keep what arrived, even when it is not JSON
+                text = raw[:1_000_000].decode("utf-8", errors="replace")
+                record_event(session, Source.WEBHOOK, "MALFORMED", {"raw": text}, error=exc.message)
+                session.commit()
+            raise
+        if not isinstance(body.get("action"), str):
+            raise ApiError(400, "bad_request", "a webhook event needs an 'action'")
+        outcome, reason = ingest_webhook(state.sessions, body, state.resolve, state.write_lock)
+        state.counters[f"webhook {outcome.action}"] += 1
+        if reason is not None:
+            return jsonify(error="invalid_event", message=reason, event_id=outcome.event_id), 422
+        answer: dict[str, Any] = {"status": "ignored" if outcome.ignored else "ok", **outcome.as_dict()}
+        if body["action"] == TRAIN_EVENT:
+            job, created = state.queue_training(TRAIN_EVENT)
+            answer["job"] = {"id": job.id, "status": job.status.value, "coalesced": not created}
+        elif outcome.created or outcome.changed:
+            state.check_policy()
+        return jsonify(answer), 200
+
+    @app.get("/versions")
+    def versions() -> Response:
+        with state.sessions() as session:
+            rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+            listed = [v.version for v in rows]
+        return jsonify(versions=listed, model_version=state.version())
+
+    @app.get("/jobs")
+    def list_jobs() -> Response:
+        with state.sessions() as session:
+            rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(50)).all()
+            listed = [
+                {
+                    "id": j.id,
+                    "trigger": j.trigger,
+                    "status": j.status.value,
+                    "triggers": j.triggers,
+                    "version": j.version,
+                    "promoted": j.promoted,
+                    "error": j.error,
+                }
+                for j in rows
+            ]
+        return jsonify(jobs=listed)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        with state.sessions() as session:
+            events = session.scalar(select(func.count()).select_from(AnnotationEvent)) or 0
+            live = (
+                session.scalar(
+                    select(func.count()).select_from(Annotation).where(Annotation.deleted.is_(False))
+                )
+                or 0
+            )
+        latency = {}
+        with state._lock:
+            for name, values in state.timings.items():
+                ordered = sorted(values)
+                latency[name] = {
+                    "n": len(ordered),
+                    "p50_ms": round(1000 * ordered[len(ordered) // 2], 3),
+                    "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+                }
+            counters = dict(state.counters)
+        return jsonify(
+            model_version=state.version(),
+            requests=counters,
+            latency=latency,
+            store={"events": events, "annotations": live},
+        )
+
+    return app

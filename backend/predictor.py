@@ -1,0 +1,118 @@
+"""The served network: loaded once per process, swapped atomically, run on a batch in one pass.
+
+:class:`ModelHolder` keeps the current :class:`ServedModel` in one attribute; a swap builds the new
+model completely first and then replaces that attribute, so a request in flight finishes on the model
+it started with and the next one sees the new model (no lock on the hot path, no half-loaded state).
+:func:`run_batch` resizes the images as validation does (square, no crop), runs one forward pass per
+chunk and returns, per image, the calibrated probability of every output and its Grad-CAM map at
+feature resolution (to be resized to the image's own size by the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.checkpoint import CheckpointMeta, load_checkpoint
+from model.explain import explain
+from model.network import DermNet
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded checkpoint: network in eval mode, its metadata and where it came from."""
+
+    version: str
+    network: DermNet
+    meta: CheckpointMeta
+    path: Path
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """The model's answer for one image.
+
+    Attributes:
+        probs: target key -> calibrated probability.
+        maps: ``(K, h, w)`` Grad-CAM maps at feature resolution, in target order.
+    """
+
+    probs: dict[str, float]
+    maps: torch.Tensor
+
+
+def load_served(path: str | Path) -> ServedModel:
+    """Load a checkpoint for serving.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`model.checkpoint.load_checkpoint`.
+    """
+    network, meta = load_checkpoint(path)
+    network.eval()
+    return ServedModel(version=meta.version, network=network, meta=meta, path=Path(path))
+
+
+class ModelHolder:
+    """The process's current model; :meth:`ensure` swaps it when the promoted version changes."""
+
+    def __init__(self) -> None:
+        self._current: ServedModel | None = None
+        self._swap_lock = threading.Lock()
+
+    @property
+    def current(self) -> ServedModel | None:
+        return self._current
+
+    def ensure(self, version: str, path: str | Path) -> ServedModel:
+        """The model of ``version``, loading it from ``path`` if another one is being served."""
+        current = self._current
+        if current is not None and current.version == version:
+            return current
+        with self._swap_lock:  # one loader at a time; the others wait and then reuse its result
+            current = self._current
+            if current is not None and current.version == version:
+                return current
+            served = load_served(path)
+            if served.version != version:
+                logger.warning("%s holds version %s, registered as %s", path, served.version, version)
+            self._current = served
+            logger.info("serving model %s (%s)", served.version, path)
+            return served
+
+
+def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image as the network's input: ``(3, size, size)`` in [0, 1], resized without cropping."""
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def run_batch(served: ServedModel, images: Sequence[Image.Image]) -> list[ImageOutput]:
+    """Probabilities and Grad-CAM maps for every image, one forward pass per chunk of images."""
+    meta = served.meta
+    temperatures = [float(meta.temperatures.get(k, 1.0)) for k in meta.targets]
+    outputs: list[ImageOutput] = []
+    for start in range(0, len(images), BATCH_SIZE):
+        chunk = torch.stack([to_tensor(im, meta.input_size) for im in images[start : start + BATCH_SIZE]])
+        explanation = explain(served.network, chunk, temperatures=temperatures, size=(1, 1))
+        probs = explanation.probs.detach().numpy()
+        raw = explanation.raw.detach()
+        for i in range(len(chunk)):
+            outputs.append(
+                ImageOutput(
+                    probs={k: float(probs[i, j]) for j, k in enumerate(meta.targets)},
+                    maps=raw[i].clone(),
+                )
+            )
+    return outputs

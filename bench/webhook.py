@@ -1,0 +1,161 @@
+"""Webhook throughput and latency against `dermassist serve` on SQLite (a script, not a timed test).
+
+Starts the real server (gunicorn) on a free loopback port with a fresh SQLite store, sends N distinct
+ANNOTATION_CREATED events from C concurrent clients (keep-alive connections), then checks that every
+event and every annotation landed. Prints events/s, p50 / p99 / max latency, the status counts, and
+the row counts; exits non-zero if anything was lost or answered 5xx, or if p99 reaches Label Studio's
+1 s webhook timeout.
+
+    .venv/bin/python bench/webhook.py --events 5000 --clients 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from labeling_config import load_config  # noqa: E402
+
+BCC_XML = load_config("bcc")
+PATTERNS = ["Ulceration", "Multiple blue-grey globules", "Arborizing telangiectasia"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def event(i: int, raters: int = 4) -> bytes:
+    task = i // raters + 1
+    body = {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {
+            "id": i + 1,
+            "completed_by": i % raters + 1,
+            "task": task,
+            "was_cancelled": False,
+            "updated_at": "2026-11-20T10:00:00Z",
+            "result": [
+                {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+                 "value": {"choices": ["BCC" if i % 3 else "non-BCC"]}},
+                {"from_name": "patterns", "to_name": "image", "type": "choices",
+                 "value": {"choices": PATTERNS[: i % 4]}},
+            ],
+        },
+        "task": {"id": task, "data": {"image": f"/data/upload/1/{task}.png"}, "project": 1},
+        "project": {"id": 1, "label_config": BCC_XML},
+    }  # fmt: skip
+    return json.dumps(body).encode()
+
+
+def start_server(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    cmd = [str(ROOT / ".venv/bin/dermassist"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the server did not start within 120 s")
+
+
+def send(
+    port: int, indices: list[int], latencies: list[float], statuses: Counter[int], lock: threading.Lock
+) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for i in indices:
+        body = event(i)
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/webhook", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            status = response.status
+        except OSError:
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            status = 0  # connection error
+        elapsed = time.perf_counter() - t0
+        with lock:
+            latencies.append(elapsed)
+            statuses[status] += 1
+    conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gunicorn worker processes (SQLite: one, with threads)"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "bench.sqlite"
+        port = free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": f"sqlite:///{db}",
+            "MODEL_DIR": str(Path(tmp) / "models"),
+            "WORKERS": str(args.workers),
+            "LOG_LEVEL": "WARNING",
+        }
+        proc = start_server(port, env)
+        latencies: list[float] = []
+        statuses: Counter[int] = Counter()
+        lock = threading.Lock()
+        shards = [list(range(c, args.events, args.clients)) for c in range(args.clients)]
+        threads = [
+            threading.Thread(target=send, args=(port, shard, latencies, statuses, lock)) for shard in shards
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        with sqlite3.connect(db) as conn:
+            events = conn.execute("SELECT count(*) FROM annotation_events").fetchone()[0]
+            rows = conn.execute("SELECT count(*) FROM annotations").fetchone()[0]
+
+    ordered = sorted(latencies)
+    p50, p99 = ordered[len(ordered) // 2], ordered[int(0.99 * (len(ordered) - 1))]
+    five = sum(n for s, n in statuses.items() if s >= 500 or s == 0)
+    print(f"{args.events} webhook events, {args.clients} clients, {args.workers} gunicorn workers, SQLite")
+    print(f"throughput {args.events / wall:.0f} events/s ({wall:.1f} s)")
+    print(f"latency p50 {1000 * p50:.1f} ms, p99 {1000 * p99:.1f} ms, max {1000 * ordered[-1]:.1f} ms")
+    print(f"statuses {dict(sorted(statuses.items()))}; 5xx or connection errors: {five}")
+    print(f"stored events {events}, annotations {rows}; lost {args.events - rows}")
+    ok = rows == args.events and events == args.events and five == 0 and p99 < 1.0
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Fixtures for the backend: a tiny promoted model, a store, an image server on 127.0.0.1, the app."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.settings import Settings
+
+LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+
+
+def png_bytes(width: int = 96, height: int = 72, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small DermNet with non-trivial weights; pattern thresholds 0 so every pattern is predicted."""
+    from labeling_config import PATTERN_KEYS, TARGETS
+    from model.checkpoint import CheckpointMeta, save_checkpoint
+    from model.network import DermNet
+
+    torch.manual_seed(0)
+    model = DermNet(width_mult=0.35)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    thresholds = {k: 0.0 if k in PATTERN_KEYS else 0.5 for k in TARGETS}
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, model, CheckpointMeta(input_size=64, width_mult=0.35, thresholds=thresholds))
+    return path
+
+
+class Files:
+    """What the test HTTP server serves: path -> (status, headers, body); records request headers."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.require_token: str | None = None
+
+
+def _handler(files: Files) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            files.seen.append((self.path, dict(self.headers)))
+            token = files.require_token
+            if token and self.path.startswith("/data/") and self.headers.get("Authorization") != f"Token {token}":
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status, headers, body = files.routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if "Content-Length" not in headers:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def image_server() -> Iterator[tuple[str, Files]]:
+    """An HTTP server on 127.0.0.1 (free port) acting as Label Studio's file server."""
+    files = Files()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(files))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", files
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, image_server: tuple[str, Files]) -> Settings:
+    url, files = image_server
+    files.require_token = LS_TOKEN
+    return Settings(
+        label_studio_url=url,
+        label_studio_api_key=LS_TOKEN,
+        model_dir=tmp_path / "models",
+        database_url=f"sqlite:///{tmp_path / 'store.sqlite'}",
+        image_timeout=2.0,
+    )
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Any:
+    from consensus.db import init_db
+
+    _, factory = init_db(settings.database_url)
+    return factory
+
+
+@pytest.fixture
+def promoted(sessions: Any, settings: Settings, tiny_checkpoint: Path) -> str:
+    from backend import registry
+
+    with sessions() as session:
+        version = registry.register(session, tiny_checkpoint, settings.model_dir)
+        registry.promote(session, version)
+        session.commit()
+        return version.version
+
+
+@pytest.fixture
+def app(settings: Settings, sessions: Any, promoted: str) -> Any:
+    from backend.app import create_app
+
+    application = create_app(settings, sessions=sessions)
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+def with_settings(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)
