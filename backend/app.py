@@ -247,6 +247,10 @@ def create_app(
         state.runner = jobs.RQQueue(settings.redis_url)
     elif start_runner:
         state.runner = jobs.JobRunner(settings, sessions).start()
+    if start_runner and settings.sync_interval > 0 and settings.sync_projects:
+        from backend.sync import PeriodicSync
+
+        PeriodicSync(settings, sessions).start()
     app.extensions["dermassist"] = state
 
     @app.before_request

@@ -200,8 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Reconcile the store with a Label Studio project's export (what missed webhooks left out)."""
-    from backend.ls_client import LabelStudioClient, LabelStudioError
-    from backend.sync import sync_project
+    from backend.ls_client import LabelStudioError
+    from backend.sync import sync_from_label_studio, sync_project
     from consensus.db import init_db
     from labeling_config.parse import parse_config
 
@@ -211,17 +211,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
         tasks = json.loads(Path(args.export).read_text())
         config = parse_config(Path(args.config).read_text()) if args.config else parse_config(_bcc_xml())
+        _, sessions = init_db(settings.database_url)
+        summary = sync_project(sessions, args.project, tasks, config)
     else:
-        if not settings.label_studio_url or not settings.label_studio_api_key:
-            raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or give --export FILE)")
-        client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        _, sessions = init_db(settings.database_url)
         try:
-            config = parse_config(client.label_config(args.project))
-            tasks = client.export(args.project)
+            summary = sync_from_label_studio(settings, sessions, args.project)
         except LabelStudioError as exc:
             raise ValueError(str(exc)) from None
-    _, sessions = init_db(settings.database_url)
-    summary = sync_project(sessions, args.project, tasks, config)
     print(" ".join(f"{k}={v}" for k, v in summary.as_dict().items()))
     return 0 if summary.errors == 0 else 1
 

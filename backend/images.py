@@ -338,6 +338,8 @@ class _PinnedConnection(http.client.HTTPConnection):
         self._addresses = addresses
         self._tls = tls
         self._server_name = target.host
+        # kept after getresponse(), which sets ``sock`` to None once the response owns the socket
+        self.connected_socket: socket.socket | None = None
 
     def connect(self) -> None:
         error: OSError = OSError("no address to connect to")
@@ -363,13 +365,13 @@ class _PinnedConnection(http.client.HTTPConnection):
             except BaseException:
                 sock.close()
                 raise
-        self.sock = sock
+        self.sock = self.connected_socket = sock
 
 
 class _Watchdog:
     """Shuts the connection's socket at the deadline, so no read outlives it."""
 
-    def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
+    def __init__(self, conn: _PinnedConnection, seconds: float) -> None:
         self.fired = False
         self._conn = conn
         self._timer = threading.Timer(seconds, self._fire)
@@ -378,7 +380,7 @@ class _Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        sock = self._conn.sock
+        sock = self._conn.connected_socket
         if sock is not None:
             # the plain socket's shutdown: SSLSocket's own one would race with a reading thread
             with contextlib.suppress(OSError):
@@ -504,7 +506,7 @@ class ImageFetcher:
         self._token_lock = threading.Lock()
         self._access: str | None = None
         self._access_until = 0.0
-        self._tls = ssl.create_default_context()
+        self._tls: ssl.SSLContext | None = None  # made on first https use: loading CAs takes ~50 ms
         self._allowed = tuple(_parse_host_entry(e) for e in settings.allowed_image_hosts)
         self._ls: tuple[str, str, int, str] | None = None  # scheme, host, port, base path
         self._ls_url = settings.label_studio_url.rstrip("/") if settings.label_studio_url else None
@@ -816,8 +818,8 @@ class ImageFetcher:
             if _always_refused(ip):
                 raise ImageError(
                     "address",
-                    f"The host {target.host} resolves to {ip}, a link-local or cloud-metadata address, "
-                    "which is never fetched; serve the image from another host.",
+                    f"{_subject(target, ip)} a link-local or cloud-metadata address, which is never "
+                    "fetched; serve the image from another host.",
                 )
             kind = None if target.label_studio else _kind(ip)
             if kind is None or self._address_listed(ip, target.port):
@@ -833,7 +835,7 @@ class ImageFetcher:
             bracketed = f"[{ip}]" if ip.version == 6 else str(ip)
             raise ImageError(
                 "address",
-                f"The host {target.host} resolves to {ip}, a {kind} address; list "
+                f"{_subject(target, ip)} a {kind} address; list "
                 f"'{bracketed}:{target.port}' in ALLOWED_IMAGE_HOSTS as well if this server is meant to "
                 "be reached.",
             )
@@ -858,8 +860,9 @@ class ImageFetcher:
         remaining = deadline.remaining()
         if remaining <= 0:
             raise _timeout(target, deadline)
-        conn = _PinnedConnection(target, addresses, remaining, self._tls if target.tls else None)
+        conn = _PinnedConnection(target, addresses, remaining, self._tls_context() if target.tls else None)
         watchdog = _Watchdog(conn, remaining)
+        response: http.client.HTTPResponse | None = None
         try:
             conn.request(method, target.request_path, body=body, headers=headers)
             response = conn.getresponse()
@@ -907,7 +910,15 @@ class ImageFetcher:
             ) from None
         finally:
             watchdog.cancel()
+            if response is not None:
+                response.close()
             conn.close()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        with self._cache_lock:  # never held while another lock is taken
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            return self._tls
 
     # cache --------------------------------------------------------------------------------------
 
@@ -936,6 +947,12 @@ class ImageFetcher:
             while len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.width * old.height * 3
+
+
+def _subject(target: _Target, ip: IPAddress) -> str:
+    if target.host == str(ip):
+        return f"The address {ip} is"
+    return f"The host {target.host} resolves to {ip},"
 
 
 def _default_port(scheme: str) -> int:

@@ -10,6 +10,7 @@ and skipped tasks are soft-deleted too. Running it twice changes nothing the sec
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.ingest import EventError, apply_annotation
+from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.settings import Settings
 from consensus.models import Annotation, Item, Source
 from consensus.repository import record_event, soft_delete_annotations
 from labeling_config.parse import ProjectConfig
@@ -96,3 +99,44 @@ def sync_project(
         session.commit()
     logger.info("sync of project %d: %s", project, summary.as_dict())
     return summary
+
+
+def sync_from_label_studio(settings: Settings, sessions: sessionmaker[Session], project: int) -> SyncSummary:
+    """Read a project's config and export through the Label Studio API and reconcile the store.
+
+    Raises:
+        LabelStudioError: Label Studio is not configured, unreachable or refuses the key.
+    """
+    from labeling_config.parse import parse_config
+
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise LabelStudioError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to sync from Label Studio")
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    config = parse_config(client.label_config(project))
+    return sync_project(sessions, project, client.export(project), config)
+
+
+class PeriodicSync:
+    """``serve``'s background reconciliation of ``SYNC_PROJECTS`` every ``SYNC_INTERVAL`` seconds."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeriodicSync:
+        self._thread = threading.Thread(target=self._loop, name="dermassist-sync", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.sync_interval):
+            for project in self.settings.sync_projects:
+                try:
+                    sync_from_label_studio(self.settings, self.sessions, project)
+                except Exception as exc:  # the next round tries again
+                    logger.warning("periodic sync of project %d failed: %s", project, exc)

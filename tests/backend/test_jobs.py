@@ -118,3 +118,74 @@ def test_validation_split_is_fixed():
     chosen = [i for i in ids if jobs.is_validation(i)]
     assert 150 < len(chosen) < 250
     assert chosen == [i for i in ids if jobs.is_validation(i)]
+
+
+def test_n_new_annotated_items_queue_a_job(settings, sessions, promoted, small_study):
+    from backend.app import create_app
+
+    client = create_app(
+        with_settings(settings, start_training_each_n_updates=3), sessions=sessions
+    ).test_client()
+    events = webhook_events(study_tasks(small_study, None, limit=3))
+    for event in events[:4]:  # the first rater-annotations of tasks 1 and 2: not yet three items
+        client.post("/webhook", json=event)
+    time.sleep(0.5)
+    with sessions() as session:
+        assert session.scalars(select(TrainingJob)).all() == []
+    for event in events[4:]:
+        client.post("/webhook", json=event)
+    deadline = time.monotonic() + 10
+    jobs_found: list[TrainingJob] = []
+    while time.monotonic() < deadline and not jobs_found:
+        with sessions() as session:
+            jobs_found = list(session.scalars(select(TrainingJob)))
+        time.sleep(0.1)
+    assert len(jobs_found) == 1 and jobs_found[0].trigger == "updates"
+
+
+def test_with_redis_jobs_go_to_the_rq_queue(settings, sessions, promoted):
+    redis = pytest.importorskip("redis")
+    from rq import Queue
+
+    from backend.app import create_app
+
+    url = "redis://127.0.0.1:6379/15"
+    connection = redis.Redis.from_url(url)
+    try:
+        connection.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    queue = Queue(jobs.RQQueue.name, connection=connection)
+    queue.empty()
+    try:
+        client = create_app(with_settings(settings, redis_url=url), sessions=sessions).test_client()
+        body = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).get_json()
+        client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})  # coalesced
+        assert queue.count == 1
+        (rq_job,) = queue.jobs
+        assert rq_job.args == (body["job"]["id"],) and rq_job.func_name == "backend.jobs.rq_entry"
+    finally:
+        queue.empty()
+        connection.close()
+
+
+def test_train_from_db_on_an_imported_study(tmp_path, small_study, capsys):
+    import pandas as pd
+
+    from backend.cli import main
+
+    database = f"sqlite:///{tmp_path / 's.sqlite'}"
+    from consensus.db import init_db
+    from consensus.repository import import_ratings
+
+    _, factory = init_db(database)
+    with factory.begin() as session:
+        import_ratings(session, pd.read_csv(small_study / "ratings.csv"))
+    code = main(
+        ["-q", "train", "--from-db", "--images", str(small_study), "--db", database,
+         "--model-dir", str(tmp_path / "models"), "--epochs", "1", "--image-size", "64"]
+    )  # fmt: skip
+    assert code == 0
+    assert "promoted" in capsys.readouterr().out
+    with factory() as session:
+        assert registry.promoted(session) is not None

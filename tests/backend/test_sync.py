@@ -86,3 +86,27 @@ def test_sync_command_reads_the_export_through_the_label_studio_api(
     assert f"annotations={sum(len(t['annotations']) for t in tasks)}" in capsys.readouterr().out
     assert len(live(sessions)) == sum(len(t["annotations"]) for t in tasks)
     assert all(h.get("Authorization") == f"Token {LS_TOKEN}" for p, h in files.seen if p.startswith("/api/"))
+
+
+def test_serve_syncs_periodically(settings, sessions, image_server, small_study):
+    import time
+
+    from backend.sync import PeriodicSync
+    from tests.backend.conftest import with_settings
+
+    _, files = image_server
+    tasks = study_tasks(small_study, None, limit=3)
+    files.routes["/api/projects/1/"] = (200, {}, json.dumps({"id": 1, "label_config": BCC_XML}).encode())
+    files.routes["/api/projects/1/export?exportType=JSON&download_all_tasks=true"] = (
+        200,
+        {},
+        json.dumps(tasks).encode(),
+    )
+    syncer = PeriodicSync(with_settings(settings, sync_interval=0.2, sync_projects=(1,)), sessions).start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(live(sessions)) < sum(len(t["annotations"]) for t in tasks):
+            time.sleep(0.1)
+    finally:
+        syncer.stop()
+    assert len(live(sessions)) == sum(len(t["annotations"]) for t in tasks)
