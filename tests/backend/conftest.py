@@ -63,7 +63,11 @@ def _handler(files: Files) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             files.seen.append((self.path, dict(self.headers)))
             token = files.require_token
-            if token and self.path.startswith("/data/") and self.headers.get("Authorization") != f"Token {token}":
+            if (
+                token
+                and self.path.startswith("/data/")
+                and self.headers.get("Authorization") != f"Token {token}"
+            ):
                 self.send_response(401)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
