@@ -258,10 +258,6 @@ class TrainingSet:
     validation_targets: pd.DataFrame
 
 
-def _safe_name(external_id: str) -> str:
-    return hashlib.sha256(external_id.encode()).hexdigest()[:16]
-
-
 def _local_image(folder: Path, external_id: str) -> Path | None:
     for sub in (folder / "images", folder):
         for suffix in (".png", ".jpg", ".jpeg"):
@@ -277,7 +273,8 @@ def build_training_set(
     """Consensus posteriors + images -> the tables :func:`model.train.train` reads.
 
     Images come from ``images`` (a study folder, the CLI's ``--images``) when given, else from Label
-    Studio through the same guarded fetcher as ``/predict``, cached under ``MODEL_DIR/cache``.
+    Studio through the same guarded fetcher as ``/predict``, kept under ``MODEL_DIR/cache/images``
+    by content hash.
     """
     from backend.images import ImageError, ImageFetcher
     from consensus.models import ConsensusRun
@@ -303,19 +300,19 @@ def build_training_set(
         path: Path | None = None
         if images is not None:
             path = _local_image(images, str(external_id))
-        elif item is not None and item.image:
-            path = cache / f"{_safe_name(item.image)}.png"
+        elif item is not None and item.image and fetcher is not None:
+            # Fetched again for every job and kept under its content hash: a file replaced behind the
+            # same URL is never trained on stale.
+            try:
+                loaded = fetcher.fetch(item.image)
+            except ImageError as exc:
+                skipped.append(f"{external_id}: {exc}")
+                continue
+            path = cache / f"{loaded.sha256}.png"
             if not path.is_file():
-                try:
-                    loaded = fetcher.fetch(item.image) if fetcher is not None else None
-                except ImageError as exc:
-                    skipped.append(f"{external_id}: {exc}")
-                    continue
-                if loaded is None:
-                    continue
                 cache.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.png")
-                loaded.image.save(tmp)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                loaded.image.save(tmp, format="PNG")
                 tmp.replace(path)
         if path is None or not path.is_file():
             skipped.append(f"{external_id}: no image")
