@@ -34,7 +34,7 @@ from backend.images import ImageError, ImageFetcher
 from backend.ingest import TRAIN_EVENT, ingest_webhook
 from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
 from backend.predictor import ModelHolder, ServedModel, run_batch
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from consensus.models import Annotation, AnnotationEvent, ModelVersion, Source, TrainingJob
 from consensus.repository import record_event
 from labeling_config import load_config
@@ -239,7 +239,11 @@ def create_app(
     app = Flask("dermassist")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    state = Backend(settings=settings, sessions=sessions, fetcher=ImageFetcher(settings))
+    try:
+        fetcher = ImageFetcher(settings)
+    except ImageError as exc:  # a bad ALLOWED_IMAGE_HOSTS or LABEL_STUDIO_URL: say so at start
+        raise SettingsError(str(exc)) from None
+    state = Backend(settings=settings, sessions=sessions, fetcher=fetcher)
     bind = sessions.kw.get("bind")
     if bind is not None and bind.dialect.name == "sqlite":
         state.write_lock = threading.Lock()

@@ -440,3 +440,10 @@ def test_internal_errors_are_json_without_traceback(client, image_server, monkey
     assert "secret" not in response.get_data(as_text=True) and "Traceback" not in response.get_data(
         as_text=True
     )
+
+
+def test_a_bad_allowed_host_fails_at_start_with_the_setting_named(settings, sessions):
+    from backend.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="ALLOWED_IMAGE_HOSTS"):
+        create_app(with_settings(settings, allowed_image_hosts=("http://bad/host",)), sessions=sessions)
