@@ -724,7 +724,9 @@ class ImageFetcher:
         headers = {
             "Host": target.host_header,
             "User-Agent": "dermassist-backend",
-            "Accept": "image/*",
+            # Label Studio's file views sit behind Django REST framework's content negotiation, which
+            # answers 406 to a bare "image/*": accept anything, images first.
+            "Accept": "image/*, */*;q=0.8",
             "Accept-Encoding": "identity",
             "Connection": "close",
         }
