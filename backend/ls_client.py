@@ -11,10 +11,14 @@ Label Studio 1.23 accepts two kinds of key (../shared/docs/label-studio.md, "Aut
 from __future__ import annotations
 
 import json
+import mimetypes
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 ACCESS_TOKEN_LIFETIME_S = 240.0  # Label Studio's access tokens live 300 s
@@ -92,14 +96,26 @@ class LabelStudioClient:
         Raises:
             LabelStudioError: unreachable, a non-2xx answer (after one token refresh on 401), or not JSON.
         """
+        return self.request("GET", path)
+
+    def post_json(self, path: str, body: Any) -> Any:
+        """POST a JSON body to ``path`` and decode the answer (None when empty)."""
+        return self.request("POST", path, json.dumps(body).encode(), "application/json")
+
+    def request(
+        self, method: str, path: str, data: bytes | None = None, content_type: str | None = None
+    ) -> Any:
+        """One API call with the right auth header; its JSON answer decoded (None when empty).
+
+        Raises:
+            LabelStudioError: unreachable, a non-2xx answer (after one token refresh on 401), or not JSON.
+        """
+        payload = b""
         for attempt in range(2):
-            request = urllib.request.Request(
-                f"{self.url}{path}",
-                headers={
-                    "Authorization": self.auth.header(refresh=attempt > 0),
-                    "Accept": "application/json",
-                },
-            )
+            headers = {"Authorization": self.auth.header(refresh=attempt > 0), "Accept": "application/json"}
+            if content_type:
+                headers["Content-Type"] = content_type
+            request = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     payload = response.read()
@@ -107,13 +123,35 @@ class LabelStudioClient:
             except urllib.error.HTTPError as exc:
                 if exc.code == 401 and attempt == 0:
                     continue
-                raise LabelStudioError(f"Label Studio answered HTTP {exc.code} to GET {path}") from None
+                detail = exc.read()[:300].decode("utf-8", errors="replace")
+                raise LabelStudioError(
+                    f"Label Studio answered HTTP {exc.code} to {method} {path}: {detail}"
+                ) from None
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 raise LabelStudioError(f"could not reach Label Studio at {self.url}: {exc}") from None
+        if not payload:
+            return None
         try:
             return json.loads(payload)
         except ValueError:
-            raise LabelStudioError(f"GET {path} did not answer JSON") from None
+            raise LabelStudioError(f"{method} {path} did not answer JSON") from None
+
+    def import_files(self, project: int, files: Sequence[Path]) -> Any:
+        """Upload image files as tasks (multipart; Label Studio keeps one file per field name, so each
+        file gets its own)."""
+        boundary = f"dermassist-{uuid.uuid4().hex}"
+        parts: list[bytes] = []
+        for i, path in enumerate(files):
+            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file{i}"; filename="{path.name}"\r\n'
+                f"Content-Type: {kind}\r\n\r\n"
+            )
+            parts.append(head.encode() + path.read_bytes() + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.request(
+            "POST", f"/api/projects/{project}/import", body, f"multipart/form-data; boundary={boundary}"
+        )
 
     def export(self, project: int) -> list[dict[str, Any]]:
         """Every task of a project with its annotations (Label Studio's JSON export)."""
