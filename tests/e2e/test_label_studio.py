@@ -8,74 +8,29 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
-from PIL import Image
+from label_studio_sdk.converter.brush import decode_rle
 from sqlalchemy import select
 
+from backend import ls_study
 from backend.ls_client import LabelStudioClient
 from backend.ls_server import LabelStudioServer, free_port
+from backend.ls_study import wait_for
 from consensus.db import init_db
 from consensus.models import Annotation, Item
-from labeling_config import PATTERNS, TARGETS, load_config
+from labeling_config import TARGETS, load_config
 from tests.e2e.conftest import DERMASSIST, Backend, start_backend
 
 BCC_XML = load_config("bcc")
-DISPLAY = {p.key: p.display for p in PATTERNS}
 N_IMAGES, N_UPLOADED = 40, 30
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def image_id_of(task: dict[str, Any]) -> str:
-    ref = task["data"]["image"]
-    name = ref.rsplit("/", 1)[-1].rsplit("=", 1)[-1]
-    name = re.sub(r"^[0-9a-f]{8}-", "", name)  # uploads are renamed <8 hex>-<name>
-    return name.rsplit(".", 1)[0]
-
-
-def rater_result(
-    study: Path, rater: str, image_id: str, values: dict[str, int], size: int
-) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = [
-        {"from_name": "diagnosis", "to_name": "image", "type": "choices",
-         "value": {"choices": ["BCC" if values["bcc"] else "non-BCC"]}},
-    ]  # fmt: skip
-    chosen = [k for k in DISPLAY if values.get(k)]
-    if chosen:
-        result.append(
-            {"from_name": "patterns", "to_name": "image", "type": "choices",
-             "value": {"choices": [DISPLAY[k] for k in chosen]}}
-        )  # fmt: skip
-    for key in chosen:
-        path = study / "regions" / rater / f"{image_id}_{key}.png"
-        if path.is_file():
-            mask = (np.asarray(Image.open(path).convert("L")) > 127).astype(np.uint8) * 255
-            result.append(
-                {"from_name": "regions", "to_name": "image", "type": "brushlabels",
-                 "original_width": size, "original_height": size, "image_rotation": 0,
-                 "value": {"format": "rle", "rle": [int(v) for v in mask2rle(mask)], "brushlabels": [DISPLAY[key]]}}
-            )  # fmt: skip
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +102,7 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
                                                          "use_blob_urls": True, "regex_filter": ".*"})  # fmt: skip
     ls.post_json(f"/api/storages/localfiles/{storage['id']}/sync", {})
     tasks = wait_for(
-        lambda: _tasks(ls, project) if len(_tasks(ls, project)) == N_IMAGES else None, 60, f"{N_IMAGES} tasks"
+        lambda: found if len(found := ls_study.tasks(ls, project)) == N_IMAGES else None, 60, "tasks"
     )
     assert sum("/data/local-files/" in t["data"]["image"] for t in tasks) == N_IMAGES - N_UPLOADED
 
@@ -156,8 +111,7 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
         "/api/ml", {"project": project, "url": server.url, "title": "dermassist", "is_interactive": True}
     )
     version = _get(server.url, "/health")["model_version"]
-    ls.post_json(f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-                 {"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
+    ls_study.retrieve_predictions(ls, project)
     predictions = wait_for(lambda: _predictions(ls, project, N_IMAGES), 180, "a prediction for every task")
     for prediction in predictions:
         assert prediction["model_version"] == version
@@ -173,27 +127,19 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     # 4. four dermatologists annotate every task through the API; SIGKILL of the backend half-way
     ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
     raters = sorted(ratings["rater"].unique())
-    users = [
-        ls.post_json("/api/users/", {"email": f"{r}@derm.example", "username": r, "first_name": r,
-                                     "password": "derm-pass-12345"})["id"]
-        for r in raters
-    ]  # fmt: skip
-    by_task = {image_id_of(t): t["id"] for t in tasks}
-    pairs = [(image_id, r) for image_id in sorted(by_task) for r in range(len(raters))]
-    killed_at = len(pairs) // 2
-    for n, (image_id, r) in enumerate(pairs):
-        if n == killed_at:
-            server.stop(signal.SIGKILL)  # the backend dies mid-phase; annotators go on
-        rows = ratings[(ratings["image_id"] == image_id) & (ratings["rater"] == raters[r])]
-        values = dict(zip(rows["label"], rows["value"].astype(int), strict=True))
-        if "bcc" not in values:
-            continue
-        ls.post_json(f"/api/tasks/{by_task[image_id]}/annotations/",
-                     {"completed_by": users[r], "result": rater_result(study, raters[r], image_id, values, 128)})  # fmt: skip
+    users = dict(zip(raters, ls_study.create_raters(ls, raters), strict=True))
+    by_image = {ls_study.image_id_of(t["data"]["image"]): t["id"] for t in tasks}
+    n_pairs = len(ratings[ratings["label"] == "bcc"].groupby(["image_id", "rater"]))
+
+    def kill_half_way(count: int) -> None:
+        if count == n_pairs // 2:
+            server.stop(signal.SIGKILL)  # the backend dies mid-phase; the annotators go on
+
+    assert ls_study.annotate(ls, study, by_image, users, 128, before_each=kill_half_way) == n_pairs
     _, sessions = init_db(store_url)
     with sessions() as session:
         landed = len(session.scalars(select(Annotation)).all())
-    assert 0 < landed < len(ratings.groupby(["image_id", "rater"]))  # webhooks stopped at the SIGKILL
+    assert 0 < landed < n_pairs  # the webhooks stopped at the SIGKILL
 
     # 5. restart, sync: the store equals Label Studio's own export, annotation for annotation
     backend["server"] = server = start_backend(server.port, server.env, server.log)
@@ -219,9 +165,7 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
         run = run_consensus(session)
         session.commit()
         table = answers(session)
-        ids = {
-            i.external_id: image_id_of({"data": {"image": i.image}}) for i in session.scalars(select(Item))
-        }
+        ids = {i.external_id: ls_study.image_id_of(str(i.image)) for i in session.scalars(select(Item))}
     from consensus.repository import consensus_table
 
     with sessions() as session:
@@ -245,9 +189,8 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     wait_for(
         lambda: _get(server.url, "/health")["model_version"] == job["version"], 10, "the promoted version"
     )
-    ls.post_json(f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-                 {"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
-    wait_for(lambda: any(p["model_version"] == job["version"] for p in _all_predictions(ls, project)), 180,
+    ls_study.retrieve_predictions(ls, project)
+    wait_for(lambda: any(p["model_version"] == job["version"] for p in ls_study.predictions(ls, project)), 180,
              "predictions from the new model")  # fmt: skip
 
     # 8. export the consensus: CSV, report, Label Studio import
@@ -261,18 +204,8 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     assert len(imported) == N_IMAGES
 
 
-def _tasks(ls: LabelStudioClient, project: int) -> list[dict[str, Any]]:
-    body = ls.get_json(f"/api/tasks/?project={project}&page_size=1000")
-    return body["tasks"] if isinstance(body, dict) else body
-
-
-def _all_predictions(ls: LabelStudioClient, project: int) -> list[dict[str, Any]]:
-    body = ls.get_json(f"/api/predictions/?project={project}")
-    return body if isinstance(body, list) else body.get("results", [])
-
-
 def _predictions(ls: LabelStudioClient, project: int, n: int) -> list[dict[str, Any]] | None:
-    found = _all_predictions(ls, project)
+    found = ls_study.predictions(ls, project)
     return found if len({p["task"] for p in found}) >= n else None
 
 
@@ -287,6 +220,3 @@ def _finished_job(url: str) -> dict[str, Any] | None:
     jobs = _get(url, "/jobs")["jobs"]
     done = [j for j in jobs if j["status"] in ("succeeded", "failed")]
     return done[0] if done else None
-
-
-_ = sys
