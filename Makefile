@@ -68,6 +68,7 @@ e2e-deps:
 	@$(MAKE) --no-print-directory browser || echo "make: chromium could not be installed: the browser test will skip" >&2
 
 demo: $(STAMP) label-studio  ## the main job: Label Studio + the backend on localhost with a pre-annotated study
+	@$(MAKE) --no-print-directory weights || echo "make: no ImageNet weights: the demo model starts from scratch" >&2
 	$(BIN)/dermassist demo
 
 test: $(STAMP) e2e-deps  ## run the test suite (with a live Label Studio and a headless browser)

@@ -275,8 +275,35 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on embedded defaults, headless for now: a synthetic study, its four simulated
-    dermatologists in the SQL store, their consensus, and the study export."""
+    """The main job on embedded defaults: Label Studio and the backend on localhost with a pre-annotated
+    BCC screening project (a synthetic study, a model trained on it, four simulated dermatologists, their
+    consensus, one retraining). --no-label-studio runs the headless part: study, store, consensus, report."""
+    if not args.no_label_studio:
+        from backend.demo import DemoConfig, run
+        from backend.ls_server import LabelStudioUnavailableError
+
+        try:
+            return run(
+                DemoConfig(
+                    out=Path(args.out),
+                    n=args.n,
+                    size=args.size,
+                    seed=args.seed,
+                    epochs=args.epochs,
+                    ls_port=args.ls_port,
+                    backend_port=args.port,
+                    wait=not args.no_wait,
+                    progress=not args.quiet,
+                )
+            )
+        except LabelStudioUnavailableError as exc:
+            raise ValueError(
+                f"{exc}\n(or run `dermassist demo --no-label-studio` for the headless part)"
+            ) from None
+    return _headless_demo(args)
+
+
+def _headless_demo(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from consensus.db import init_db
@@ -656,10 +683,19 @@ def build_parser() -> argparse.ArgumentParser:
     md.set_defaults(func=cmd_models)
 
     demo = sub.add_parser(
-        "demo", help="the main job on embedded defaults (headless for now)", description=cmd_demo.__doc__
+        "demo",
+        help="the main job: Label Studio + the backend with a pre-annotated study",
+        description=cmd_demo.__doc__,
     )
     demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help="output folder (default: %(default)s)")
-    _add_synth_options(demo, n=200)
+    demo.add_argument(
+        "--no-label-studio", action="store_true", help="headless: study, store, consensus and report only"
+    )
+    demo.add_argument("--no-wait", action="store_true", help="stop the servers once everything is set up")
+    demo.add_argument("--epochs", type=int, default=4, help="training epochs of the demo model (default: 4)")
+    demo.add_argument("--ls-port", type=int, default=8080, help="Label Studio's port if free (default: 8080)")
+    demo.add_argument("--port", type=int, default=9090, help="the backend's port if free (default: 9090)")
+    _add_synth_options(demo, n=120)
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -53,7 +53,7 @@ def test_synth_twice_gives_byte_identical_files(tmp_path):
 
 
 def test_demo_runs_study_store_consensus_and_export_and_says_where(tmp_path, capsys):
-    assert main(["-q", "demo", "--n", "24", "--size", "96", "--out", str(tmp_path)]) == 0
+    assert main(["-q", "demo", "--no-label-studio", "--n", "24", "--size", "96", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "demo: consensus of 4 dermatologists on 24 images" in out
     assert str((tmp_path / "consensus" / "report.html").resolve()) in out
@@ -65,7 +65,23 @@ def test_demo_runs_study_store_consensus_and_export_and_says_where(tmp_path, cap
     ):
         assert (tmp_path / path).is_file(), path
     # A second run starts from a fresh store: one consensus run, not two.
-    assert main(["-q", "demo", "--n", "24", "--size", "96", "--out", str(tmp_path), "--no-sheet"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "demo",
+                "--no-label-studio",
+                "--n",
+                "24",
+                "--size",
+                "96",
+                "--out",
+                str(tmp_path),
+                "--no-sheet",
+            ]
+        )
+        == 0
+    )
     assert '"id": 1' in (tmp_path / "consensus" / "run.json").read_text()
 
 

@@ -1,0 +1,281 @@
+"""The main job, live: Label Studio and the backend on localhost with a pre-annotated BCC screening project.
+
+``dermassist demo`` (``make demo``):
+
+1. draws a synthetic dermoscopy study with four simulated dermatologists;
+2. trains the BCC + pattern model on it for a few minutes (ImageNet start where ``make weights`` put
+   the file, else from scratch) and promotes it;
+3. starts Label Studio (its own venv, a fresh copy of the migrated template) and ``dermassist serve``
+   on loopback, creates the project from ``labeling_config/bcc.xml``, uploads the images and
+   connects the backend;
+4. the four dermatologists annotate the first half of the images through the API (webhooks fill the
+   store); the backend pre-annotates every image;
+5. runs the consensus and one retraining (the Train button), re-predicts the unannotated half with the
+   new model, and writes the study report;
+6. prints the URL, the login and what to look at, and keeps both servers up until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backend import ls_server, ls_study
+from backend.ls_client import LabelStudioClient
+from labeling_config import load_config
+
+PROJECT_TITLE = "BCC screening (dermassist demo)"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path
+    n: int = 120
+    size: int = 256
+    seed: int = 0
+    annotated_share: float = 0.5
+    image_size: int = 160
+    epochs: int = 4
+    ls_port: int = 8080
+    backend_port: int = 9090
+    wait: bool = True
+    progress: bool = True
+
+
+def _say(message: str) -> None:
+    print(f"demo: {message}", flush=True)
+
+
+def _port(preferred: int) -> int:
+    import socket
+
+    if preferred == 0:
+        return ls_server.free_port()
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return ls_server.free_port()
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:  # loopback only
+        return json.loads(response.read())
+
+
+def _train(config: DemoConfig, study: Path) -> Path:
+    from model.network import imagenet_weights_path
+    from model.train import TrainConfig, train
+
+    weights = "imagenet" if imagenet_weights_path().is_file() else None
+    _say(
+        f"training the model on {config.n} images for {config.epochs} epochs "
+        f"({'ImageNet start' if weights else 'from scratch: `make weights` gives an ImageNet start'})"
+    )
+    result = train(
+        TrainConfig(
+            data=str(study),
+            out=str(config.out / "model"),
+            weights=weights,
+            epochs=config.epochs,
+            patience=config.epochs,
+            image_size=config.image_size,
+            output_stride=16,
+            cam_loss=1.0,
+            batch_size=16,
+            progress=config.progress,
+        )
+    )
+    return result.best
+
+
+def _start_backend(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "dermassist"
+    handle = log.open("ab")
+    process = subprocess.Popen(
+        [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    handle.close()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"dermassist serve exited; see {log}")
+        try:
+            return bool(_get(f"{url}/health")["status"] == "UP")
+        except OSError:
+            return False
+
+    ls_study.wait_for(healthy, 120, "the backend to answer /health")
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def run(config: DemoConfig) -> int:
+    """Run the live demo; returns the exit status."""
+    import pandas as pd
+
+    from model.synthetic import SynthConfig, contact_sheet, generate
+
+    out = config.out
+    for stale in ("label-studio", "models", "model", "dermassist.sqlite", "study", "consensus"):
+        target = out / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    study = out / "study"
+    _say(f"drawing a synthetic study of {config.n} images with four simulated dermatologists")
+    generate(SynthConfig(n=config.n, size=config.size, raters=4, seed=config.seed), study)
+    contact_sheet(study).save(study / "contact_sheet.png")
+    checkpoint = _train(config, study)
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{out / 'dermassist.sqlite'}",
+        "MODEL_DIR": str(out / "models"),
+        "TRAIN_EPOCHS": "2",
+        "LOG_LEVEL": "WARNING",
+    }
+    exe = Path(sys.executable).parent / "dermassist"
+    subprocess.run([str(exe), "models", "promote", str(checkpoint)], env=env, check=True, capture_output=True)
+
+    _say("starting Label Studio (the first run migrates its database: 1-2 minutes, once)")
+    ls = ls_server.start(out / "label-studio", port=_port(config.ls_port))
+    backend: subprocess.Popen[bytes] | None = None
+    try:
+        env.update({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token})
+        backend_port = _port(config.backend_port)
+        backend_url = f"http://127.0.0.1:{backend_port}"
+        backend = _start_backend(env, backend_port, out / "backend.log")
+        client = LabelStudioClient(ls.url, ls.token)
+
+        project = client.post_json(
+            "/api/projects/",
+            {"title": PROJECT_TITLE, "label_config": load_config("bcc"), "maximum_annotations": 4,
+             "show_collab_predictions": True},
+        )["id"]  # fmt: skip
+        images = sorted((study / "images").iterdir())
+        client.import_files(project, images)
+        tasks = ls_study.wait_for(
+            lambda: found if len(found := ls_study.tasks(client, project)) == len(images) else None,
+            120,
+            "tasks",
+        )
+        ml = client.post_json(
+            "/api/ml", {"project": project, "url": backend_url, "title": "dermassist", "is_interactive": True}
+        )
+        by_image = {ls_study.image_id_of(t["data"]["image"]): t["id"] for t in tasks}
+        ordered = sorted(by_image)
+        annotated = {i: by_image[i] for i in ordered[: int(len(ordered) * config.annotated_share)]}
+        rest = [by_image[i] for i in ordered[len(annotated) :]]
+
+        ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
+        raters = sorted(ratings["rater"].unique())
+        users = dict(zip(raters, ls_study.create_raters(client, raters), strict=True))
+        _say(f"four dermatologists annotate {len(annotated)} images (webhooks fill the store)")
+        n = ls_study.annotate(client, study, annotated, users, config.size)
+
+        _say(f"the backend pre-annotates all {len(images)} images")
+        ls_study.retrieve_predictions(client, project)
+        ls_study.wait_for(
+            lambda: len({p["task"] for p in ls_study.predictions(client, project)}) >= len(images),
+            300,
+            "predictions",
+        )
+
+        _say("consensus and one retraining (the Train button)")
+        client.post_json(f"/api/ml/{ml['id']}/train", {})
+        job = ls_study.wait_for(
+            lambda: next(
+                (j for j in _get(f"{backend_url}/jobs")["jobs"] if j["status"] in ("succeeded", "failed")),
+                None,
+            ),
+            900,
+            "the training job",
+            every=2.0,
+        )
+        version = _get(f"{backend_url}/health")["model_version"]
+        if job["status"] == "succeeded":
+            outcome = (
+                "promoted" if job["promoted"] else "kept the previous model (the new one was not better)"
+            )
+            _say(f"retraining {outcome}; serving {version}")
+            ls_study.retrieve_predictions(client, project, rest)
+        else:
+            _say(f"retraining failed: {job['error']}")
+        client.request(
+            "PATCH",
+            f"/api/projects/{project}/",
+            json.dumps({"model_version": version}).encode(),
+            "application/json",
+        )
+        report = out / "consensus" / "report.html"
+        subprocess.run(
+            [str(exe), "export", "--format", "report", "--out", str(report)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+
+        minutes = (time.monotonic() - t0) / 60
+        first = rest[0] if rest else next(iter(annotated.values()))
+        print(
+            f"""
+dermassist demo is up ({minutes:.1f} min).
+
+  Label Studio   {ls.url}/projects/{project}/data
+                 login {ls_server.ADMIN_EMAIL} / {ls_server.ADMIN_PASSWORD}
+  backend        {backend_url}  (/health, /versions, /jobs, /metrics)
+
+Look at:
+  - a pre-annotated image: {ls.url}/projects/{project}/data?task={first}
+    the diagnosis and the patterns are ticked, the Grad-CAM regions are drawn over the image;
+  - the data manager sorted by prediction score, ascending: the most uncertain images first;
+  - the first {len(annotated)} tasks: {n} annotations by four simulated dermatologists;
+  - the consensus report: {report.resolve()}
+  - the study's images with every pattern outlined: {(study / "contact_sheet.png").resolve()}
+""",
+            flush=True,
+        )
+        if config.wait:
+            print("Press Ctrl-C to stop Label Studio and the backend.", flush=True)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                while not stop.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        if backend is not None:
+            _stop(backend)
+        ls.stop()
+        _say("stopped Label Studio and the backend")
