@@ -707,9 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     func: Callable[[argparse.Namespace], int] = args.func
+    from backend.ls_client import LabelStudioError
+
     try:
         return func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, LabelStudioError) as exc:
         # Bad input gets one clear line, not a traceback.
         print(f"dermassist {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -134,6 +134,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def _showcase(predictions: list[dict[str, Any]], tasks: set[int], version: str) -> int | None:
+    """The unannotated task whose current prediction draws the most regions (the best first look)."""
+    best: tuple[int, float, int] | None = None
+    for p in predictions:
+        if p["task"] not in tasks or p.get("model_version") != version:
+            continue
+        regions = sum(1 for item in p.get("result", []) if item.get("type") == "brushlabels")
+        key = (regions, float(p.get("score") or 0.0), int(p["task"]))
+        if best is None or key > best:
+            best = key
+    return best[2] if best is not None and best[0] > 0 else None
+
+
 def run(config: DemoConfig) -> int:
     """Run the live demo; returns the exit status."""
     import pandas as pd
@@ -245,7 +258,7 @@ def run(config: DemoConfig) -> int:
         )
 
         minutes = (time.monotonic() - t0) / 60
-        first = rest[0] if rest else next(iter(annotated.values()))
+        first = _showcase(ls_study.predictions(client, project), set(rest), version) or (rest or [0])[0]
         print(
             f"""
 dermassist demo is up ({minutes:.1f} min).

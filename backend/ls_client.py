@@ -136,22 +136,25 @@ class LabelStudioClient:
         except ValueError:
             raise LabelStudioError(f"{method} {path} did not answer JSON") from None
 
-    def import_files(self, project: int, files: Sequence[Path]) -> Any:
-        """Upload image files as tasks (multipart; Label Studio keeps one file per field name, so each
-        file gets its own)."""
-        boundary = f"dermassist-{uuid.uuid4().hex}"
-        parts: list[bytes] = []
-        for i, path in enumerate(files):
-            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            head = (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file{i}"; filename="{path.name}"\r\n'
-                f"Content-Type: {kind}\r\n\r\n"
-            )
-            parts.append(head.encode() + path.read_bytes() + b"\r\n")
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.request(
-            "POST", f"/api/projects/{project}/import", body, f"multipart/form-data; boundary={boundary}"
-        )
+    def import_files(self, project: int, files: Sequence[Path], batch: int = 50) -> list[Any]:
+        """Upload image files as tasks, in batches (Django refuses more than 100 files per request), each
+        file in its own multipart field (Label Studio keeps one file per field name)."""
+        answers = []
+        for start in range(0, len(files), batch):
+            boundary = f"dermassist-{uuid.uuid4().hex}"
+            parts: list[bytes] = []
+            for i, path in enumerate(files[start : start + batch]):
+                kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                head = (
+                    f"--{boundary}\r\n"
+                    f'Content-Disposition: form-data; name="file{i}"; filename="{path.name}"\r\n'
+                    f"Content-Type: {kind}\r\n\r\n"
+                )
+                parts.append(head.encode() + path.read_bytes() + b"\r\n")
+            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+            kind = f"multipart/form-data; boundary={boundary}"
+            answers.append(self.request("POST", f"/api/projects/{project}/import", body, kind))
+        return answers
 
     def export(self, project: int) -> list[dict[str, Any]]:
         """Every task of a project with its annotations (Label Studio's JSON export)."""

@@ -178,6 +178,9 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     mv_brier = float(((merged["vote"] - merged["truth"]) ** 2).mean())
     ds_acc = float(((merged["p1"] >= 0.5) == merged["truth"]).mean())
     mv_acc = float(((merged["vote"] > 0.5) == merged["truth"]).mean())
+    print(
+        f"consensus vs majority vote: Brier {ds_brier:.4f} vs {mv_brier:.4f}, accuracy {ds_acc:.3f} vs {mv_acc:.3f}"
+    )
     assert ds_brier < mv_brier and ds_acc >= mv_acc, (ds_brier, mv_brier, ds_acc, mv_acc)
     assert majority_vote  # the reference the consensus is held against
 
