@@ -143,13 +143,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_imagenet_features(model: DermNet) -> None:
-    """Copy torchvision's ImageNet MobileNet-V2 weights into ``model.features``, from the local cache only.
+def imagenet_features_state() -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet MobileNet-V2 ``features`` weights (width 1.0), from the local cache only.
 
     Raises:
         FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
-        ValueError: the file's SHA-256 does not begin with the prefix in its name, or the model's
-            width is not 1.0.
+        ValueError: the file's SHA-256 does not begin with the prefix in its name.
     """
     path = imagenet_weights_path()
     if not path.is_file():
@@ -161,12 +160,22 @@ def load_imagenet_features(model: DermNet) -> None:
         raise ValueError(
             f"{path} does not have the SHA-256 prefix {IMAGENET_SHA256_PREFIX}; replace the file"
         )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+
+
+def load_imagenet_features(model: DermNet) -> None:
+    """Copy torchvision's ImageNet MobileNet-V2 weights into ``model.features``, from the local cache only.
+
+    Raises:
+        FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
+        ValueError: the file's SHA-256 does not begin with the prefix in its name, or the model's
+            width is not 1.0.
+    """
     if model.width_mult != 1.0:
         raise ValueError(f"ImageNet weights need width_mult=1.0, the model has {model.width_mult}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-    model.features.load_state_dict(features)
-    logger.info("initialised MobileNet-V2 features from ImageNet weights at %s", path)
+    model.features.load_state_dict(imagenet_features_state())
+    logger.info("initialised MobileNet-V2 features from ImageNet weights at %s", imagenet_weights_path())
 
 
 def build_model(

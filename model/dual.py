@@ -1,0 +1,279 @@
+"""The dual-encoder classifier of Atiq & Fattah (arXiv:2510.17773): image + lesion + clinical metadata.
+
+Two CNN encoders look at the whole dermoscopic image and at the segmented lesion (a crop around the
+lesion mask, resized); their feature maps become token sequences that are fused by multi-head
+cross-attention (image tokens query lesion tokens). Patient metadata (age, sex, anatomical site)
+becomes three tokens plus a summary token that a small transformer encoder mixes; missing values
+have their own learned embeddings ("unknown" sex / site, a missing-age flag), so an absent field is
+information rather than an error. The pooled image-attends-lesion tokens, the pooled lesion tokens and
+the metadata summary are concatenated and feed two heads: the seven HAM10000 diagnoses and BCC.
+
+The backbone is selectable: MobileNet-V2 by default (trains on a CPU), DenseNet-201 as in the paper.
+``use_lesion`` / ``use_metadata`` switch the branches off for the ablation (same heads, same budget).
+
+Grad-CAM: :class:`ImageBranch` presents the image encoder as ``forward_features`` / ``forward_heads``
+(the lesion and metadata inputs held fixed), so :func:`model.explain.explain` gives the maps of every
+output for the image branch through its autograd path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from labeling_config import HAM_CLASSES, SEXES, SITES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONES = ("mobilenet_v2", "densenet201")
+AGE_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """Encoded metadata of a batch: ``age`` (B,) in years / 100, ``age_missing`` (B,) 0/1,
+    ``sex`` (B,) index into ``SEXES``, ``site`` (B,) index into ``SITES``."""
+
+    age: torch.Tensor
+    age_missing: torch.Tensor
+    sex: torch.Tensor
+    site: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Metadata:
+        return Metadata(*(t.to(device) for t in (self.age, self.age_missing, self.sex, self.site)))
+
+
+def _index(value: Any, vocabulary: Sequence[str]) -> int:
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("", "nan", "none"):
+        text = "unknown"
+    return vocabulary.index(text) if text in vocabulary else vocabulary.index("unknown")
+
+
+def encode_metadata(rows: Sequence[Mapping[str, Any]]) -> Metadata:
+    """Age / sex / site of each row (HAM10000's ``age``, ``sex``, ``localization``, or ``site``) as tensors.
+
+    Missing or unreadable values become "unknown" (sex, site) or a missing-age flag; values outside
+    the vocabulary are "unknown" too.
+    """
+    ages, missing, sexes, sites = [], [], [], []
+    for row in rows:
+        raw = row.get("age")
+        try:
+            age = float(raw) if raw is not None else math.nan
+        except (TypeError, ValueError):
+            age = math.nan
+        ok = math.isfinite(age) and 0.0 <= age <= 120.0
+        ages.append(age / AGE_SCALE if ok else 0.0)
+        missing.append(0.0 if ok else 1.0)
+        sexes.append(_index(row.get("sex"), SEXES))
+        sites.append(_index(row.get("localization", row.get("site")), SITES))
+    return Metadata(
+        age=torch.tensor(ages, dtype=torch.float32),
+        age_missing=torch.tensor(missing, dtype=torch.float32),
+        sex=torch.tensor(sexes, dtype=torch.long),
+        site=torch.tensor(sites, dtype=torch.long),
+    )
+
+
+def lesion_box(mask: NDArray[Any], margin: float = 0.1) -> tuple[int, int, int, int]:
+    """The lesion's bounding box ``(top, left, bottom, right)`` with a margin; the whole image if empty."""
+    height, width = mask.shape[:2]
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return 0, 0, height, width
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    dy, dx = int((bottom - top) * margin), int((right - left) * margin)
+    return max(0, top - dy), max(0, left - dx), min(height, bottom + dy), min(width, right + dx)
+
+
+def lesion_crop(image: torch.Tensor, mask: NDArray[Any], size: int, margin: float = 0.1) -> torch.Tensor:
+    """The segmented lesion as the lesion encoder sees it: the image cropped to the mask's box, resized.
+
+    Args:
+        image: ``(3, H, W)`` in [0, 1].
+        mask: ``(H, W)`` lesion mask (any truthy values).
+        size: output side.
+    """
+    top, left, bottom, right = lesion_box(np.asarray(mask), margin)
+    crop = image[:, top:bottom, left:right]
+    return F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[
+        0
+    ]
+
+
+def _backbone(name: str, width_mult: float) -> tuple[nn.Module, int]:
+    from torchvision import models
+
+    if name == "mobilenet_v2":
+        net = models.mobilenet_v2(weights=None, width_mult=width_mult)
+        return net.features, int(net.last_channel)
+    if name == "densenet201":
+        dense = models.densenet201(weights=None)
+        return nn.Sequential(dense.features, nn.ReLU(inplace=True)), int(dense.classifier.in_features)
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+
+
+class MetadataTransformer(nn.Module):
+    """Age, sex and site as tokens (plus a summary token) through a small transformer encoder."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.age = nn.Linear(2, dim)  # value and missing flag
+        self.sex = nn.Embedding(len(SEXES), dim)
+        self.site = nn.Embedding(len(SITES), dim)
+        self.summary = nn.Parameter(torch.zeros(1, 1, dim))
+        self.kind = nn.Parameter(torch.zeros(1, 4, dim))  # which field each token is
+        nn.init.normal_(self.summary, std=0.02)
+        nn.init.normal_(self.kind, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, meta: Metadata) -> torch.Tensor:
+        age = self.age(torch.stack([meta.age, meta.age_missing], dim=-1))
+        tokens = torch.stack([age, self.sex(meta.sex), self.site(meta.site)], dim=1)
+        summary = self.summary.expand(tokens.shape[0], -1, -1)
+        out: torch.Tensor = self.encoder(torch.cat([summary, tokens], dim=1) + self.kind)
+        summarised: torch.Tensor = self.norm(out[:, 0])
+        return summarised
+
+
+class DualNet(nn.Module):
+    """Image encoder + lesion encoder fused by cross-attention, + metadata; heads for HAM10000 and BCC.
+
+    Args:
+        backbone: ``"mobilenet_v2"`` (default, CPU) or ``"densenet201"`` (the paper's).
+        width_mult: MobileNet-V2 width multiplier.
+        dim: token width of the fusion.
+        heads: attention heads.
+        use_lesion: the lesion encoder and the cross-attention (off: image only).
+        use_metadata: the metadata transformer (off: no metadata).
+        dropout: before the heads.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v2",
+        width_mult: float = 1.0,
+        dim: int = 128,
+        heads: int = 4,
+        use_lesion: bool = True,
+        use_metadata: bool = True,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.backbone, self.use_lesion, self.use_metadata = backbone, use_lesion, use_metadata
+        self.image_encoder, channels = _backbone(backbone, width_mult)
+        self.image_proj = nn.Conv2d(channels, dim, 1)
+        fused = dim
+        if use_lesion:
+            self.lesion_encoder, _ = _backbone(backbone, width_mult)
+            self.lesion_proj = nn.Conv2d(channels, dim, 1)
+            self.cross = nn.MultiheadAttention(dim, heads, dropout=0.1, batch_first=True)
+            self.cross_norm = nn.LayerNorm(dim)
+            fused += dim
+        if use_metadata:
+            self.metadata = MetadataTransformer(dim=64)
+            fused += 64
+        self.fuse = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused, dim), nn.GELU(), nn.Dropout(dropout))
+        self.diagnosis_head = nn.Linear(dim, len(HAM_CLASSES))
+        self.bcc_head = nn.Linear(dim, 1)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean: torch.Tensor = self.mean  # type: ignore[assignment]
+        std: torch.Tensor = self.std  # type: ignore[assignment]
+        return (x - mean) / std
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The image encoder's last feature map (the Grad-CAM layer)."""
+        features: torch.Tensor = self.image_encoder(self._normalise(image))
+        return features
+
+    def heads_from(
+        self, image_features: torch.Tensor, lesion: torch.Tensor | None, meta: Metadata | None
+    ) -> torch.Tensor:
+        """``(B, 8)`` logits: the seven diagnoses, then BCC, from the image feature map and the rest."""
+        tokens = self.image_proj(image_features).flatten(2).transpose(1, 2)  # (B, hw, dim)
+        parts = []
+        if self.use_lesion:
+            if lesion is None:
+                raise ValueError("this model has a lesion encoder: give the lesion crop")
+            lesion_tokens = (
+                self.lesion_proj(self.lesion_encoder(self._normalise(lesion))).flatten(2).transpose(1, 2)
+            )
+            attended, _ = self.cross(tokens, lesion_tokens, lesion_tokens, need_weights=False)
+            parts += [self.cross_norm(tokens + attended).mean(dim=1), lesion_tokens.mean(dim=1)]
+        else:
+            parts.append(tokens.mean(dim=1))
+        if self.use_metadata:
+            if meta is None:
+                raise ValueError("this model reads metadata: give encode_metadata(...) of the batch")
+            parts.append(self.metadata(meta))
+        hidden = self.fuse(torch.cat(parts, dim=1))
+        return torch.cat([self.diagnosis_head(hidden), self.bcc_head(hidden)], dim=1)
+
+    def forward(
+        self, image: torch.Tensor, lesion: torch.Tensor | None = None, meta: Metadata | None = None
+    ) -> torch.Tensor:
+        """``(B, 8)`` logits: softmax over the first seven (HAM10000 order), sigmoid of the last (BCC)."""
+        return self.heads_from(self.image_features(image), lesion, meta)
+
+
+class ImageBranch(nn.Module):
+    """A :class:`DualNet` seen as ``forward_features`` / ``forward_heads`` of its image, the lesion crop
+    and metadata held fixed: what :func:`model.explain.explain` needs for Grad-CAM of every output."""
+
+    def __init__(self, model: DualNet, lesion: torch.Tensor | None, meta: Metadata | None) -> None:
+        super().__init__()
+        self.model, self.lesion, self.meta = model, lesion, meta
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(x)
+
+    def forward_heads(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.heads_from(features, self.lesion, self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_heads(self.forward_features(x))
+
+
+def split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagnosis probabilities ``(B, 7)`` and BCC probability ``(B,)`` from the ``(B, 8)`` logits."""
+    return logits[:, : len(HAM_CLASSES)].softmax(dim=1), torch.sigmoid(logits[:, len(HAM_CLASSES)])
+
+
+def build_dual(weights: str | None = None, **kwargs: Any) -> DualNet:
+    """A :class:`DualNet`; ``weights="imagenet"`` starts both MobileNet-V2 encoders from torchvision's
+    ImageNet file in the local cache (``make weights``; nothing is downloaded).
+
+    Raises:
+        FileNotFoundError: the ImageNet file is absent.
+        ValueError: ImageNet weights asked for another backbone or width.
+    """
+    model = DualNet(**kwargs)
+    if weights is None:
+        return model
+    if weights != "imagenet":
+        raise ValueError(
+            f"weights must be None or 'imagenet', got {weights!r} (load checkpoints with torch.load)"
+        )
+    if model.backbone != "mobilenet_v2" or kwargs.get("width_mult", 1.0) != 1.0:
+        raise ValueError("local ImageNet weights exist for MobileNet-V2 at width 1.0 only")
+    from model.network import imagenet_features_state
+
+    state = imagenet_features_state()
+    model.image_encoder.load_state_dict(state)
+    if model.use_lesion:
+        model.lesion_encoder.load_state_dict(state)
+    return model
