@@ -1,0 +1,330 @@
+"""Training and evaluation of the dual-encoder classifier (:mod:`model.dual`) on the derm-dev layout.
+
+Targets: the seven HAM10000 diagnoses (cross-entropy, class-weighted by inverse frequency, capped;
+rows whose ``dx`` is not one of the seven, e.g. synthetic studies, train only the BCC head) and BCC
+(binary cross-entropy). The lesion encoder sees the image cropped to the lesion mask (the reference
+mask in training; the segmentation network's mask at inference); rows without a mask show it the
+whole image. The split is :func:`model.data.split_by_lesion` stratified by diagnosis, so the three
+ablation runs (image only, + lesion, + metadata) see the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from labeling_config import HAM_CLASSES
+from model.checkpoint import atomic_write_bytes
+from model.data import load_table, split_by_lesion, table_hash
+from model.dual import DualNet, build_dual, encode_metadata, lesion_crop
+
+logger = logging.getLogger(__name__)
+
+ARCH = "dual-encoder"
+IGNORE = -100
+
+
+@dataclass
+class DualConfig:
+    """A dual-encoder training run (stored in its checkpoints).
+
+    Attributes:
+        data: dataset folder (derm-dev layout).
+        out: run folder (``best.pt``, ``last.pt``, ``history.csv``, ``metrics.json``).
+        weights: ``None`` or ``"imagenet"`` (both MobileNet-V2 encoders).
+        backbone: ``mobilenet_v2`` or ``densenet201``.
+        use_lesion: the lesion encoder (ablation switch).
+        use_metadata: the metadata transformer (ablation switch).
+        image_size: side of the whole-image input; ``lesion_size`` of the lesion crop.
+        epochs, batch_size, lr, weight_decay, patience, seed, split_seed, val_fraction, threads: as
+            in :class:`model.train.TrainConfig`.
+        max_class_weight: cap of the inverse-frequency class weights.
+        max_steps_per_epoch: stop each epoch early (smoke tests).
+    """
+
+    data: str
+    out: str = "runs/dual"
+    weights: str | None = None
+    backbone: str = "mobilenet_v2"
+    width_mult: float = 1.0
+    use_lesion: bool = True
+    use_metadata: bool = True
+    image_size: int = 160
+    lesion_size: int = 128
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    patience: int = 3
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    threads: int = 1
+    max_class_weight: float = 10.0
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dx_index(dx: Any) -> int:
+    return HAM_CLASSES.index(dx) if isinstance(dx, str) and dx in HAM_CLASSES else IGNORE
+
+
+def _read_rgb(path: str) -> torch.Tensor:
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _read_mask(path: Any, shape: tuple[int, int]) -> NDArray[np.bool_] | None:
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    with Image.open(path) as im:
+        mask = np.asarray(im.convert("L")) > 127
+    if mask.shape != shape:
+        mask = np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+    return mask
+
+
+class DualDataset(Dataset[dict[str, Any]]):
+    """Image, lesion crop, metadata row and targets per row of a :func:`model.data.load_table` table."""
+
+    def __init__(self, df: pd.DataFrame, image_size: int, lesion_size: int, train: bool = False) -> None:
+        self.df = df.reset_index(drop=True)
+        self.image_size, self.lesion_size, self.train = image_size, lesion_size, train
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.df.iloc[index]
+        image = _read_rgb(row["image_path"])
+        mask = _read_mask(row.get("mask_path"), (image.shape[1], image.shape[2]))
+        if self.train:
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+                mask = mask[:, ::-1] if mask is not None else None
+            if torch.rand(()) < 0.5:
+                image = image.flip(-2)
+                mask = mask[::-1] if mask is not None else None
+        lesion = lesion_crop(
+            image, mask if mask is not None else np.ones(image.shape[1:], bool), self.lesion_size
+        )
+        whole = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True)[0]
+        return {
+            "image": whole,
+            "lesion": lesion,
+            "meta": {k: row.get(k) for k in ("age", "sex", "localization")},
+            "dx": _dx_index(row.get("dx")),
+            "bcc": float(row["bcc"]),
+            "image_id": row["image_id"],
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([i["image"] for i in items]),
+        "lesion": torch.stack([i["lesion"] for i in items]),
+        "meta": encode_metadata([i["meta"] for i in items]),
+        "dx": torch.tensor([i["dx"] for i in items], dtype=torch.long),
+        "bcc": torch.tensor([i["bcc"] for i in items], dtype=torch.float32),
+        "image_id": [i["image_id"] for i in items],
+    }
+
+
+def class_weights(dx: NDArray[Any], cap: float) -> torch.Tensor:
+    """Inverse-frequency weights of the seven classes (mean 1 over present classes), capped."""
+    counts = np.bincount(dx[dx >= 0], minlength=len(HAM_CLASSES)).astype(float)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
+    return torch.tensor(np.minimum(weights, cap), dtype=torch.float32)
+
+
+def _forward(model: DualNet, batch: dict[str, Any]) -> torch.Tensor:
+    logits: torch.Tensor = model(
+        batch["image"],
+        batch["lesion"] if model.use_lesion else None,
+        batch["meta"] if model.use_metadata else None,
+    )
+    return logits
+
+
+@torch.no_grad()
+def predict(model: DualNet, loader: DataLoader[Any]) -> dict[str, Any]:
+    """Diagnosis probabilities, BCC probabilities and targets over a loader (eval mode)."""
+    model.eval()
+    probs, bcc, dx, y, ids = [], [], [], [], []
+    for batch in loader:
+        logits = _forward(model, batch)
+        probs.append(logits[:, : len(HAM_CLASSES)].softmax(1))
+        bcc.append(torch.sigmoid(logits[:, len(HAM_CLASSES)]))
+        dx.append(batch["dx"])
+        y.append(batch["bcc"])
+        ids += batch["image_id"]
+    return {
+        "probs": torch.cat(probs).numpy(),
+        "bcc": torch.cat(bcc).numpy(),
+        "dx": torch.cat(dx).numpy(),
+        "y_bcc": torch.cat(y).numpy(),
+        "image_id": ids,
+    }
+
+
+def metrics(pred: dict[str, Any]) -> dict[str, Any]:
+    """Balanced accuracy, macro and per-class AUROC (one vs rest) of the diagnosis; BCC AUROC."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    out: dict[str, Any] = {"n": len(pred["image_id"])}
+    known = pred["dx"] >= 0
+    if known.any():
+        dx, probs = pred["dx"][known], pred["probs"][known]
+        out["balanced_accuracy"] = float(balanced_accuracy_score(dx, probs.argmax(1)))
+        per = {}
+        for k, name in enumerate(HAM_CLASSES):
+            positive = dx == k
+            if 0 < positive.sum() < len(dx):
+                per[name] = float(roc_auc_score(positive, probs[:, k]))
+        out["auroc_per_class"] = per
+        out["auroc_macro"] = float(np.mean(list(per.values()))) if per else math.nan
+    y = pred["y_bcc"] >= 0.5
+    out["auroc_bcc"] = float(roc_auc_score(y, pred["bcc"])) if 0 < y.sum() < len(y) else math.nan
+    return out
+
+
+def _save(path: Path, model: DualNet, config: DualConfig, extra: dict[str, Any]) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"arch": ARCH, "config": asdict(config), "state_dict": model.state_dict(), **extra}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_dual(path: str | Path) -> tuple[DualNet, dict[str, Any]]:
+    """A trained dual-encoder model (eval mode) and its checkpoint's metadata.
+
+    Raises:
+        ValueError: not a dual-encoder checkpoint.
+    """
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(raw, dict) or raw.get("arch") != ARCH:
+        raise ValueError(f"{path} is not a dual-encoder checkpoint")
+    cfg = raw["config"]
+    model = DualNet(
+        backbone=cfg["backbone"],
+        width_mult=cfg["width_mult"],
+        use_lesion=cfg["use_lesion"],
+        use_metadata=cfg["use_metadata"],
+    )
+    model.load_state_dict(raw["state_dict"])
+    return model.eval(), {k: v for k, v in raw.items() if k != "state_dict"}
+
+
+def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Train, keep the best epoch by validation macro AUROC (BCC AUROC where no diagnosis is known).
+
+    Returns:
+        ``{"best": path, "metrics": validation metrics of the best epoch, "history": [...], "seconds": s}``.
+    """
+    from tqdm import tqdm
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    df = load_table(config.data) if table is None else table
+    stratify = "dx" if "dx" in df.columns else "bcc"
+    train_idx, val_idx = split_by_lesion(df, config.val_fraction, config.split_seed, stratify=stratify)
+    train_df, val_df = df.iloc[train_idx], df.iloc[val_idx]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        DualDataset(train_df, config.image_size, config.lesion_size, train=True),
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=generator,
+    )
+    val_loader = DataLoader(
+        DualDataset(val_df, config.image_size, config.lesion_size),
+        batch_size=config.batch_size,
+        collate_fn=collate,
+    )
+    model = build_dual(
+        config.weights,
+        backbone=config.backbone,
+        width_mult=config.width_mult,
+        use_lesion=config.use_lesion,
+        use_metadata=config.use_metadata,
+    )
+    dx_train = np.array([_dx_index(d) for d in train_df.get("dx", pd.Series([None] * len(train_df)))])
+    weights = class_weights(dx_train, config.max_class_weight)
+    has_dx = bool((dx_train >= 0).any())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * (config.max_steps_per_epoch or len(train_loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    history: list[dict[str, Any]] = []
+    best_score, best_metrics, stale = -math.inf, {}, 0
+    t0 = time.monotonic()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        total, seen = 0.0, 0
+        bar = tqdm(
+            train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
+        )
+        for step, batch in enumerate(bar):
+            if config.max_steps_per_epoch is not None and step >= config.max_steps_per_epoch:
+                break
+            logits = _forward(model, batch)
+            loss = F.binary_cross_entropy_with_logits(logits[:, len(HAM_CLASSES)], batch["bcc"])
+            if has_dx and (batch["dx"] >= 0).any():
+                loss = loss + F.cross_entropy(
+                    logits[:, : len(HAM_CLASSES)], batch["dx"], weight=weights, ignore_index=IGNORE
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(batch["bcc"])
+            seen += len(batch["bcc"])
+            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+        found = metrics(predict(model, val_loader))
+        score = found.get("auroc_macro", math.nan)
+        if not math.isfinite(score):
+            score = found["auroc_bcc"] if math.isfinite(found["auroc_bcc"]) else -total / max(seen, 1)
+        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "score": score, **{
+            k: v for k, v in found.items() if not isinstance(v, dict)}})  # fmt: skip
+        improved = score > best_score
+        if improved:
+            best_score, best_metrics, stale = score, found, 0
+            _save(
+                out / "best.pt",
+                model,
+                config,
+                {"epoch": epoch, "metrics": found, "data_hash": table_hash(df)},
+            )
+        else:
+            stale += 1
+        _save(out / "last.pt", model, config, {"epoch": epoch, "metrics": found, "data_hash": table_hash(df)})
+        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        logger.info(
+            "epoch %d/%d: train loss %.4f, validation %s%s",
+            epoch, config.epochs, total / max(seen, 1),
+            ", ".join(f"{k} {v:.4f}" for k, v in found.items() if isinstance(v, float)),
+            " (best)" if improved else "",
+        )  # fmt: skip
+        if stale >= config.patience:
+            break
+    seconds = time.monotonic() - t0
+    (out / "metrics.json").write_text(json.dumps({"validation": best_metrics, "seconds": seconds}, indent=2))
+    return {"best": out / "best.pt", "metrics": best_metrics, "history": history, "seconds": seconds}
