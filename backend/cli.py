@@ -269,6 +269,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_dual(args: argparse.Namespace) -> int:
+    """Train the dual-encoder classifier (image + lesion + metadata; HAM10000 diagnoses and BCC)."""
+    from model.train_dual import DualConfig, train_dual
+
+    result = train_dual(
+        DualConfig(
+            data=args.data,
+            out=args.out,
+            weights=args.weights,
+            backbone=args.backbone,
+            use_lesion=not args.no_lesion,
+            use_metadata=not args.no_metadata,
+            image_size=args.image_size,
+            lesion_size=args.lesion_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            patience=args.patience,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
+    )
+    found = result["metrics"]
+    nan = float("nan")
+    balanced, macro = found.get("balanced_accuracy", nan), found.get("auroc_macro", nan)
+    print(
+        f"trained in {result['seconds'] / 60:.1f} min: validation balanced accuracy {balanced:.4f}, "
+        f"macro AUROC {macro:.4f}, BCC AUROC {found['auroc_bcc']:.4f} -> {result['best']}"
+    )
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     """Draw a synthetic dermoscopy study with simulated dermatologists."""
     return _write_study(args, Path(args.out))
@@ -650,6 +681,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=None, help="database URL (default: DATABASE_URL, else sqlite:///dermassist.sqlite)"
     )
     ex.set_defaults(func=cmd_export)
+
+    td = sub.add_parser("train-dual", help=cmd_train_dual.__doc__, description=cmd_train_dual.__doc__)
+    td.add_argument(
+        "data", help="dataset folder (derm-dev layout: labels.csv with dx, age, sex, localization; masks)"
+    )
+    td.add_argument("--out", default="runs/dual", help="run folder (default: %(default)s)")
+    td.add_argument("--weights", default=None, choices=["imagenet"], help="ImageNet start (make weights)")
+    td.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "densenet201"])
+    td.add_argument("--no-lesion", action="store_true", help="ablation: no lesion encoder")
+    td.add_argument("--no-metadata", action="store_true", help="ablation: no metadata")
+    td.add_argument("--image-size", type=int, default=160)
+    td.add_argument("--lesion-size", type=int, default=128)
+    td.add_argument("--epochs", type=int, default=8)
+    td.add_argument("--batch-size", type=int, default=32)
+    td.add_argument("--patience", type=int, default=3)
+    td.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    td.set_defaults(func=cmd_train_dual)
 
     serve = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     serve.add_argument(

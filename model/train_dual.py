@@ -188,7 +188,7 @@ def metrics(pred: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"n": len(pred["image_id"])}
     known = pred["dx"] >= 0
-    if known.any():
+    if len(np.unique(pred["dx"][known])) >= 2:  # a diagnosis metric needs two classes at least
         dx, probs = pred["dx"][known], pred["probs"][known]
         out["balanced_accuracy"] = float(balanced_accuracy_score(dx, probs.argmax(1)))
         per = {}

@@ -179,3 +179,13 @@ def test_export_without_a_run_is_one_clear_line(tmp_path):
         f"sqlite:///{tmp_path}/e.sqlite",
     )
     assert result.returncode == 2 and "no consensus run in the store" in result.stderr
+
+
+def test_train_dual_from_the_command_line(small_study, tmp_path, capsys):
+    code = main(
+        ["-q", "train-dual", str(small_study), "--out", str(tmp_path / "dual"), "--image-size", "64",
+         "--lesion-size", "48", "--epochs", "1", "--batch-size", "16"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "BCC AUROC" in out and (tmp_path / "dual" / "best.pt").is_file()
