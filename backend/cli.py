@@ -269,6 +269,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_seg(args: argparse.Namespace) -> int:
+    """Train the lesion segmentation U-Net (dual attention gates, ASPP) on a folder with lesion masks."""
+    from model.train_seg import SegTrainConfig, train_seg
+
+    result = train_seg(
+        SegTrainConfig(
+            data=args.data,
+            out=args.out,
+            weights=args.weights,
+            encoder=args.encoder,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            patience=args.patience,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
+    )
+    dice = result.meta.metrics.get("val_dice", float("nan"))
+    print(f"trained {result.meta.version}: validation Dice {dice:.4f} -> {result.best}")
+    return 0
+
+
+def cmd_evaluate_seg(args: argparse.Namespace) -> int:
+    """Dice, IoU and boundary F-score (bootstrap intervals) of a segmentation checkpoint, with a gallery."""
+    from model.train_seg import evaluate_seg
+
+    found = evaluate_seg(args.checkpoint, args.data, args.out, split=args.split)
+    parts = [
+        f"{k} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+        for k, v in found.items()
+        if isinstance(v, dict) and "mean" in v
+    ]
+    print(f"{'; '.join(parts)} -> {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
 def cmd_train_dual(args: argparse.Namespace) -> int:
     """Train the dual-encoder classifier (image + lesion + metadata; HAM10000 diagnoses and BCC)."""
     from model.train_dual import DualConfig, train_dual
@@ -681,6 +718,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=None, help="database URL (default: DATABASE_URL, else sqlite:///dermassist.sqlite)"
     )
     ex.set_defaults(func=cmd_export)
+
+    ts = sub.add_parser("train-seg", help=cmd_train_seg.__doc__, description=cmd_train_seg.__doc__)
+    ts.add_argument("data", help="dataset folder with lesion masks (masks/<id>_segmentation.png)")
+    ts.add_argument("--out", default="runs/segment", help="run folder (default: %(default)s)")
+    ts.add_argument("--weights", default=None, help="'imagenet' (make weights) or a segmentation checkpoint")
+    ts.add_argument(
+        "--encoder", default="mobilenet_v2", choices=["mobilenet_v2", "efficientnet_b3", "resnet34"]
+    )
+    ts.add_argument("--image-size", type=int, default=192)
+    ts.add_argument("--epochs", type=int, default=10)
+    ts.add_argument("--batch-size", type=int, default=16)
+    ts.add_argument("--patience", type=int, default=3)
+    ts.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    ts.set_defaults(func=cmd_train_seg)
+
+    es = sub.add_parser("evaluate-seg", help=cmd_evaluate_seg.__doc__, description=cmd_evaluate_seg.__doc__)
+    es.add_argument("checkpoint", help="a segmentation best.pt")
+    es.add_argument("data", help="dataset folder with lesion masks")
+    es.add_argument("--out", required=True, help="report folder")
+    es.add_argument("--split", choices=["val", "all"], default="val")
+    es.set_defaults(func=cmd_evaluate_seg)
 
     td = sub.add_parser("train-dual", help=cmd_train_dual.__doc__, description=cmd_train_dual.__doc__)
     td.add_argument(

@@ -189,3 +189,18 @@ def test_train_dual_from_the_command_line(small_study, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "BCC AUROC" in out and (tmp_path / "dual" / "best.pt").is_file()
+
+
+def test_train_seg_then_evaluate_seg_from_the_command_line(small_study, tmp_path, capsys):
+    run = tmp_path / "seg"
+    assert (
+        main(["-q", "train-seg", str(small_study), "--out", str(run), "--image-size", "64", "--epochs", "1"])
+        == 0
+    )
+    assert "validation Dice" in capsys.readouterr().out
+    assert (
+        main(["-q", "evaluate-seg", str(run / "best.pt"), str(small_study), "--out", str(tmp_path / "ev")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "dice" in out and (tmp_path / "ev" / "metrics.json").is_file()

@@ -1,0 +1,744 @@
+"""SegNet: lesion segmentation, a U-Net with dual attention gates and ASPP (Atiq & Fattah, arXiv:2510.17773).
+
+The second published system segments the lesion first (its "Deep-UNet" with Dual Attention Gates and
+an Atrous Spatial Pyramid Pooling bottleneck) and feeds the segmented lesion to its classifier. This
+module holds that segmentation network, its loss, its metrics and its checkpoints; training and
+evaluation live in :mod:`model.train_seg`.
+
+Architecture (input ``(B, 3, H, W)`` in [0, 1], any ``H`` and ``W``; output one logit per pixel)::
+
+    encoder (ImageNet CNN)      skips at strides 2, 4, 8, 16; bottleneck at stride 32
+    ASPP at the bottleneck      1x1 | three dilated 3x3 | image pooling -> concat -> 1x1 projection
+    decoder, four stages        upsample -> dual attention gate on the skip -> concat -> 2 x 3x3 conv-BN-ReLU
+    head                        1x1 conv to one logit at stride 2, bilinear upsampling to H x W
+
+- **Encoders** are torchvision feature extractors cut after the last stride-32 block, chosen by name
+  (:data:`ENCODERS`): ``mobilenet_v2`` (default: the backbone of DermNet and of the first system, its
+  ImageNet file is the one already in the local cache), ``efficientnet_b3`` (the paper's encoder) and
+  ``resnet34``. Normalisation is inside the network, as in ``model.network.DermNet``.
+- **ASPP** (Chen et al. 2017, DeepLabV3): rates 6, 12, 18 were chosen for a 33 x 33 map (513 px at
+  stride 16). Here the bottleneck is at stride 32 and images are small (6 x 6 at 192 px), where those
+  rates would sample mostly zero padding and each dilated branch would collapse to a 1x1 convolution.
+  :func:`aspp_rates_for` keeps their ratio to the map side instead: (1, 2, 3) at 192 px, (3, 6, 9) at
+  512 px. The pooling branch has no BatchNorm, so a batch of one trains.
+- **Dual attention gate** on each skip ``x`` with the upsampled decoder signal ``g`` (the gating
+  signal, at the skip's resolution):
+
+  - spatial, the additive attention gate of Oktay et al. 2018 (arXiv:1804.03999):
+    ``a_s = sigmoid(BN(psi(ReLU(BN(W_x x) + BN(W_g g)))))``, one weight per pixel;
+  - channel, squeeze-and-excitation (Hu et al. 2018) conditioned on the decoder too:
+    ``a_c = sigmoid(FC(ReLU(FC([GAP(x), GAP(g)]))))``, one weight per skip channel;
+
+  and the gated skip is ``x * a_c * a_s``. Oktay's gate takes ``g`` at the coarser resolution and
+  strides ``W_x``; gating after upsampling is the same computation at one resolution and handles odd
+  sizes without padding.
+
+Loss: :func:`dice_bce_loss`. Metrics on binary masks: :func:`dice`, :func:`iou`,
+:func:`boundary_f_score`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from model.checkpoint import FORMAT, atomic_write_bytes, read_checkpoint, weights_version
+from model.network import IMAGENET_MEAN, IMAGENET_STD, file_sha256
+
+logger = logging.getLogger(__name__)
+
+ARCH_PREFIX = "segnet-"
+DEFAULT_INPUT_SIZE = 192
+# DeepLabV3's rates and the map side they were chosen for (513 px at output stride 16).
+_DEEPLAB_RATES = (6, 12, 18)
+_DEEPLAB_SIDE = 33
+
+MaskLike = NDArray[Any] | torch.Tensor
+BoolMask = NDArray[np.bool_]
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoders
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to build an encoder and map torchvision's ImageNet weights onto it.
+
+    Attributes:
+        build: ``width_mult -> (features, taps)``: a ``nn.Sequential`` and the indices of the blocks
+            whose outputs are at strides 2, 4, 8, 16 and 32 (the last one ends the encoder).
+        imagenet_url: torchvision's URL of the ImageNet file (only its name is used: the file is read
+            from torchvision's local cache).
+        remap: torchvision state-dict key -> key in ``features``'s parent module, or None to drop it.
+        scalable: whether ``width_mult`` other than 1.0 is allowed.
+    """
+
+    build: Callable[[float], tuple[nn.Sequential, tuple[int, ...]]]
+    imagenet_url: str
+    remap: Callable[[str], str | None]
+    scalable: bool = False
+
+    @property
+    def imagenet_file(self) -> str:
+        return Path(self.imagenet_url).name
+
+    @property
+    def sha256_prefix(self) -> str:
+        return Path(self.imagenet_url).stem.rsplit("-", 1)[1]  # torchvision's naming: name-<prefix>.pth
+
+
+def _features_upto(last: int) -> Callable[[str], str | None]:
+    """Keep ``features.<i>.*`` for ``i <= last`` (MobileNet-V2 and EfficientNet keep torchvision's keys)."""
+
+    def remap(key: str) -> str | None:
+        match = re.match(r"features\.(\d+)\.", key)
+        return key if match and int(match.group(1)) <= last else None
+
+    return remap
+
+
+def _mobilenet_v2(width_mult: float) -> tuple[nn.Sequential, tuple[int, ...]]:
+    from torchvision.models import mobilenet_v2
+
+    # Block 18 is the 1x1 expansion to 1280 channels for classification: not needed for segmentation.
+    features = mobilenet_v2(weights=None, width_mult=width_mult).features[:18]
+    return features, (1, 3, 6, 13, 17)
+
+
+def _efficientnet_b3(width_mult: float) -> tuple[nn.Sequential, tuple[int, ...]]:
+    from torchvision.models import efficientnet_b3
+
+    return efficientnet_b3(weights=None).features[:8], (1, 2, 3, 5, 7)
+
+
+def _resnet34(width_mult: float) -> tuple[nn.Sequential, tuple[int, ...]]:
+    from torchvision.models import resnet34
+
+    r = resnet34(weights=None)
+    features = nn.Sequential(
+        nn.Sequential(r.conv1, r.bn1, r.relu),
+        nn.Sequential(r.maxpool, r.layer1),
+        r.layer2,
+        r.layer3,
+        r.layer4,
+    )
+    return features, (0, 1, 2, 3, 4)
+
+
+def _resnet_remap(key: str) -> str | None:
+    for old, new in (("conv1.", "features.0.0."), ("bn1.", "features.0.1."), ("layer1.", "features.1.1.")):
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    match = re.match(r"layer([234])\.(.*)", key)
+    return f"features.{match.group(1)}.{match.group(2)}" if match else None
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "mobilenet_v2": EncoderSpec(
+        _mobilenet_v2,
+        "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+        _features_upto(17),
+        True,
+    ),
+    "efficientnet_b3": EncoderSpec(
+        _efficientnet_b3,
+        "https://download.pytorch.org/models/efficientnet_b3_rwightman-b3899882.pth",
+        _features_upto(7),
+    ),
+    "resnet34": EncoderSpec(
+        _resnet34, "https://download.pytorch.org/models/resnet34-b627a593.pth", _resnet_remap
+    ),
+}
+
+
+class Encoder(nn.Module):
+    """A torchvision feature extractor that returns the maps at strides 2, 4, 8, 16 and 32."""
+
+    def __init__(self, name: str = "mobilenet_v2", width_mult: float = 1.0) -> None:
+        super().__init__()
+        if name not in ENCODERS:
+            raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+        spec = ENCODERS[name]
+        if width_mult != 1.0 and not spec.scalable:
+            raise ValueError(f"width_mult applies to mobilenet_v2 only; {name} needs 1.0, got {width_mult}")
+        self.features, self.taps = spec.build(width_mult)
+        self.name = name
+        self.channels = self._probe_channels()
+
+    def _probe_channels(self) -> tuple[int, ...]:
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            maps = self(torch.zeros(1, 3, 64, 64))
+        self.train(was_training)
+        strides = [64 // m.shape[-1] for m in maps]
+        if strides != [2, 4, 8, 16, 32]:
+            raise ValueError(f"encoder {self.name} taps strides {strides}, expected [2, 4, 8, 16, 32]")
+        return tuple(int(m.shape[1]) for m in maps)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps: list[torch.Tensor] = []
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if index in self.taps:
+                maps.append(x)
+        return maps
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def aspp_rates_for(input_size: int, output_stride: int = 32) -> tuple[int, int, int]:
+    """DeepLabV3's ASPP rates (6, 12, 18 on a 33-pixel map) scaled to the bottleneck's side.
+
+    Returns strictly increasing rates, at least 1: (1, 2, 3) at 192 px, (3, 6, 9) at 512 px.
+    """
+    side = max(1.0, input_size / output_stride)
+    rates: list[int] = []
+    for r in _DEEPLAB_RATES:
+        rate = max(1, round(r * side / _DEEPLAB_SIDE))
+        rates.append(max(rate, rates[-1] + 1) if rates else rate)
+    return rates[0], rates[1], rates[2]
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabV3): parallel 1x1, dilated 3x3 and image-pooling branches."""
+
+    def __init__(self, c_in: int, c_out: int, rates: Sequence[int], dropout: float = 0.1) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(c_in, c_out, kernel=1)] + [_conv_bn_relu(c_in, c_out, 3, r) for r in rates]
+        )
+        # No BatchNorm after pooling: a (B, C, 1, 1) map has one value per channel at batch size 1.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, c_out, 1), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(
+            _conv_bn_relu((len(rates) + 2) * c_out, c_out, kernel=1), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, x.shape[-2], x.shape[-1]))
+        out: torch.Tensor = self.project(torch.cat(outs, dim=1))
+        return out
+
+
+class DualAttentionGate(nn.Module):
+    """Channel and spatial attention on a skip connection, both conditioned on the decoder signal.
+
+    Args:
+        skip_channels: channels of the skip ``x``.
+        gate_channels: channels of the gating signal ``g`` (the upsampled decoder feature).
+        inter_channels: channels of the additive attention's hidden layer.
+        reduction: squeeze-excitation bottleneck ratio.
+    """
+
+    def __init__(
+        self, skip_channels: int, gate_channels: int, inter_channels: int, reduction: int = 4
+    ) -> None:
+        super().__init__()
+        self.theta_x = nn.Sequential(
+            nn.Conv2d(skip_channels, inter_channels, 1, bias=False), nn.BatchNorm2d(inter_channels)
+        )
+        self.phi_g = nn.Sequential(
+            nn.Conv2d(gate_channels, inter_channels, 1, bias=False), nn.BatchNorm2d(inter_channels)
+        )
+        self.psi = nn.Sequential(nn.Conv2d(inter_channels, 1, 1), nn.BatchNorm2d(1))
+        hidden = max(4, (skip_channels + gate_channels) // reduction)
+        self.channel = nn.Sequential(
+            nn.Linear(skip_channels + gate_channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, skip_channels),
+        )
+
+    def attention(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The channel weights ``(B, C, 1, 1)`` and the spatial weights ``(B, 1, H, W)``, in (0, 1)."""
+        spatial = torch.sigmoid(self.psi(F.relu(self.theta_x(x) + self.phi_g(g))))
+        squeezed = torch.cat([x.mean(dim=(2, 3)), g.mean(dim=(2, 3))], dim=1)
+        channel = torch.sigmoid(self.channel(squeezed))[:, :, None, None]
+        return channel, spatial
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        channel, spatial = self.attention(x, g)
+        return x * channel * spatial
+
+
+class DecoderStage(nn.Module):
+    """Upsample to the skip's size, gate the skip, concatenate, two 3x3 conv-BN-ReLU."""
+
+    def __init__(self, c_in: int, skip_channels: int, c_out: int) -> None:
+        super().__init__()
+        self.gate = DualAttentionGate(skip_channels, c_in, max(8, skip_channels // 2))
+        self.convs = nn.Sequential(_conv_bn_relu(c_in + skip_channels, c_out), _conv_bn_relu(c_out, c_out))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's output and the spatial attention map on its skip."""
+        up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        channel, spatial = self.gate.attention(skip, up)
+        out: torch.Tensor = self.convs(torch.cat([up, skip * channel * spatial], dim=1))
+        return out, spatial
+
+
+# ------------------------------------------------------------------------------------------------
+# The network
+# ------------------------------------------------------------------------------------------------
+
+
+class SegNet(nn.Module):
+    """U-Net with dual attention gates on the skips and an ASPP bottleneck (see the module docstring).
+
+    Args:
+        encoder: encoder name, one of :data:`ENCODERS` (``mobilenet_v2``, ``efficientnet_b3``, ``resnet34``).
+        width_mult: MobileNet-V2 width multiplier (1.0 for ImageNet weights; smaller for tests).
+        input_size: the side images are trained at; sets the ASPP rates when ``aspp_rates`` is None.
+        aspp_rates: dilation rates of the three 3x3 ASPP branches (default :func:`aspp_rates_for`).
+        aspp_channels: channels of every ASPP branch and of its projection.
+        decoder_channels: output channels of the decoder stages at strides 16, 8, 4 and 2.
+        mean: per-channel normalisation mean applied inside ``forward``.
+        std: per-channel normalisation std applied inside ``forward``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        encoder: str = "mobilenet_v2",
+        width_mult: float = 1.0,
+        input_size: int = DEFAULT_INPUT_SIZE,
+        aspp_rates: Sequence[int] | None = None,
+        aspp_channels: int = 128,
+        decoder_channels: Sequence[int] = (96, 64, 32, 24),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if len(decoder_channels) != 4:
+            raise ValueError(
+                f"decoder_channels needs four values (strides 16, 8, 4, 2), got {decoder_channels}"
+            )
+        rates = tuple(aspp_rates) if aspp_rates is not None else aspp_rates_for(input_size)
+        if len(rates) != 3 or min(rates) < 1:
+            raise ValueError(f"aspp_rates needs three rates of at least 1, got {rates}")
+        self.encoder = Encoder(encoder, width_mult)
+        skips = self.encoder.channels[:4]
+        self.aspp = ASPP(self.encoder.channels[4], aspp_channels, rates)
+        stages: list[DecoderStage] = []
+        c_in = aspp_channels
+        for skip, c_out in zip(reversed(skips), decoder_channels, strict=True):
+            stages.append(DecoderStage(c_in, skip, c_out))
+            c_in = c_out
+        self.decoder = nn.ModuleList(stages)
+        self.head = nn.Conv2d(c_in, 1, 1)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.encoder_name = encoder
+        self.width_mult = width_mult
+        self.input_size = input_size
+        self.aspp_rates = rates
+        self.aspp_channels = aspp_channels
+        self.decoder_channels = tuple(decoder_channels)
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this architecture (stored in checkpoints)."""
+        return {
+            "encoder": self.encoder_name,
+            "width_mult": self.width_mult,
+            "input_size": self.input_size,
+            "aspp_rates": list(self.aspp_rates),
+            "aspp_channels": self.aspp_channels,
+            "decoder_channels": list(self.decoder_channels),
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
+        """Logits ``(B, 1, H, W)`` for images ``(B, 3, H, W)`` in [0, 1].
+
+        With ``return_attention``, ``(logits, maps)``: the spatial attention maps of the skips at
+        strides 16, 8, 4 and 2 (``(B, 1, h, w)`` each, in (0, 1)).
+        """
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        *skips, bottom = self.encoder((x - self.mean) / self.std)
+        y = self.aspp(bottom)
+        maps: list[torch.Tensor] = []
+        for stage, skip in zip(self.decoder, reversed(skips), strict=True):
+            y, spatial = stage(y, skip)
+            maps.append(spatial)
+        logits = F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return (logits, maps) if return_attention else logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretrained weights, checkpoints and the builder
+# ------------------------------------------------------------------------------------------------
+
+
+def encoder_weights_path(encoder: str = "mobilenet_v2") -> Path:
+    """Where torchvision keeps an encoder's ImageNet file: ``$TORCH_HOME/hub/checkpoints/``."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
+    return Path(torch.hub.get_dir()) / "checkpoints" / ENCODERS[encoder].imagenet_file
+
+
+def load_imagenet_encoder(model: SegNet) -> None:
+    """Copy torchvision's ImageNet weights into ``model.encoder``, from the local cache only.
+
+    For ``mobilenet_v2`` this is the file DermNet uses (``model.network.imagenet_weights_path``).
+
+    Raises:
+        FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
+        ValueError: a width other than 1.0, or a file whose SHA-256 does not begin with the prefix in
+            its name.
+    """
+    spec = ENCODERS[model.encoder_name]
+    path = encoder_weights_path(model.encoder_name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ImageNet weights for the {model.encoder_name} encoder are not at {path}, and nothing is "
+            f"downloaded at run time: copy torchvision's {spec.imagenet_file} there (or set TORCH_HOME)."
+        )
+    if model.width_mult != 1.0:
+        raise ValueError(f"ImageNet weights need width_mult=1.0, the model has {model.width_mult}")
+    if not file_sha256(path).startswith(spec.sha256_prefix):
+        raise ValueError(f"{path} does not have the SHA-256 prefix {spec.sha256_prefix}; replace the file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = OrderedDict((new, value) for key, value in state.items() if (new := spec.remap(key)) is not None)
+    model.encoder.load_state_dict(mapped)
+    logger.info("initialised the %s encoder from ImageNet weights at %s", model.encoder_name, path)
+
+
+@dataclass
+class SegMeta:
+    """What a segmentation checkpoint's weights mean. Stored as a plain dict inside the checkpoint.
+
+    Attributes:
+        version: identifier of these weights (``segnet-<hash>``); set by :func:`save_segnet`.
+        arch: ``segnet-<encoder>`` (DermNet's loader refuses it by this name).
+        encoder: encoder name.
+        input_size: square side the network is fed.
+        width_mult: MobileNet-V2 width multiplier.
+        aspp_rates: ASPP dilation rates.
+        aspp_channels: ASPP channels.
+        decoder_channels: decoder channels at strides 16, 8, 4, 2.
+        mean: normalisation mean (applied inside the network).
+        std: normalisation std.
+        threshold: probability at and above which a pixel is lesion.
+        data_hash: ``model.data.table_hash`` of the rows trained on.
+        metrics: validation metrics.
+        epoch: epochs completed.
+        parent: version this one was trained from, if any.
+        extra: anything else worth keeping (training configuration, split sizes, ...).
+    """
+
+    version: str = ""
+    arch: str = f"{ARCH_PREFIX}mobilenet_v2"
+    encoder: str = "mobilenet_v2"
+    input_size: int = DEFAULT_INPUT_SIZE
+    width_mult: float = 1.0
+    aspp_rates: list[int] = field(default_factory=lambda: list(aspp_rates_for(DEFAULT_INPUT_SIZE)))
+    aspp_channels: int = 128
+    decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 32, 24])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    threshold: float = 0.5
+    data_hash: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    parent: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegMeta:
+        """Build from a stored dict, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def save_segnet(
+    path: str | Path,
+    model: SegNet,
+    meta: SegMeta,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    state: dict[str, Any] | None = None,
+) -> SegMeta:
+    """Save weights and metadata (and, for resuming, optimizer and scheduler state) atomically.
+
+    The file has ``model.checkpoint``'s layout (``format``, ``meta``, ``state_dict``, ...), so
+    ``model.checkpoint.read_checkpoint`` reads it. The architecture fields of ``meta`` are taken from
+    ``model``, so they cannot disagree with the weights.
+
+    Returns:
+        The metadata as stored (with its version).
+    """
+    module: nn.Module = getattr(model, "module", model)
+    state_dict = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    hparams = model.hparams()
+    meta = dataclasses.replace(
+        meta,
+        **hparams,
+        arch=f"{ARCH_PREFIX}{hparams['encoder']}",
+        version=ARCH_PREFIX + weights_version(state_dict).split("-", 1)[1],
+    )
+    payload: dict[str, Any] = {"format": FORMAT, "meta": meta.to_dict(), "state_dict": state_dict}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        payload["scheduler"] = scheduler.state_dict()
+    if state is not None:
+        payload["state"] = state
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return meta
+
+
+def segnet_from_meta(meta: SegMeta) -> SegNet:
+    """An untrained SegNet with the architecture ``meta`` describes."""
+    return SegNet(
+        encoder=meta.encoder,
+        width_mult=meta.width_mult,
+        input_size=meta.input_size,
+        aspp_rates=meta.aspp_rates,
+        aspp_channels=meta.aspp_channels,
+        decoder_channels=meta.decoder_channels,
+        mean=(meta.mean[0], meta.mean[1], meta.mean[2]),
+        std=(meta.std[0], meta.std[1], meta.std[2]),
+    )
+
+
+def load_segnet(path: str | Path) -> tuple[SegNet, SegMeta]:
+    """Load a segmentation checkpoint's network (in eval mode) and its metadata.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a dermassist checkpoint, or one of another architecture (e.g. a DermNet).
+    """
+    raw = read_checkpoint(path)
+    meta = SegMeta.from_dict(raw["meta"])
+    if not str(meta.arch).startswith(ARCH_PREFIX):
+        raise ValueError(f"{path} holds a {meta.arch!r} model; this loader reads {ARCH_PREFIX}* models")
+    model = segnet_from_meta(meta)
+    model.load_state_dict(raw["state_dict"])
+    model.eval()
+    return model, meta
+
+
+def build_segnet(
+    weights: str | Path | None = None,
+    width_mult: float = 1.0,
+    encoder: str = "mobilenet_v2",
+    input_size: int = DEFAULT_INPUT_SIZE,
+    **kwargs: Any,
+) -> SegNet:
+    """Build a SegNet, optionally initialised.
+
+    Args:
+        weights: ``None`` (random initialisation), ``"imagenet"`` (the encoder from torchvision's
+            ImageNet file in the local cache; the decoder stays random), or the path of a segmentation
+            checkpoint (its architecture replaces the other arguments).
+        width_mult: MobileNet-V2 width multiplier.
+        encoder: encoder name (see :data:`ENCODERS`).
+        input_size: the side images are trained at (sets the ASPP rates).
+        **kwargs: other :class:`SegNet` arguments.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        FileNotFoundError: the weights file is absent.
+        ValueError: an unknown encoder or a checkpoint of another architecture.
+    """
+    if weights is None or weights == "imagenet":
+        model = SegNet(encoder=encoder, width_mult=width_mult, input_size=input_size, **kwargs)
+        if weights == "imagenet":
+            load_imagenet_encoder(model)
+        else:
+            logger.info("training SegNet (%s) from scratch (no pretrained weights given)", encoder)
+        return model
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights {weights!r}: no such file (use None, 'imagenet' or a checkpoint path)"
+        )
+    model, _ = load_segnet(path)
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice loss, each a mean over the batch.
+
+    ``soft_dice = (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)`` per image, with ``p`` the
+    sigmoid of the logits; the loss is ``BCE + mean(1 - soft_dice)``. BCE gives every pixel a gradient
+    from the start; Dice weighs small lesions as much as large ones.
+
+    Args:
+        logits: ``(B, 1, H, W)`` (or ``(B, H, W)``) logits.
+        target: the same shape, in [0, 1].
+        smooth: added to numerator and denominator (an empty prediction of an empty mask scores 1).
+    """
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+    target = target.to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probs = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    soft_dice = (2 * (probs * flat).sum(1) + smooth) / (probs.sum(1) + flat.sum(1) + smooth)
+    return bce + (1 - soft_dice).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics on binary masks
+# ------------------------------------------------------------------------------------------------
+
+
+def as_mask(mask: MaskLike) -> BoolMask:
+    """A boolean numpy mask: values above 0.5 are lesion (so 0/1, 0/255, bool and probabilities work)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    array: BoolMask = np.asarray(mask) > 0.5
+    return array
+
+
+def dice(pred: MaskLike, target: MaskLike) -> float:
+    """Dice ``2|P & T| / (|P| + |T|)`` of two binary masks; 1.0 when both are empty."""
+    p, t = as_mask(pred), as_mask(target)
+    total = int(p.sum() + t.sum())
+    return 1.0 if total == 0 else float(2 * (p & t).sum() / total)
+
+
+def iou(pred: MaskLike, target: MaskLike) -> float:
+    """Intersection over union (Jaccard) of two binary masks; 1.0 when both are empty."""
+    p, t = as_mask(pred), as_mask(target)
+    union = int((p | t).sum())
+    return 1.0 if union == 0 else float((p & t).sum() / union)
+
+
+def _shifted_any(mask: BoolMask, offsets: Sequence[tuple[int, int]], fill: bool) -> list[BoolMask]:
+    """``mask`` shifted by each offset, the uncovered border filled with ``fill``."""
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = np.pad(mask, pad, mode="edge") if fill else np.pad(mask, pad, constant_values=False)
+    h, w = mask.shape
+    return [padded[pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx in offsets]
+
+
+def boundary(mask: MaskLike) -> BoolMask:
+    """Boundary pixels: the mask minus its erosion by a 3 x 3 square (8-connected).
+
+    The image frame is not a boundary: pixels beyond it repeat the edge, so a lesion cut by the
+    frame has no contour along it.
+    """
+    m = as_mask(mask)
+    if m.ndim != 2:
+        m = m.squeeze()
+    if m.ndim != 2:
+        raise ValueError(f"boundary needs a 2-D mask, got shape {m.shape}")
+    neighbours = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    eroded = np.logical_and.reduce(_shifted_any(m, neighbours, fill=True))
+    result: BoolMask = m & ~eroded
+    return result
+
+
+def _dilate_disk(mask: BoolMask, radius: int) -> BoolMask:
+    """Pixels within Euclidean distance ``radius`` of a pixel of ``mask``."""
+    if radius <= 0:
+        return mask.copy()
+    offsets = [
+        (dy, dx)
+        for dy in range(-radius, radius + 1)
+        for dx in range(-radius, radius + 1)
+        if dy * dy + dx * dx <= radius * radius
+    ]
+    result: BoolMask = np.logical_or.reduce(_shifted_any(mask, offsets, fill=False))
+    return result
+
+
+def boundary_f_score(pred: MaskLike, target: MaskLike, tolerance_px: int = 2) -> float:
+    """Boundary F-score: how well the predicted contour follows the reference contour.
+
+    Rule: contours are the pixels removed by a 3 x 3 erosion (:func:`boundary`). A predicted contour
+    pixel is a hit when a reference contour pixel lies within Euclidean distance ``tolerance_px``
+    (the reference contour dilated by a disk of that radius), and the other way round for recall;
+    ``F = 2 P R / (P + R)``. Both masks empty: 1.0; exactly one empty: 0.0. Masks that fill the whole
+    frame have no contour: two of them score 1.0, one of them against a partial mask 0.0.
+
+    Args:
+        pred: predicted binary mask ``(H, W)`` (or ``(1, H, W)``).
+        target: reference binary mask of the same size.
+        tolerance_px: matching distance in pixels (2 by default, about 0.5% of a 450-px image side).
+    """
+    p, t = as_mask(pred).squeeze(), as_mask(target).squeeze()
+    if p.shape != t.shape:
+        raise ValueError(f"masks differ in shape: {p.shape} and {t.shape}")
+    if tolerance_px < 0:
+        raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}")
+    if not p.any() and not t.any():
+        return 1.0
+    if not p.any() or not t.any():
+        return 0.0
+    bp, bt = boundary(p), boundary(t)
+    if not bp.any() and not bt.any():
+        return 1.0
+    if not bp.any() or not bt.any():
+        return 0.0
+    precision = float((bp & _dilate_disk(bt, tolerance_px)).sum() / bp.sum())
+    recall = float((bt & _dilate_disk(bp, tolerance_px)).sum() / bt.sum())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+__all__ = [
+    "ASPP",
+    "ENCODERS",
+    "DualAttentionGate",
+    "SegMeta",
+    "SegNet",
+    "aspp_rates_for",
+    "boundary_f_score",
+    "build_segnet",
+    "dice",
+    "dice_bce_loss",
+    "iou",
+    "load_segnet",
+    "save_segnet",
+]
