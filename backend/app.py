@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -32,19 +33,33 @@ from werkzeug.exceptions import HTTPException
 from backend import jobs, registry
 from backend.images import ImageError, ImageFetcher
 from backend.ingest import TRAIN_EVENT, ingest_webhook
+from backend.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion
 from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
 from backend.predictor import ModelHolder, ServedModel, run_batch
 from backend.settings import Settings, SettingsError
 from consensus.models import Annotation, AnnotationEvent, ModelVersion, Source, TrainingJob
 from consensus.repository import record_event
 from labeling_config import load_config
-from labeling_config.parse import ConfigError, ProjectConfig, parse_config
+from labeling_config.parse import ConfigError, ProjectConfig, Role, parse_config
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 PROMOTED_CHECK_S = 1.0
 UNTRAINED = "untrained"
+
+
+LESION_ROLES = (Role.HAM_DIAGNOSIS, Role.LESION)
+
+
+def uses_dermnet(config: ProjectConfig) -> bool:
+    """Whether the config has a control the BCC model fills."""
+    return any(role in config.controls for role in MODEL_ROLES)
+
+
+def uses_lesion(config: ProjectConfig) -> bool:
+    """Whether the config has a control the second system fills (HAM10000 diagnosis, lesion mask)."""
+    return any(role in config.controls for role in LESION_ROLES)
 
 
 class ApiError(Exception):
@@ -63,6 +78,7 @@ class Backend:
     sessions: sessionmaker[Session]
     fetcher: ImageFetcher
     holder: ModelHolder = field(default_factory=ModelHolder)
+    lesion: LesionHolder = field(default_factory=lambda: LesionHolder(Path("runs/models")))
     runner: Any = None  # JobRunner or RQQueue
     configs: dict[str, ProjectConfig] = field(default_factory=dict)  # by config hash
     projects: dict[int, ProjectConfig] = field(default_factory=dict)  # from /setup
@@ -76,6 +92,7 @@ class Backend:
 
     # -- configs
     def parse(self, xml: str) -> ProjectConfig:
+        """The project's config mapped onto the model's vocabulary (cached by content)."""
         key = hashlib.sha256(xml.encode()).hexdigest()
         config = self.configs.get(key)
         if config is None:
@@ -83,18 +100,32 @@ class Backend:
                 config = parse_config(xml)
             except ConfigError as exc:
                 raise ApiError(422, "labeling_config", str(exc)) from None
-            if not any(role in config.controls for role in MODEL_ROLES):
-                found = ", ".join(f"{c.name} ({c.role.value})" for c in config.controls.values())
-                raise ApiError(
-                    422,
-                    "labeling_config",
-                    f"this model fills a BCC / non-BCC diagnosis, the seven patterns and their regions; the "
-                    f"config's controls map only onto {found}. Add a diagnosis, patterns or regions control "
-                    "(see labeling_config/bcc.xml).",
-                )
             with self._lock:
                 self.configs[key] = config
         return config
+
+    def servable(self, config: ProjectConfig) -> ProjectConfig:
+        """``config`` if this backend can fill some of its controls, else a 422 that says what to add."""
+        if uses_dermnet(config):
+            return config
+        if uses_lesion(config):
+            if self.lesion.available():
+                return config
+            raise ApiError(
+                422,
+                "labeling_config",
+                "this config asks for the HAM10000 diagnosis and the lesion mask (the second system), and no "
+                "such model is promoted here: `dermassist models promote-lesion SEGNET DUAL` (see "
+                "dermassist train-seg / train-dual)",
+            )
+        found = ", ".join(f"{c.name} ({c.role.value})" for c in config.controls.values())
+        raise ApiError(
+            422,
+            "labeling_config",
+            f"this model fills a BCC / non-BCC diagnosis, the seven patterns and their regions; the "
+            f"config's controls map only onto {found}. Add a diagnosis, patterns or regions control "
+            "(see labeling_config/bcc.xml).",
+        )
 
     def resolve(self, project: int | None, project_obj: Mapping[str, Any] | None) -> ProjectConfig:
         """The config of a webhook's project: the event's own, else /setup's, else bcc.xml."""
@@ -123,9 +154,16 @@ class Backend:
             return None
         return self.holder.ensure(version, path)
 
-    def version(self) -> str:
-        served = self.served()
-        return served.version if served is not None else UNTRAINED
+    def version(self, config: ProjectConfig | None = None) -> str:
+        """The model version that fills ``config`` (DermNet's, the lesion pair's, or both joined by +)."""
+        parts = []
+        if config is None or uses_dermnet(config):
+            served = self.served()
+            parts.append(served.version if served is not None else UNTRAINED)
+        if config is not None and uses_lesion(config):
+            system = self.lesion.get()
+            parts.append(system.version if system is not None else UNTRAINED)
+        return "+".join(parts)
 
     # -- training
     def queue_training(self, trigger: str, params: dict[str, Any] | None = None) -> tuple[TrainingJob, bool]:
@@ -243,7 +281,9 @@ def create_app(
         fetcher = ImageFetcher(settings)
     except ImageError as exc:  # a bad ALLOWED_IMAGE_HOSTS or LABEL_STUDIO_URL: say so at start
         raise SettingsError(str(exc)) from None
-    state = Backend(settings=settings, sessions=sessions, fetcher=fetcher)
+    state = Backend(
+        settings=settings, sessions=sessions, fetcher=fetcher, lesion=LesionHolder(settings.model_dir)
+    )
     bind = sessions.kw.get("bind")
     if bind is not None and bind.dialect.name == "sqlite":
         state.write_lock = threading.Lock()
@@ -302,12 +342,12 @@ def create_app(
         schema = body.get("schema")
         if not isinstance(schema, str) or not schema.strip():
             raise ApiError(400, "bad_request", "/setup needs the project's labeling config in 'schema'")
-        config = state.parse(schema)
+        config = state.servable(state.parse(schema))
         project = _project_id(body.get("project"))
         if project is not None:
             with state._lock:
                 state.projects[project] = config
-        return jsonify(model_version=state.version())
+        return jsonify(model_version=state.version(config))
 
     @app.post("/predict")
     def predict() -> Response:
@@ -332,14 +372,17 @@ def create_app(
             raise ApiError(
                 400, "bad_request", "/predict needs the project's 'label_config' (or a /setup first)"
             )
-        served = state.served()
-        if served is None:
+        config = state.servable(config)
+        served = state.served() if uses_dermnet(config) else None
+        if uses_dermnet(config) and served is None:
             raise ApiError(
                 503,
                 "no_model",
                 "no model is promoted yet: register one with `dermassist models promote CHECKPOINT` "
                 "or train one",
             )
+        system = state.lesion.get() if uses_lesion(config) else None
+        version = state.version(config)
         predictions: list[dict[str, Any] | None] = [None] * len(tasks)
         good: list[tuple[int, Any]] = []
         for i, task in enumerate(tasks):
@@ -356,21 +399,35 @@ def create_app(
             task_id = task.get("id") if isinstance(task, dict) else None
             logger.warning("task %s: no prediction: %s", task_id, reason)
             state.counters["predict task errors"] += 1
-            predictions[i] = empty_prediction(served.version, reason)
+            predictions[i] = empty_prediction(version, reason)
         if good:
-            outputs = run_batch(served, [loaded.image for _, loaded in good])
-            for (i, loaded), output in zip(good, outputs, strict=True):
-                predictions[i] = task_prediction(
-                    output,
-                    config,
-                    served.version,
-                    loaded.width,
-                    loaded.height,
-                    served.meta.thresholds,
-                    settings.model_score_threshold,
-                )
+            images = [loaded.image for _, loaded in good]
+            outputs = run_batch(served, images) if served is not None else [None] * len(good)
+            lesions = (
+                run_lesion(system, images, [metadata_row(tasks[i].get("data"), config) for i, _ in good])
+                if system is not None
+                else [None] * len(good)
+            )
+            for (i, loaded), output, lesion_output in zip(good, outputs, lesions, strict=True):
+                prediction: dict[str, Any] = {"result": [], "score": None, "model_version": version}
+                if served is not None and output is not None:
+                    prediction = task_prediction(
+                        output,
+                        config,
+                        version,
+                        loaded.width,
+                        loaded.height,
+                        served.meta.thresholds,
+                        settings.model_score_threshold,
+                    )
+                if system is not None and lesion_output is not None:
+                    items, score = lesion_prediction(lesion_output, config, version)
+                    prediction["result"].extend(items)
+                    if prediction["score"] is None:
+                        prediction["score"] = score
+                predictions[i] = prediction
         state.counters["predict tasks"] += len(tasks)
-        return jsonify(results=predictions, model_version=served.version)
+        return jsonify(results=predictions, model_version=version)
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:

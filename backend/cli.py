@@ -254,6 +254,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _, sessions = init_db(settings.database_url)
     with sessions() as session:
+        if args.action == "promote-lesion":
+            from backend.lesion import promote_lesion
+
+            if not args.checkpoint or not args.dual:
+                raise ValueError("dermassist models promote-lesion SEGNET_CHECKPOINT DUAL_CHECKPOINT")
+            pair = promote_lesion(Path(settings.model_dir), args.checkpoint, args.dual)
+            print(f"promoted the lesion pair {pair}")
+            return 0
         if args.action == "promote":
             if not args.checkpoint:
                 raise ValueError("dermassist models promote CHECKPOINT")
@@ -782,8 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
     wk.set_defaults(func=cmd_worker)
 
     md = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
-    md.add_argument("action", choices=["list", "promote"])
-    md.add_argument("checkpoint", nargs="?", help="with promote: the checkpoint to serve")
+    md.add_argument("action", choices=["list", "promote", "promote-lesion"])
+    md.add_argument(
+        "checkpoint", nargs="?", help="promote: the checkpoint to serve; promote-lesion: the segmentation one"
+    )
+    md.add_argument("dual", nargs="?", help="promote-lesion: the dual-encoder checkpoint")
     md.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
     md.add_argument("--model-dir", default=None, help="MODEL_DIR")
     md.set_defaults(func=cmd_models)

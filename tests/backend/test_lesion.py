@@ -1,0 +1,74 @@
+"""The second system through /setup and /predict with lesion.xml: lesion mask, seven-class diagnosis, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.app import create_app
+from backend.lesion import promote_lesion
+from labeling_config import HAM_CLASSES, load_config
+from tests.backend.conftest import png_bytes
+
+LESION_XML = load_config("lesion")
+
+
+@pytest.fixture(scope="module")
+def lesion_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from model.dual import DualNet
+    from model.segmentation import SegMeta, SegNet, save_segnet
+    from model.train_dual import DualConfig, _save
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("lesion")
+    segnet = SegNet(width_mult=0.35, input_size=64)
+    with torch.no_grad():  # a bias towards "lesion" so the mask is not empty
+        for p in segnet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_segnet(root / "seg.pt", segnet, SegMeta())
+    config = DualConfig(data="-", width_mult=0.35, image_size=64, lesion_size=48)
+    _save(root / "dual.pt", DualNet(width_mult=0.35), config, {"epoch": 0})
+    return root / "seg.pt", root / "dual.pt"
+
+
+def tasks(files, sizes):
+    out = []
+    for i, (w, h) in enumerate(sizes):
+        path = f"/data/upload/1/l{i}.png"
+        files.routes[path] = (200, {"Content-Type": "image/png"}, png_bytes(w, h, seed=i))
+        data = {"image": path, "age": 61, "sex": "female", "site": "back"} if i == 0 else {"image": path}
+        out.append({"id": i + 1, "data": data})
+    return out
+
+
+def test_lesion_xml_without_the_second_system_is_a_clear_422(client):
+    response = client.post("/setup", json={"schema": LESION_XML})
+    assert response.status_code == 422 and "promote-lesion" in response.get_json()["message"]
+
+
+def test_lesion_xml_gets_a_mask_of_the_image_size_and_one_of_seven_diagnoses(
+    settings, sessions, promoted, lesion_pair, image_server
+):
+    version = promote_lesion(settings.model_dir, *lesion_pair)
+    client = create_app(settings, sessions=sessions).test_client()
+    setup = client.post("/setup", json={"schema": LESION_XML}).get_json()
+    assert setup["model_version"] == version
+    _, files = image_server
+    sizes = [(96, 72), (60, 80)]  # the second task has no age / sex / site: handled as unknown
+    body = client.post("/predict", json={"tasks": tasks(files, sizes), "label_config": LESION_XML}).get_json()
+    interface = LabelInterface(LESION_XML)
+    for (w, h), prediction in zip(sizes, body["results"], strict=True):
+        assert prediction["model_version"] == version
+        assert interface.validate_prediction(prediction)
+        choice = next(i for i in prediction["result"] if i["type"] == "choices")
+        assert choice["value"]["choices"][0] in HAM_CLASSES and 0 < choice["score"] <= 1
+        assert prediction["score"] == choice["score"]
+        brushes = [i for i in prediction["result"] if i["type"] == "brushlabels"]
+        for brush in brushes:
+            assert (brush["original_width"], brush["original_height"]) == (w, h)
+            assert np.asarray(decode_rle(brush["value"]["rle"])).reshape(h, w, 4)[..., 3].any()
