@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -219,8 +220,6 @@ def _json_body() -> dict[str, Any]:
     if not raw:
         raise ApiError(400, "bad_request", "the request has no body; send a JSON object")
     try:
-        import json
-
         body = json.loads(raw)
     except ValueError as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None

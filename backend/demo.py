@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -32,6 +31,7 @@ from typing import Any
 
 from backend import ls_server, ls_study
 from backend.ls_client import LabelStudioClient
+from backend.processes import DERMASSIST, free_port, start_serve, stop
 from labeling_config import load_config
 
 PROJECT_TITLE = "BCC screening (dermassist demo)"
@@ -60,13 +60,13 @@ def _port(preferred: int) -> int:
     import socket
 
     if preferred == 0:
-        return ls_server.free_port()
+        return free_port()
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
             return preferred
         except OSError:
-            return ls_server.free_port()
+            return free_port()
 
 
 def _get(url: str) -> Any:
@@ -98,40 +98,6 @@ def _train(config: DemoConfig, study: Path) -> Path:
         )
     )
     return result.best
-
-
-def _start_backend(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    exe = Path(sys.executable).parent / "dermassist"
-    handle = log.open("ab")
-    process = subprocess.Popen(
-        [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    handle.close()
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"dermassist serve exited; see {log}")
-        try:
-            return bool(_get(f"{url}/health")["status"] == "UP")
-        except OSError:
-            return False
-
-    ls_study.wait_for(healthy, 120, "the backend to answer /health")
-    return process
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _showcase(predictions: list[dict[str, Any]], tasks: set[int], version: str) -> int | None:
@@ -176,7 +142,7 @@ def run(config: DemoConfig) -> int:
         "TRAIN_EPOCHS": "2",
         "LOG_LEVEL": "WARNING",
     }
-    exe = Path(sys.executable).parent / "dermassist"
+    exe = DERMASSIST
     subprocess.run([str(exe), "models", "promote", str(checkpoint)], env=env, check=True, capture_output=True)
 
     _say("starting Label Studio (the first run migrates its database: 1-2 minutes, once)")
@@ -186,7 +152,7 @@ def run(config: DemoConfig) -> int:
         env.update({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token})
         backend_port = _port(config.backend_port)
         backend_url = f"http://127.0.0.1:{backend_port}"
-        backend = _start_backend(env, backend_port, out / "backend.log")
+        backend = start_serve(env, backend_port, out / "backend.log")
         client = LabelStudioClient(ls.url, ls.token)
 
         project = client.post_json(
@@ -279,16 +245,16 @@ Look at:
         )
         if config.wait:
             print("Press Ctrl-C to stop Label Studio and the backend.", flush=True)
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            stopped = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stopped.set())
             try:
-                while not stop.wait(1.0):
+                while not stopped.wait(1.0):
                     pass
             except KeyboardInterrupt:
                 pass
         return 0
     finally:
         if backend is not None:
-            _stop(backend)
+            stop(backend)
         ls.stop()
         _say("stopped Label Studio and the backend")

@@ -93,6 +93,7 @@ from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend.ls_client import ACCESS_TOKEN_LIFETIME_S, is_personal_access_token
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ REASONS = frozenset({
 MAX_REDIRECTS = 3
 """Redirects followed by hand for one image."""
 
-ACCESS_TOKEN_TTL = 240.0
+ACCESS_TOKEN_TTL = ACCESS_TOKEN_LIFETIME_S
 """Seconds an access token from a personal access token is reused (Label Studio's last 300 s)."""
 
 FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
@@ -750,7 +751,7 @@ class ImageFetcher:
                 "Label Studio images need LABEL_STUDIO_API_KEY; set it to a legacy token or a personal "
                 "access token of a user who can read the project.",
             )
-        if "." not in key:
+        if not is_personal_access_token(key):
             return f"Token {key}", None
         with self._token_lock:
             now = time.monotonic()

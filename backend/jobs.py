@@ -46,6 +46,7 @@ from consensus.models import Item, JobStatus, ModelStatus, TrainingJob, utcnow
 from consensus.repository import consensus_table
 from consensus.service import run_consensus
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
+from model.data import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ class TrainingSet:
 
 def _local_image(folder: Path, external_id: str) -> Path | None:
     for sub in (folder / "images", folder):
-        for suffix in (".png", ".jpg", ".jpeg"):
+        for suffix in IMAGE_SUFFIXES:
             path = sub / f"{external_id}{suffix}"
             if path.is_file():
                 return path

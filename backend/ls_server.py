@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from backend.processes import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,6 @@ def executable() -> Path:
             "(its own venv, ~1 GB, ~2.5 min with network access to PyPI)"
         )
     return exe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def environment(data_dir: Path, port: int, files_root: Path | None = None) -> dict[str, str]:

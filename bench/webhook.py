@@ -15,10 +15,7 @@ import argparse
 import http.client
 import json
 import os
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,16 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from backend.processes import free_port, start_serve, stop  # noqa: E402
 from labeling_config import load_config  # noqa: E402
 
 BCC_XML = load_config("bcc")
 PATTERNS = ["Ulceration", "Multiple blue-grey globules", "Arborizing telangiectasia"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def event(i: int, raters: int = 4) -> bytes:
@@ -62,22 +54,6 @@ def event(i: int, raters: int = 4) -> bytes:
         "project": {"id": 1, "label_config": BCC_XML},
     }  # fmt: skip
     return json.dumps(body).encode()
-
-
-def start_server(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    cmd = [str(ROOT / ".venv/bin/dermassist"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not start within 120 s")
 
 
 def send(
@@ -124,7 +100,7 @@ def main() -> int:
             "WORKERS": str(args.workers),
             "LOG_LEVEL": "WARNING",
         }
-        proc = start_server(port, env)
+        proc = start_serve(env, port, Path(tmp) / "serve.log")
         latencies: list[float] = []
         statuses: Counter[int] = Counter()
         lock = threading.Lock()
@@ -138,8 +114,7 @@ def main() -> int:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop(proc)
         with sqlite3.connect(db) as conn:
             events = conn.execute("SELECT count(*) FROM annotation_events").fetchone()[0]
             rows = conn.execute("SELECT count(*) FROM annotations").fetchone()[0]

@@ -6,15 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 
-from labeling_config import PATTERNS, load_config
+from backend.ls_study import rater_result
+from labeling_config import load_config
 
 BCC_XML = load_config("bcc")
-DISPLAY = {p.key: p.display for p in PATTERNS}
 
 
 def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = None) -> list[dict[str, Any]]:
-    """Label Studio's JSON export of the study: one task per image, one annotation per rater.
+    """Label Studio's JSON export of the study: one task per image, one annotation per rater (the
+    simulated dermatologist's diagnosis, patterns and painted regions, as :mod:`backend.ls_study` sends them).
 
     Images are put on the test server as ``/data/upload/<project>/<file name>``.
     """
@@ -27,30 +29,15 @@ def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = N
         path = f"/data/upload/{project}/{source.name}"
         if files is not None:
             files.routes[path] = (200, {"Content-Type": "image/jpeg"}, source.read_bytes())
+        with Image.open(source) as im:
+            size = im.width
         annotations = []
         for r, rater in enumerate(raters):
             rows = ratings[(ratings["image_id"] == image_id) & (ratings["rater"] == rater)]
             values = dict(zip(rows["label"], rows["value"], strict=True))
             if "bcc" not in values:
                 continue
-            result = [
-                {
-                    "from_name": "diagnosis",
-                    "to_name": "image",
-                    "type": "choices",
-                    "value": {"choices": ["BCC" if values["bcc"] else "non-BCC"]},
-                }
-            ]
-            chosen = [DISPLAY[k] for k, v in values.items() if k in DISPLAY and v]
-            if chosen:
-                result.append(
-                    {
-                        "from_name": "patterns",
-                        "to_name": "image",
-                        "type": "choices",
-                        "value": {"choices": chosen},
-                    }
-                )
+            result = rater_result(study, str(rater), str(image_id), values, size)
             annotations.append(
                 {
                     "id": t * 100 + r,

@@ -6,51 +6,17 @@ import http.client
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 from sqlalchemy import func, select
 
+from backend.processes import free_port, start_serve, stop
 from backend.sync import sync_project
 from consensus.db import init_db
 from consensus.models import Annotation
 from labeling_config.parse import parse_config
 from tests.backend.study_events import BCC_XML, study_tasks, webhook_events
-
-DERMASSIST = Path(sys.executable).parent / "dermassist"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [str(DERMASSIST), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        try:
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-        finally:
-            conn.close()
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("dermassist serve did not answer /health within 90 s")
 
 
 def post_all(port: int, events: list[dict], acknowledged: list[int]) -> None:
@@ -81,7 +47,7 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
         "LOG_LEVEL": "WARNING",
     }
     port = free_port()
-    server = start(port, env)
+    server = start_serve(env, port, tmp_path / "serve.log")
     acknowledged: list[int] = []
     shards = [events[i::4] for i in range(4)]
     threads = [threading.Thread(target=post_all, args=(port, shard, acknowledged)) for shard in shards]
@@ -89,8 +55,7 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
         t.start()
     while len(acknowledged) < len(events) // 4:
         time.sleep(0.01)
-    os.killpg(server.pid, signal.SIGKILL)  # the backend and its workers, mid-load
-    server.wait(10)
+    stop(server, signal.SIGKILL)  # the backend and its workers, mid-load
     for t in threads:
         t.join(10)
     assert 0 < len(acknowledged) < len(events)
@@ -100,12 +65,13 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
         stored = set(session.scalars(select(Annotation.ls_annotation_id)))
     assert set(acknowledged) <= stored  # every acknowledged event is durable
 
-    server = start(port, env)  # restarted; the missed events come back through sync
+    server = start_serve(
+        env, port, tmp_path / "serve.log"
+    )  # restarted; the missed events come back through sync
     try:
         summary = sync_project(sessions, 1, tasks, parse_config(BCC_XML))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stop(server)
     assert summary.errors == 0
     with sessions() as session:
         rows = session.scalar(

@@ -6,21 +6,17 @@ and say so. One Label Studio serves the whole session (a fresh copy of the pre-m
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from backend import ls_server
+from backend import ls_server, processes
 
-DERMASSIST = Path(sys.executable).parent / "dermassist"
+DERMASSIST = processes.DERMASSIST
 
 
 @pytest.fixture(scope="session")
@@ -49,31 +45,10 @@ class Backend:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            self.process.wait(30)
+        processes.stop(self.process, sig)
 
 
 def start_backend(port: int, env: dict[str, str], log: Path) -> Backend:
-    handle = log.open("ab")
-    process = subprocess.Popen(
-        [str(DERMASSIST), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return Backend(
+        f"http://127.0.0.1:{port}", port, env, processes.start_serve(env, port, log, timeout=90), log
     )
-    handle.close()
-    backend = Backend(f"http://127.0.0.1:{port}", port, env, process, log)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"dermassist serve exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{backend.url}/health", timeout=1) as response:
-                if response.status == 200:
-                    return backend
-        except OSError:
-            time.sleep(0.3)
-    backend.stop(signal.SIGKILL)
-    raise AssertionError("dermassist serve did not answer /health within 90 s")
