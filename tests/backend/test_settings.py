@@ -49,3 +49,25 @@ def test_defaults_and_a_full_environment():
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_a_child_process_reads_back_the_same_settings():
+    settings = Settings(
+        label_studio_url="http://label-studio:8080",
+        label_studio_api_key="k" * 40,
+        model_dir=Path("/data/models"),
+        basic_auth_user="ls",
+        basic_auth_pass="pw",
+        redis_url="redis://redis:6379/0",
+        model_score_threshold=0.3,
+        allowed_image_hosts=("pacs.local", "10.0.0.5:8080"),
+        sync_projects=(1, 7),
+        sync_interval=60.0,
+        train_epochs=3,
+    )
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_sync_projects_must_be_ids():
+    with pytest.raises(SettingsError, match="SYNC_PROJECTS must be comma-separated project ids"):
+        Settings.from_env({"SYNC_PROJECTS": "1,two"})
