@@ -30,8 +30,10 @@ def post_all(port: int, events: list[dict], acknowledged: list[int]) -> None:
             response.read()
             if response.status == 200:
                 acknowledged.append(event["annotation"]["id"])
-    except OSError:
-        return  # the server is gone: Label Studio would not retry either
+    except (OSError, http.client.HTTPException):
+        # The server was killed, possibly between a response's headers and its body
+        # (IncompleteRead): Label Studio would not retry either.
+        return
     finally:
         conn.close()
 
