@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -292,6 +292,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             patience=args.patience,
             threads=args.threads,
+            stratify=args.stratify,
             progress=not args.quiet,
         )
     )
@@ -341,6 +342,27 @@ def cmd_train_dual(args: argparse.Namespace) -> int:
     print(
         f"trained in {result['seconds'] / 60:.1f} min: validation balanced accuracy {balanced:.4f}, "
         f"macro AUROC {macro:.4f}, BCC AUROC {found['auroc_bcc']:.4f} -> {result['best']}"
+    )
+    return 0
+
+
+def cmd_evaluate_dual(args: argparse.Namespace) -> int:
+    """Diagnosis metrics (bootstrap intervals) and Grad-CAM energy in the lesion, of a dual-encoder model."""
+    import torch
+
+    from model.evaluate_dual import evaluate_dual
+
+    torch.set_num_threads(args.threads)
+    found = evaluate_dual(args.checkpoint, args.data, args.out, split=args.split, segnet=args.segnet)
+    cam = found["gradcam_predicted_class"]
+
+    def fmt(entry: Any) -> str:
+        return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]" if entry else "n/a"
+
+    print(
+        f"{found['n']} images: balanced accuracy {fmt(found.get('balanced_accuracy'))}, macro AUROC "
+        f"{fmt(found.get('auroc_macro'))}, BCC AUROC {fmt(found.get('auroc_bcc'))}; Grad-CAM energy inside "
+        f"the lesion {fmt(cam.get('energy_inside'))} (lesion area {fmt(cam.get('area'))}) -> {args.out}"
     )
     return 0
 
@@ -738,6 +760,12 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--epochs", type=int, default=10)
     ts.add_argument("--batch-size", type=int, default=16)
     ts.add_argument("--patience", type=int, default=3)
+    ts.add_argument(
+        "--stratify",
+        default="bcc",
+        choices=["bcc", "dx"],
+        help="split stratified by BCC (default) or by the seven diagnoses (the dual-encoder's split)",
+    )
     ts.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
     ts.set_defaults(func=cmd_train_seg)
 
@@ -764,6 +792,17 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--patience", type=int, default=3)
     td.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
     td.set_defaults(func=cmd_train_dual)
+
+    ed = sub.add_parser(
+        "evaluate-dual", help=cmd_evaluate_dual.__doc__, description=cmd_evaluate_dual.__doc__
+    )
+    ed.add_argument("checkpoint", help="a dual-encoder best.pt")
+    ed.add_argument("data", help="dataset folder (derm-dev layout)")
+    ed.add_argument("--out", required=True, help="report folder (metrics.json, per_image.csv, report.html)")
+    ed.add_argument("--split", choices=["val", "all"], default="val")
+    ed.add_argument("--segnet", default=None, help="crop lesions with this segmentation checkpoint's masks")
+    ed.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    ed.set_defaults(func=cmd_evaluate_dual)
 
     serve = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     serve.add_argument(

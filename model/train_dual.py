@@ -14,7 +14,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from model.dual import DualNet, build_dual, encode_metadata, lesion_crop
 logger = logging.getLogger(__name__)
 
 ARCH = "dual-encoder"
+# What a fine-tuned model takes from its parent checkpoint.
+INHERITED = ("backbone", "width_mult", "use_lesion", "use_metadata", "image_size", "lesion_size")
 IGNORE = -100
 
 
@@ -44,7 +47,8 @@ class DualConfig:
     Attributes:
         data: dataset folder (derm-dev layout).
         out: run folder (``best.pt``, ``last.pt``, ``history.csv``, ``metrics.json``).
-        weights: ``None`` or ``"imagenet"`` (both MobileNet-V2 encoders).
+        weights: ``None``, ``"imagenet"`` (both MobileNet-V2 encoders) or a dual-encoder checkpoint to
+            fine-tune (its architecture and input sizes replace this config's).
         backbone: ``mobilenet_v2`` or ``densenet201``.
         use_lesion: the lesion encoder (ablation switch).
         use_metadata: the metadata transformer (ablation switch).
@@ -190,7 +194,9 @@ def metrics(pred: dict[str, Any]) -> dict[str, Any]:
     known = pred["dx"] >= 0
     if len(np.unique(pred["dx"][known])) >= 2:  # a diagnosis metric needs two classes at least
         dx, probs = pred["dx"][known], pred["probs"][known]
-        out["balanced_accuracy"] = float(balanced_accuracy_score(dx, probs.argmax(1)))
+        with warnings.catch_warnings():  # recall is averaged over the classes present, as it should be
+            warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+            out["balanced_accuracy"] = float(balanced_accuracy_score(dx, probs.argmax(1)))
         per = {}
         for k, name in enumerate(HAM_CLASSES):
             positive = dx == k
@@ -231,6 +237,19 @@ def load_dual(path: str | Path) -> tuple[DualNet, dict[str, Any]]:
     return model.eval(), {k: v for k, v in raw.items() if k != "state_dict"}
 
 
+def split_rows(df: pd.DataFrame, config: DualConfig | dict[str, Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+    """The run's training and validation row positions: lesion-grouped, stratified by diagnosis
+    (by BCC where the table has no ``dx``), from the config's ``val_fraction`` and ``split_seed``."""
+    cfg = asdict(config) if isinstance(config, DualConfig) else config
+    stratify = "dx" if "dx" in df.columns else "bcc"
+    return split_by_lesion(df, float(cfg["val_fraction"]), int(cfg["split_seed"]), stratify=stratify)
+
+
+def validation_rows(df: pd.DataFrame, config: DualConfig | dict[str, Any]) -> NDArray[Any]:
+    """The validation row positions of :func:`split_rows`."""
+    return split_rows(df, config)[1]
+
+
 def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[str, Any]:
     """Train, keep the best epoch by validation macro AUROC (BCC AUROC where no diagnosis is known).
 
@@ -241,9 +260,20 @@ def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[st
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    if config.weights not in (None, "imagenet"):  # fine-tuning: the parent's architecture and input sizes
+        model, parent = load_dual(config.weights)
+        model.train()
+        config = replace(config, **{k: parent["config"][k] for k in INHERITED})
+    else:
+        model = build_dual(
+            config.weights,
+            backbone=config.backbone,
+            width_mult=config.width_mult,
+            use_lesion=config.use_lesion,
+            use_metadata=config.use_metadata,
+        )
     df = load_table(config.data) if table is None else table
-    stratify = "dx" if "dx" in df.columns else "bcc"
-    train_idx, val_idx = split_by_lesion(df, config.val_fraction, config.split_seed, stratify=stratify)
+    train_idx, val_idx = split_rows(df, config)
     train_df, val_df = df.iloc[train_idx], df.iloc[val_idx]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,13 +289,6 @@ def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[st
         DualDataset(val_df, config.image_size, config.lesion_size),
         batch_size=config.batch_size,
         collate_fn=collate,
-    )
-    model = build_dual(
-        config.weights,
-        backbone=config.backbone,
-        width_mult=config.width_mult,
-        use_lesion=config.use_lesion,
-        use_metadata=config.use_metadata,
     )
     dx_train = np.array([_dx_index(d) for d in train_df.get("dx", pd.Series([None] * len(train_df)))])
     weights = class_weights(dx_train, config.max_class_weight)

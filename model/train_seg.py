@@ -77,6 +77,8 @@ class SegTrainConfig:
         image_size: square side images and masks are resized to.
         val_fraction: share of lesions for validation.
         split_seed: seed of the lesion-grouped split (as ``TrainConfig.split_seed``).
+        stratify: the column the split keeps the proportions of: ``"bcc"`` (as DermNet's split) or
+            ``"dx"`` (the dual-encoder's, so that a U-Net and a classifier validate on the same images).
         seed: seed of initialisation, shuffling and augmentation.
         patience: epochs without a better validation Dice before stopping.
         threads: ``torch.set_num_threads``.
@@ -99,6 +101,7 @@ class SegTrainConfig:
     image_size: int = 192
     val_fraction: float = 0.2
     split_seed: int = 0
+    stratify: str = "bcc"
     seed: int = 0
     patience: int = 6
     threads: int = field(default_factory=lambda: int(os.environ.get("THREADS", "1")))
@@ -200,7 +203,9 @@ def train_seg(config: SegTrainConfig, table: pd.DataFrame | None = None) -> SegT
 
     device = _device()
     generator = seed_everything(config.seed)
-    train_idx, val_idx = split_by_lesion(table, config.val_fraction, seed=config.split_seed)
+    train_idx, val_idx = split_by_lesion(
+        table, config.val_fraction, seed=config.split_seed, stratify=config.stratify
+    )
     train_ds = DermDataset(table.iloc[train_idx], transforms(config.image_size, True), with_mask=True)
     val_ds = DermDataset(table.iloc[val_idx], transforms(config.image_size, False), with_mask=True)
     train_loader = DataLoader(
@@ -447,7 +452,10 @@ def evaluate_seg(
     if split == "val":
         cfg = meta.extra.get("train_config", {})
         _, rows = split_by_lesion(
-            table, float(cfg.get("val_fraction", 0.2)), seed=int(cfg.get("split_seed", 0))
+            table,
+            float(cfg.get("val_fraction", 0.2)),
+            seed=int(cfg.get("split_seed", 0)),
+            stratify=str(cfg.get("stratify", "bcc")),
         )
         table = table.iloc[rows].reset_index(drop=True)
 

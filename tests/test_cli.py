@@ -189,14 +189,18 @@ def test_train_dual_from_the_command_line(small_study, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "BCC AUROC" in out and (tmp_path / "dual" / "best.pt").is_file()
+    code = main(["-q", "evaluate-dual", str(tmp_path / "dual" / "best.pt"), str(small_study), "--out",
+                 str(tmp_path / "dual-eval")])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Grad-CAM energy inside the lesion" in out and (tmp_path / "dual-eval" / "report.html").is_file()
 
 
 def test_train_seg_then_evaluate_seg_from_the_command_line(small_study, tmp_path, capsys):
     run = tmp_path / "seg"
-    assert (
-        main(["-q", "train-seg", str(small_study), "--out", str(run), "--image-size", "64", "--epochs", "1"])
-        == 0
-    )
+    args = ["-q", "train-seg", str(small_study), "--out", str(run), "--image-size", "64", "--epochs", "1",
+            "--stratify", "dx"]  # fmt: skip
+    assert main(args) == 0
     assert "validation Dice" in capsys.readouterr().out
     assert (
         main(["-q", "evaluate-seg", str(run / "best.pt"), str(small_study), "--out", str(tmp_path / "ev")])
@@ -204,3 +208,6 @@ def test_train_seg_then_evaluate_seg_from_the_command_line(small_study, tmp_path
     )
     out = capsys.readouterr().out
     assert "dice" in out and (tmp_path / "ev" / "metrics.json").is_file()
+    from model.segmentation import load_segnet
+
+    assert load_segnet(run / "best.pt")[1].extra["train_config"]["stratify"] == "dx"

@@ -75,3 +75,70 @@ def test_load_dual_refuses_other_checkpoints(tmp_path):
     torch.save({"arch": "segnet"}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a dual-encoder checkpoint"):
         load_dual(tmp_path / "x.pt")
+
+
+def test_evaluate_dual_scores_the_validation_split_with_maps(ham_like, tmp_path):
+    from model.evaluate_dual import evaluate_dual
+    from model.train_dual import split_rows
+
+    config = DualConfig(data="unused", out=str(tmp_path / "run"), width_mult=0.35, image_size=64,
+                        lesion_size=48, epochs=1, batch_size=8, max_steps_per_epoch=2, val_fraction=0.25,
+                        progress=False)  # fmt: skip
+    best = train_dual(config, ham_like)["best"]
+    found = evaluate_dual(best, "unused", tmp_path / "eval", n_boot=20, gallery_size=2, table=ham_like)
+
+    train_idx, val_idx = split_rows(ham_like, config)
+    per_image = pd.read_csv(tmp_path / "eval" / "per_image.csv")
+    assert set(per_image["image_id"]) == set(ham_like["image_id"].iloc[val_idx])
+    assert not set(per_image["image_id"]) & set(ham_like["image_id"].iloc[train_idx])
+    # The explain pass gives the same probabilities as the plain forward pass.
+    model, _ = load_dual(best)
+    rows = ham_like.set_index("image_id").loc[per_image["image_id"]].reset_index()
+    batch = collate([DualDataset(rows, 64, 48)[i] for i in range(len(rows))])
+    with torch.no_grad():
+        probs = model(batch["image"], batch["lesion"], batch["meta"])[:, :7].softmax(1).numpy()
+    np.testing.assert_allclose(per_image[[f"p_{c}" for c in HAM_CLASSES]].to_numpy(), probs, atol=1e-5)
+    for name in ("balanced_accuracy", "auroc_bcc"):
+        entry = found[name]
+        assert 0.0 <= entry["low"] <= entry["value"] <= entry["high"] <= 1.0
+    cam = found["gradcam_predicted_class"]
+    assert cam["n"] == len(per_image) and 0.0 <= cam["energy_inside"]["value"] <= 1.0
+    assert 0.0 < cam["area"]["value"] < 1.0
+    assert found["lesion_masks"] == "reference"
+    assert "data:image/png;base64," in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_evaluate_dual_crops_with_a_segmentation_networks_masks(ham_like, tmp_path):
+    from model.evaluate_dual import evaluate_dual
+    from model.segmentation import SegMeta, SegNet, save_segnet
+
+    config = DualConfig(data="unused", out=str(tmp_path / "run"), width_mult=0.35, image_size=64,
+                        lesion_size=48, epochs=1, batch_size=8, max_steps_per_epoch=1, val_fraction=0.25,
+                        progress=False)  # fmt: skip
+    best = train_dual(config, ham_like)["best"]
+    seg = tmp_path / "seg.pt"
+    save_segnet(seg, SegNet(width_mult=0.35, input_size=64), SegMeta())
+    found = evaluate_dual(
+        best, "unused", tmp_path / "eval", segnet=seg, n_boot=5, gallery_size=0, table=ham_like
+    )
+    assert found["lesion_masks"].startswith("predicted by")
+    assert 0.0 <= found["predicted_mask_dice"]["value"] <= 1.0
+    assert len(list((tmp_path / "eval" / "predicted-masks").glob("*.png"))) == found["n"]
+
+
+def test_evaluate_dual_refuses_an_unknown_split(tmp_path):
+    from model.evaluate_dual import evaluate_dual
+
+    with pytest.raises(ValueError, match="split must be"):
+        evaluate_dual(tmp_path / "x.pt", "unused", tmp_path / "eval", split="test")
+
+
+def test_a_unet_split_by_diagnosis_validates_on_the_dual_encoders_images(ham_like):
+    from model.data import split_by_lesion
+    from model.train_dual import split_rows
+    from model.train_seg import rows_with_masks
+
+    dual_val = split_rows(ham_like, DualConfig(data="-", val_fraction=0.25))[1]
+    seg_rows = rows_with_masks(ham_like)
+    seg_val = split_by_lesion(seg_rows, 0.25, seed=0, stratify="dx")[1]
+    assert set(ham_like["image_id"].iloc[dual_val]) == set(seg_rows["image_id"].iloc[seg_val])

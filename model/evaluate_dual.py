@@ -1,0 +1,297 @@
+"""Evaluation of a dual-encoder checkpoint (:mod:`model.train_dual`): diagnosis metrics and Grad-CAM.
+
+On the checkpoint's own lesion-grouped validation split (or every row):
+
+- the seven-class diagnosis: balanced accuracy, macro AUROC and per-class AUROC (one vs rest), BCC
+  AUROC, each with a 95% interval from a bootstrap over lesions (an image's siblings move together);
+- where does the image encoder look: the Grad-CAM map of the predicted diagnosis, from the one
+  forward pass (:func:`model.explain.explain` through :class:`model.dual.ImageBranch`), resized to
+  the image's own size; the share of its energy inside the reference lesion mask, beside the mask's
+  area share (what a uniform map scores) and the pointing game (the map's peak inside the lesion).
+
+The lesion crop comes from the reference mask (as in training) or, with ``segnet``, from a
+segmentation checkpoint's mask, as the backend serves it. The report (``report.html``) holds the
+tables, the confusion matrix and a gallery of maps.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.typing import NDArray
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from labeling_config import HAM_CLASSES
+from model.data import load_table, table_hash
+from model.dual import ImageBranch
+from model.evaluate import _overlay, _read_mask, bootstrap, map_agreement
+from model.explain import explain
+from model.train_dual import DualDataset, collate, load_dual, metrics, validation_rows
+
+logger = logging.getLogger(__name__)
+
+Array = NDArray[Any]
+
+
+def _predicted_masks(segnet_path: str | Path, rows: pd.DataFrame, out: Path) -> tuple[pd.Series, Array]:
+    """The segmentation network's mask of every row, written as PNGs; their paths, and each mask's
+    Dice against the reference mask (NaN where there is none)."""
+    from model.segmentation import dice, load_segnet
+    from model.train_seg import predict_masks
+
+    segnet, seg_meta = load_segnet(segnet_path)
+    folder = out / "predicted-masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, dices = [], []
+    for row in rows.to_dict("records"):
+        with Image.open(row["image_path"]) as im:
+            rgb = np.array(im.convert("RGB"))
+        (mask,) = predict_masks(segnet, [rgb], int(seg_meta.input_size))
+        path = folder / f"{row['image_id']}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+        paths.append(str(path))
+        reference = row.get("mask_path")
+        if isinstance(reference, str) and Path(reference).is_file():
+            dices.append(dice(mask, _read_mask(Path(reference))))
+        else:
+            dices.append(np.nan)
+    return pd.Series(paths, index=rows.index), np.asarray(dices, dtype=float)
+
+
+def _confusion_png(dx: Array, predicted: Array) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(HAM_CLASSES)
+    counts = np.zeros((k, k), int)
+    np.add.at(counts, (dx, predicted), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for a in range(k):
+        for b in range(k):
+            ax.text(b, a, str(counts[a, b]), ha="center", va="center", fontsize=8,
+                    color="white" if share[a, b] > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(k), HAM_CLASSES)
+    ax.set_yticks(range(k), HAM_CLASSES)
+    ax.set(xlabel="predicted", ylabel="reference", title="diagnosis (row-normalised colour, counts)")
+    return _fig_png(fig)
+
+
+def _fig_png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _gallery_png(rows: pd.DataFrame, raw: Array, predicted: Array, n: int, seed: int) -> str | None:
+    import matplotlib.pyplot as plt
+
+    if len(rows) == 0 or n <= 0:
+        return None
+    picked = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
+    fig, axes = plt.subplots(1, len(picked), figsize=(2.6 * len(picked), 2.6), squeeze=False)
+    for ax, i in zip(axes[0], picked, strict=True):
+        row = rows.iloc[i]
+        ax.imshow(_overlay(row["image_path"], raw[i, predicted[i]], row["mask_path"]))
+        ax.set_title(f"{row['dx']} -> {HAM_CLASSES[predicted[i]]}", fontsize=9)
+        ax.axis("off")
+    return _fig_png(fig)
+
+
+def evaluate_dual(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    split: str = "val",
+    segnet: str | Path | None = None,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+    gallery_size: int = 8,
+    table: pd.DataFrame | None = None,
+) -> dict[str, Any]:
+    """Evaluate a dual-encoder checkpoint; writes ``metrics.json``, ``per_image.csv`` and ``report.html``.
+
+    Args:
+        checkpoint: a ``best.pt`` of :func:`model.train_dual.train_dual`.
+        data: dataset folder (derm-dev layout).
+        out: report folder.
+        split: ``"val"`` (the checkpoint's own validation rows) or ``"all"``.
+        segnet: a segmentation checkpoint whose masks make the lesion crops (default: reference masks).
+        batch_size, n_boot, seed, gallery_size: as named.
+        table: the :func:`model.data.load_table` table to use instead of reading ``data``.
+
+    Returns:
+        The content of ``metrics.json``.
+
+    Raises:
+        ValueError: an unknown ``split``, or a table without diagnoses.
+    """
+    if split not in ("val", "all"):
+        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    model, meta = load_dual(checkpoint)
+    config = meta["config"]
+    table = load_table(data) if table is None else table
+    if "dx" not in table.columns:
+        raise ValueError(f"{data} has no dx column: the diagnosis evaluation needs HAM10000 diagnoses")
+    if meta.get("data_hash") and meta["data_hash"] != table_hash(table):
+        logger.warning(
+            "the data differ from those %s was trained on: the validation split may differ", checkpoint
+        )
+    rows = table.iloc[validation_rows(table, config)] if split == "val" else table
+    rows = rows.reset_index(drop=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    crops, mask_dice = rows, None
+    if segnet is not None:
+        predicted_paths, mask_dice = _predicted_masks(segnet, rows, out)
+        crops = rows.assign(mask_path=predicted_paths)
+    loader = DataLoader(
+        DualDataset(crops, int(config["image_size"]), int(config["lesion_size"])),
+        batch_size=batch_size,
+        collate_fn=collate,
+    )
+    logits, raws = [], []
+    for batch in loader:
+        branch = ImageBranch(
+            model,
+            batch["lesion"] if model.use_lesion else None,
+            batch["meta"] if model.use_metadata else None,
+        )
+        found = explain(branch, batch["image"], method="autograd")
+        logits.append(found.logits)
+        raws.append(found.raw)
+    logit = torch.cat(logits)
+    raw = torch.cat(raws).numpy()
+    probs = logit[:, : len(HAM_CLASSES)].softmax(1).numpy()
+    bcc = torch.sigmoid(logit[:, len(HAM_CLASSES)]).numpy()
+    dx = np.array([HAM_CLASSES.index(d) if d in HAM_CLASSES else -1 for d in rows["dx"]])
+    predicted = probs.argmax(1)
+    ids = rows["image_id"].to_numpy()
+    pred: dict[str, Any] = {"probs": probs, "bcc": bcc, "dx": dx, "y_bcc": rows["bcc"].to_numpy(float)}
+    pred["image_id"] = list(ids)
+    point = metrics(pred)
+
+    def scalar_metrics(index: Array) -> dict[str, float]:
+        sub = {k: v[index] for k, v in pred.items() if k != "image_id"} | {"image_id": list(ids[index])}
+        found = metrics(sub)
+        return {k: float(found.get(k, np.nan)) for k in ("balanced_accuracy", "auroc_macro", "auroc_bcc")}
+
+    groups = rows["lesion_id"].to_numpy()
+    intervals = bootstrap(scalar_metrics, groups, n_boot, seed)
+
+    # Grad-CAM of the predicted diagnosis against the reference lesion mask, at the image's size.
+    agreement: list[dict[str, float]] = []
+    with_mask = []
+    for i, row in enumerate(rows.to_dict("records")):
+        path = row.get("mask_path")
+        if isinstance(path, str) and Path(path).is_file():
+            agreement.append(map_agreement(raw[i, predicted[i]], _read_mask(Path(path))))
+            with_mask.append(i)
+    cam: dict[str, Any] = {"n": len(agreement)}
+    if agreement:
+        frame = pd.DataFrame(agreement)
+        cam_groups = groups[with_mask]
+
+        def cam_means(index: Array) -> dict[str, float]:
+            with warnings.catch_warnings():  # a resample of maps without energy has no mean
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return {
+                    c: float(np.nanmean(frame[c].to_numpy()[index]))
+                    for c in ("energy_inside", "area", "pointing")
+                }
+
+        cam.update(bootstrap(cam_means, cam_groups, n_boot, seed))
+        cam["share_above_half"] = float((frame["energy_inside"] > 0.5).mean())
+        cam["maps_without_energy"] = int(frame["energy_inside"].isna().sum())  # all zero after the ReLU
+    result = {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "lesion_masks": "reference" if segnet is None else f"predicted by {segnet}",
+        "model": {
+            k: config[k] for k in ("backbone", "use_lesion", "use_metadata", "image_size", "lesion_size")
+        },
+        "epoch": meta.get("epoch"),
+        "n": len(rows),
+        **{k: v for k, v in point.items() if k in ("auroc_per_class",)},
+        **intervals,
+        "gradcam_predicted_class": cam,
+    }
+    if mask_dice is not None and not np.isnan(mask_dice).all():
+        result["predicted_mask_dice"] = bootstrap(
+            lambda index: {"dice": float(np.nanmean(mask_dice[index]))}, groups, n_boot, seed
+        )["dice"]
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    per_image = rows[["image_id", "lesion_id", "dx"]].assign(
+        predicted=[HAM_CLASSES[k] for k in predicted], bcc_probability=bcc,
+        **{f"p_{name}": probs[:, k] for k, name in enumerate(HAM_CLASSES)},
+    )  # fmt: skip
+    if agreement:
+        per_image.loc[with_mask, "cam_energy_inside"] = frame["energy_inside"].to_numpy()
+    per_image.to_csv(out / "per_image.csv", index=False)
+    _write_report(
+        out / "report.html", result, dx, predicted, _gallery_png(rows, raw, predicted, gallery_size, seed)
+    )
+    return result
+
+
+def _write_report(
+    path: Path, result: dict[str, Any], dx: Array, predicted: Array, gallery: str | None
+) -> None:
+    known = dx >= 0
+
+    def fmt(entry: Any) -> str:
+        if isinstance(entry, dict) and "value" in entry:
+            return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+        return "n/a" if entry is None else f"{entry:.3f}"
+
+    cam = result["gradcam_predicted_class"]
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{fmt(result.get(name))}</td></tr>"
+        for name in ("balanced_accuracy", "auroc_macro", "auroc_bcc")
+    )
+    per_class = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>"
+        for k, v in result.get("auroc_per_class", {}).items()
+    )
+    cam_rows = "".join(
+        f"<tr><td>{name}</td><td>{fmt(cam.get(name))}</td></tr>"
+        for name in ("energy_inside", "area", "pointing")
+    )
+    images = f'<img src="data:image/png;base64,{_confusion_png(dx[known], predicted[known])}">'
+    if gallery:
+        images += (
+            "<h2>Grad-CAM of the predicted class (white: reference lesion outline)</h2>"
+            f'<img src="data:image/png;base64,{gallery}">'
+        )
+    path.write_text(
+        f"""<!doctype html><meta charset="utf-8"><title>dual-encoder evaluation</title>
+<h1>Dual-encoder evaluation</h1>
+<p>{html.escape(result["checkpoint"])}: {result["n"]} images ({html.escape(result["split"])}),
+lesion crops from {html.escape(result["lesion_masks"])} masks;
+model {html.escape(json.dumps(result["model"]))}.
+Intervals: 95% bootstrap over lesions.</p>
+<table><tr><th>metric</th><th>value</th></tr>{rows}</table>
+<h2>AUROC per class (one vs rest)</h2><table>{per_class}</table>
+<h2>Grad-CAM energy inside the lesion ({cam["n"]} images)</h2><table>{cam_rows}</table>
+{images}
+"""
+    )
