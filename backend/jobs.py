@@ -42,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.settings import Settings
-from consensus.models import Item, JobStatus, ModelStatus, TrainingJob, utcnow
+from consensus.models import Annotation, Item, JobStatus, ModelStatus, TrainingJob, utcnow
 from consensus.repository import consensus_table
 from consensus.service import run_consensus
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
@@ -268,6 +268,43 @@ def _local_image(folder: Path, external_id: str) -> Path | None:
     return None
 
 
+class ImageSource:
+    """Where a job finds an item's image: a study folder (the CLI's ``--images``), else Label Studio
+    through the same guarded fetcher as ``/predict``, kept under ``MODEL_DIR/cache/images`` by content
+    hash. Call it with an item: the image's path, or None with the reason in ``last_error``."""
+
+    def __init__(self, settings: Settings, images: Path | None) -> None:
+        from backend.images import ImageFetcher
+
+        self.images = images
+        self.cache = Path(settings.model_dir) / "cache" / "images"
+        self.fetcher = ImageFetcher(settings) if images is None else None
+        self.last_error = ""
+
+    def __call__(self, item: Item) -> Path | None:
+        from backend.images import ImageError
+
+        self.last_error = "no image"
+        if self.images is not None:
+            return _local_image(self.images, item.external_id)
+        if not item.image or self.fetcher is None:
+            return None
+        # Fetched again for every job and kept under its content hash: a file replaced behind the
+        # same URL is never trained on stale.
+        try:
+            loaded = self.fetcher.fetch(item.image)
+        except ImageError as exc:
+            self.last_error = str(exc)
+            return None
+        path = self.cache / f"{loaded.sha256}.png"
+        if not path.is_file():
+            self.cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            loaded.image.save(tmp, format="PNG")
+            tmp.replace(path)
+        return path
+
+
 def build_training_set(
     session: Session, run_id: int, settings: Settings, images: Path | None, log: list[str]
 ) -> TrainingSet:
@@ -277,7 +314,6 @@ def build_training_set(
     Studio through the same guarded fetcher as ``/predict``, kept under ``MODEL_DIR/cache/images``
     by content hash.
     """
-    from backend.images import ImageError, ImageFetcher
     from consensus.models import ConsensusRun
 
     run = session.get(ConsensusRun, run_id)
@@ -292,31 +328,14 @@ def build_training_set(
     items = {
         i.external_id: i for i in session.scalars(select(Item).where(Item.external_id.in_(list(wide.index))))
     }
-    cache = Path(settings.model_dir) / "cache" / "images"
-    fetcher = ImageFetcher(settings) if images is None else None
+    source = ImageSource(settings, images)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for external_id, probs in wide.iterrows():
         item = items.get(str(external_id))
-        path: Path | None = None
-        if images is not None:
-            path = _local_image(images, str(external_id))
-        elif item is not None and item.image and fetcher is not None:
-            # Fetched again for every job and kept under its content hash: a file replaced behind the
-            # same URL is never trained on stale.
-            try:
-                loaded = fetcher.fetch(item.image)
-            except ImageError as exc:
-                skipped.append(f"{external_id}: {exc}")
-                continue
-            path = cache / f"{loaded.sha256}.png"
-            if not path.is_file():
-                cache.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                loaded.image.save(tmp, format="PNG")
-                tmp.replace(path)
-        if path is None or not path.is_file():
-            skipped.append(f"{external_id}: no image")
+        path = source(item) if item is not None else None
+        if path is None:
+            skipped.append(f"{external_id}: {source.last_error if item is not None else 'no image'}")
             continue
         row: dict[str, Any] = {
             "image_id": str(external_id),
@@ -373,13 +392,108 @@ def validation_loss(checkpoint: str | Path, table: pd.DataFrame, targets: pd.Dat
     return metrics
 
 
+def _has_lesion_answers(session: Session) -> bool:
+    """Whether any live annotation holds a HAM10000 diagnosis (a ``lesion.xml`` project's)."""
+    from backend.lesion_training import ham_code
+
+    found = session.scalars(
+        select(Annotation.diagnosis).where(Annotation.deleted.is_(False)).distinct()
+    ).all()
+    return any(ham_code(value) is not None for value in found)
+
+
+def train_dermnet(
+    job_id: int, settings: Settings, sessions: sessionmaker[Session], params: dict[str, Any], note: Any
+) -> tuple[str, bool]:
+    """The BCC model's part of a job: consensus, training set, fine-tune, validate, register / promote.
+
+    Returns:
+        The new version and whether it was promoted.
+    """
+    from backend import registry
+    from model.train import TrainConfig, train
+
+    with sessions() as session:
+        run = run_consensus(session)
+        session.commit()
+        run_id = run.id
+        note(f"consensus run {run_id}: {run.n_items} items, {run.n_raters} raters")
+        current = registry.promoted(session)
+        parent_path = current.path if current is not None else None
+        images = Path(params["images"]) if params.get("images") else None
+        log: list[str] = []
+        data = build_training_set(session, run_id, settings, images, log)
+        for line in log:
+            note(line)
+    note(f"{len(data.table)} training and {len(data.validation)} validation items")
+    if len(data.table) < 4:
+        raise ValueError(
+            f"only {len(data.table)} training items with consensus and an image: too few to train"
+        )
+    out = Path(settings.model_dir) / "jobs" / str(job_id)
+    config = TrainConfig(
+        out=str(out),
+        weights=parent_path or params.get("weights"),
+        epochs=int(params.get("epochs", settings.train_epochs)),
+        batch_size=int(params.get("batch_size", 16)),
+        image_size=int(params.get("image_size", 224)),
+        max_steps_per_epoch=params.get("max_steps_per_epoch"),
+        patience=int(params.get("patience", 3)),
+        threads=settings.threads,
+        progress=False,
+        amp=True,
+    )
+    if parent_path is not None:
+        from model.checkpoint import read_checkpoint
+
+        parent_meta = read_checkpoint(parent_path)["meta"]
+        config.image_size = int(parent_meta.get("input_size", config.image_size))
+        config.output_stride = int(parent_meta.get("output_stride", 32))
+        config.width_mult = float(parent_meta.get("width_mult", 1.0))
+    result = train(config, data.table, data.targets)
+    note(f"trained {result.meta.version} ({len(result.history)} epochs)")
+    if len(data.validation):
+        candidate = validation_loss(result.best, data.validation, data.validation_targets)
+        baseline = (
+            validation_loss(parent_path, data.validation, data.validation_targets) if parent_path else None
+        )
+    else:
+        candidate, baseline = {"val_loss": float("nan")}, None
+    better = baseline is None or (
+        not math.isnan(candidate["val_loss"]) and candidate["val_loss"] <= baseline["val_loss"]
+    )
+    before = baseline["val_loss"] if baseline else None
+    note(f"validation loss {candidate['val_loss']:.4f} vs promoted {before}")
+    with sessions() as session:
+        version = registry.register(
+            session,
+            result.best,
+            Path(settings.model_dir),
+            metrics={"candidate": candidate, "promoted_before": baseline},
+            job_id=job_id,
+            consensus_run_id=run_id,
+        )
+        if better:
+            registry.promote(session, version)
+        else:
+            version.status = ModelStatus.REJECTED
+        session.commit()
+        return version.version, better
+
+
 def run_job(job_id: int, settings: Settings) -> None:
-    """The work of one claimed job (runs in the child process)."""
+    """The work of one claimed job (runs in the child process).
+
+    It trains what the store feeds and what is served: the BCC model (DermNet) unless only the lesion
+    pair is served and the store holds only lesion answers, and the lesion pair
+    (:func:`backend.lesion_training.retrain_lesion`) when it is promoted and the store holds HAM10000
+    diagnoses. The job succeeds when every part it ran succeeded.
+    """
     import torch
 
     from backend import registry
+    from backend.lesion import LesionHolder
     from consensus.db import init_db
-    from model.train import TrainConfig, train
 
     torch.set_num_threads(settings.threads)
     _, sessions = init_db(settings.database_url)
@@ -398,79 +512,43 @@ def run_job(job_id: int, settings: Settings) -> None:
         session.commit()
     try:
         with sessions() as session:
-            run = run_consensus(session)
-            session.commit()
-            run_id = run.id
-            note(f"consensus run {run_id}: {run.n_items} items, {run.n_raters} raters")
-            current = registry.promoted(session)
-            parent_path = current.path if current is not None else None
-            images = Path(params["images"]) if params.get("images") else None
-            data = build_training_set(session, run_id, settings, images, log)
-        note(f"{len(data.table)} training and {len(data.validation)} validation items")
-        if len(data.table) < 4:
-            raise ValueError(
-                f"only {len(data.table)} training items with consensus and an image: too few to train"
+            lesion_wanted = LesionHolder(Path(settings.model_dir)).available() and _has_lesion_answers(
+                session
             )
-        out = Path(settings.model_dir) / "jobs" / str(job_id)
-        config = TrainConfig(
-            out=str(out),
-            weights=parent_path or params.get("weights"),
-            epochs=int(params.get("epochs", settings.train_epochs)),
-            batch_size=int(params.get("batch_size", 16)),
-            image_size=int(params.get("image_size", 224)),
-            max_steps_per_epoch=params.get("max_steps_per_epoch"),
-            patience=int(params.get("patience", 3)),
-            threads=settings.threads,
-            progress=False,
-            amp=True,
-        )
-        if parent_path is not None:
-            from model.checkpoint import read_checkpoint
+            dermnet_wanted = (
+                not lesion_wanted or registry.promoted(session) is not None or bool(params.get("weights"))
+            )
+        version: str | None = None
+        promoted = False
+        if dermnet_wanted:
+            version, promoted = train_dermnet(job_id, settings, sessions, params, note)
+        if lesion_wanted:
+            from backend.lesion_training import retrain_lesion
 
-            parent_meta = read_checkpoint(parent_path)["meta"]
-            config.image_size = int(parent_meta.get("input_size", config.image_size))
-            config.output_stride = int(parent_meta.get("output_stride", 32))
-            config.width_mult = float(parent_meta.get("width_mult", 1.0))
-        result = train(config, data.table, data.targets)
-        note(f"trained {result.meta.version} ({len(result.history)} epochs)")
-        if len(data.validation):
-            candidate = validation_loss(result.best, data.validation, data.validation_targets)
-            baseline = (
-                validation_loss(parent_path, data.validation, data.validation_targets)
-                if parent_path
-                else None
-            )
-        else:
-            candidate, baseline = {"val_loss": float("nan")}, None
-        better = baseline is None or (
-            not math.isnan(candidate["val_loss"]) and candidate["val_loss"] <= baseline["val_loss"]
-        )
-        note(
-            f"validation loss {candidate['val_loss']:.4f} vs promoted "
-            f"{baseline['val_loss'] if baseline else None}"
-        )
+            images = Path(params["images"]) if params.get("images") else None
+            with sessions() as session:
+                outcome = retrain_lesion(
+                    session,
+                    Path(settings.model_dir),
+                    Path(settings.model_dir) / "jobs" / str(job_id) / "lesion",
+                    ImageSource(settings, images),
+                    is_validation,
+                    params,
+                    settings.threads,
+                    note,
+                )
+            if not dermnet_wanted:
+                version, promoted = outcome.get("version"), bool(outcome.get("version"))
         with sessions() as session:
-            version = registry.register(
-                session,
-                result.best,
-                Path(settings.model_dir),
-                metrics={"candidate": candidate, "promoted_before": baseline},
-                job_id=job_id,
-                consensus_run_id=run_id,
-            )
-            if better:
-                registry.promote(session, version)
-            else:
-                version.status = ModelStatus.REJECTED
             job = session.get(TrainingJob, job_id)
             assert job is not None
             job.status = JobStatus.SUCCEEDED
             job.finished_at = utcnow()
-            job.version = version.version
-            job.promoted = better
+            job.version = version
+            job.promoted = promoted
             job.log = "\n".join(log)
             session.commit()
-        logger.info("job %d: %s %s", job_id, version.version, "promoted" if better else "rejected")
+        logger.info("job %d: %s %s", job_id, version, "promoted" if promoted else "not promoted")
     except Exception as exc:
         note(traceback.format_exc(limit=5))
         finish(sessions, job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}", log="\n".join(log))

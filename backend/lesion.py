@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
+from backend.ls_predictions import brush_item
 from backend.predictor import to_tensor
 from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
@@ -168,8 +169,6 @@ def lesion_prediction(
     output: LesionOutput, config: ProjectConfig, version: str
 ) -> tuple[list[dict[str, Any]], float]:
     """Label Studio result items for the HAM10000 diagnosis and the lesion mask, and the task score."""
-    from label_studio_sdk.converter.brush import mask2rle
-
     items: list[dict[str, Any]] = []
     best = max(output.probs, key=lambda k: output.probs[k])
     ham = config.ham_diagnosis
@@ -185,22 +184,6 @@ def lesion_prediction(
         )
     lesion = config.lesion
     if lesion is not None and output.mask.any():
-        height, width = output.mask.shape
         label = lesion.values.get(LESION_KEY, LESION_LABEL)
-        items.append(
-            {
-                "from_name": lesion.name,
-                "to_name": lesion.to_name,
-                "type": "brushlabels",
-                "original_width": int(width),
-                "original_height": int(height),
-                "image_rotation": 0,
-                "value": {
-                    "format": "rle",
-                    "rle": [int(v) for v in mask2rle(output.mask.astype(np.uint8) * 255)],  # type: ignore[no-untyped-call]
-                    "brushlabels": [label],
-                },
-                "score": round(output.mask_score, 6),
-            }
-        )
+        items.append(brush_item(lesion.name, lesion.to_name, label, output.mask, output.mask_score))
     return items, round(output.probs[best], 6)

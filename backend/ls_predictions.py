@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
+from numpy.typing import NDArray
 
 from backend.predictor import ImageOutput
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
@@ -107,24 +108,33 @@ def task_prediction(
             mask = cam_to_mask(output.maps[index[key]], width, height, threshold=MASK_THRESHOLD)
             if not mask.any():
                 continue
-            rle = mask2rle(mask.astype(np.uint8) * 255)  # type: ignore[no-untyped-call]
             result.append(
-                {
-                    "from_name": regions.name,
-                    "to_name": regions.to_name,
-                    "type": "brushlabels",
-                    "original_width": width,
-                    "original_height": height,
-                    "image_rotation": 0,
-                    "value": {
-                        "format": "rle",
-                        "rle": [int(v) for v in rle],
-                        "brushlabels": [regions.values[key]],
-                    },
-                    "score": round(output.probs[key], 6),
-                }
+                brush_item(regions.name, regions.to_name, regions.values[key], mask, output.probs[key])
             )
     return {"result": result, "score": round(confidence, 6), "model_version": model_version}
+
+
+def brush_item(
+    from_name: str, to_name: str, label: str, mask: NDArray[Any], score: float | None = None
+) -> dict[str, Any]:
+    """A Label Studio brush result: ``mask`` (H, W, truthy = painted) as RLE at its own size."""
+    height, width = mask.shape
+    item: dict[str, Any] = {
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "brushlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {
+            "format": "rle",
+            "rle": [int(v) for v in mask2rle(np.asarray(mask).astype(bool).astype(np.uint8) * 255)],  # type: ignore[no-untyped-call]
+            "brushlabels": [label],
+        },
+    }
+    if score is not None:
+        item["score"] = round(float(score), 6)
+    return item
 
 
 def empty_prediction(model_version: str, reason: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from backend.ls_client import LabelStudioClient
-from labeling_config import PATTERNS
+from labeling_config import HAM_CLASSES, LESION_LABEL, PATTERNS
 
 DISPLAY = {p.key: p.display for p in PATTERNS}
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def rater_result(
     study: Path, rater: str, image_id: str, values: dict[str, int], size: int
 ) -> list[dict[str, Any]]:
     """One simulated dermatologist's annotation of an image: diagnosis, patterns, their painted regions."""
-    from label_studio_sdk.converter.brush import mask2rle
+    from backend.ls_predictions import brush_item
 
     result: list[dict[str, Any]] = [
         {
@@ -95,23 +95,49 @@ def rater_result(
         if not path.is_file():
             continue
         with Image.open(path) as im:
-            mask = (np.asarray(im.convert("L")) > 127).astype(np.uint8) * 255
-        result.append(
-            {
-                "from_name": "regions",
-                "to_name": "image",
-                "type": "brushlabels",
-                "original_width": size,
-                "original_height": size,
-                "image_rotation": 0,
-                "value": {
-                    "format": "rle",
-                    "rle": [int(v) for v in mask2rle(mask)],  # type: ignore[no-untyped-call]
-                    "brushlabels": [DISPLAY[key]],
-                },
-            }
-        )
+            mask = np.asarray(im.convert("L")) > 127
+        if mask.shape != (size, size):
+            raise ValueError(f"{path} is {mask.shape[::-1]}, its image {size}x{size}")
+        result.append(brush_item("regions", "image", DISPLAY[key], mask))
     return result
+
+
+def lesion_result(diagnosis: str, mask: np.ndarray[Any, Any] | None) -> list[dict[str, Any]]:
+    """One rater's ``lesion.xml`` annotation: the HAM10000 diagnosis and the lesion outline (if any)."""
+    from backend.ls_predictions import brush_item
+
+    result: list[dict[str, Any]] = [
+        {"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": [diagnosis]}}
+    ]
+    if mask is not None and mask.any():
+        result.append(brush_item("lesion", "image", LESION_LABEL, mask))
+    return result
+
+
+def lesion_ratings(
+    study: Path, n_raters: int = 3, accuracy: float = 0.8, seed: int = 0
+) -> list[tuple[str, str, str, np.ndarray[Any, Any]]]:
+    """Simulated dermatologists on ``lesion.xml`` for a synthetic study: ``(image id, rater, diagnosis,
+    mask)`` rows. The study's true class is "bcc" for BCC images and one of the six others (by image)
+    otherwise; each rater names it with probability ``accuracy``, else another class, and outlines
+    the true lesion shifted by a few pixels."""
+    labels = pd.read_csv(study / "labels.csv", dtype={"image_id": str})
+    others = [c for c in HAM_CLASSES if c != "bcc"]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, row in enumerate(labels.itertuples()):
+        truth = "bcc" if row.bcc else others[k % len(others)]
+        with Image.open(study / "masks" / str(row.mask)) as im:
+            mask = np.asarray(im.convert("L")) > 127
+        for r in range(n_raters):
+            said = (
+                truth if rng.random() < accuracy else str(rng.choice([c for c in HAM_CLASSES if c != truth]))
+            )
+            dy, dx = (int(v) for v in rng.integers(-3, 4, size=2))
+            rows.append(
+                (str(row.image_id), f"dermatologist_{r + 1}", said, np.roll(mask, (dy, dx), axis=(0, 1)))
+            )
+    return rows
 
 
 def create_raters(ls: LabelStudioClient, names: list[str], domain: str = "derm.example") -> list[int]:

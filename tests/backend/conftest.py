@@ -46,6 +46,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
+    """A small segmentation U-Net (biased so its mask is not empty) and dual-encoder classifier, saved."""
+    from model.dual import DualNet
+    from model.segmentation import SegMeta, SegNet, save_segnet
+    from model.train_dual import DualConfig, _save
+
+    torch.manual_seed(0)
+    segnet = SegNet(width_mult=0.35, input_size=64)
+    with torch.no_grad():
+        for p in segnet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_segnet(root / "seg.pt", segnet, SegMeta())
+    config = DualConfig(data="-", width_mult=0.35, image_size=64, lesion_size=48)
+    _save(root / "dual.pt", DualNet(width_mult=0.35), config, {"epoch": 0})
+    return root / "seg.pt", root / "dual.pt"
+
+
 class Files:
     """What the test HTTP server serves: path -> (status, headers, body); records request headers."""
 

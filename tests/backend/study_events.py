@@ -8,10 +8,11 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from backend.ls_study import rater_result
+from backend.ls_study import lesion_ratings, lesion_result, rater_result
 from labeling_config import load_config
 
 BCC_XML = load_config("bcc")
+LESION_XML = load_config("lesion")
 
 
 def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = None) -> list[dict[str, Any]]:
@@ -52,7 +53,38 @@ def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = N
     return tasks
 
 
-def webhook_events(tasks: list[dict[str, Any]], project: int = 1) -> list[dict[str, Any]]:
+def lesion_tasks(study: Path, files: Any, project: int = 2, n_raters: int = 3) -> list[dict[str, Any]]:
+    """The study as a ``lesion.xml`` project's export: age / sex / site in the task data, one annotation
+    (HAM10000 diagnosis + lesion outline) per simulated rater (:func:`backend.ls_study.lesion_ratings`)."""
+    labels = pd.read_csv(study / "labels.csv", dtype={"image_id": str}).set_index("image_id")
+    by_image: dict[str, list[tuple[str, str, Any]]] = {}
+    for image_id, rater, said, mask in lesion_ratings(study, n_raters):
+        by_image.setdefault(image_id, []).append((rater, said, mask))
+    tasks = []
+    for t, (image_id, ratings) in enumerate(sorted(by_image.items()), start=1):
+        source = next((study / "images").glob(f"{image_id}.*"))
+        path = f"/data/upload/{project}/{source.name}"
+        if files is not None:
+            files.routes[path] = (200, {"Content-Type": "image/jpeg"}, source.read_bytes())
+        row = labels.loc[image_id]
+        data = {
+            "image": path,
+            "age": float(row["age"]),
+            "sex": str(row["sex"]),
+            "site": str(row["localization"]),
+        }
+        annotations = [
+            {"id": 10_000 + t * 100 + r, "completed_by": 50 + r, "result": lesion_result(said, mask), "task": 1000 + t,
+             "was_cancelled": False, "updated_at": "2026-11-20T10:00:00Z"}
+            for r, (_, said, mask) in enumerate(ratings)
+        ]  # fmt: skip
+        tasks.append({"id": 1000 + t, "data": data, "project": project, "annotations": annotations})
+    return tasks
+
+
+def webhook_events(
+    tasks: list[dict[str, Any]], project: int = 1, label_config: str = BCC_XML
+) -> list[dict[str, Any]]:
     """One ANNOTATION_CREATED event per annotation of the export."""
     events = []
     for task in tasks:
@@ -63,7 +95,7 @@ def webhook_events(tasks: list[dict[str, Any]], project: int = 1) -> list[dict[s
                     "action": "ANNOTATION_CREATED",
                     "annotation": annotation,
                     "task": bare,
-                    "project": {"id": project, "label_config": BCC_XML},
+                    "project": {"id": project, "label_config": label_config},
                 }
             )
     return events

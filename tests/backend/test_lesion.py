@@ -6,34 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.app import create_app
 from backend.lesion import promote_lesion
 from labeling_config import HAM_CLASSES, load_config
-from tests.backend.conftest import png_bytes
+from tests.backend.conftest import png_bytes, tiny_lesion_pair
 
 LESION_XML = load_config("lesion")
 
 
 @pytest.fixture(scope="module")
 def lesion_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from model.dual import DualNet
-    from model.segmentation import SegMeta, SegNet, save_segnet
-    from model.train_dual import DualConfig, _save
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("lesion")
-    segnet = SegNet(width_mult=0.35, input_size=64)
-    with torch.no_grad():  # a bias towards "lesion" so the mask is not empty
-        for p in segnet.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_segnet(root / "seg.pt", segnet, SegMeta())
-    config = DualConfig(data="-", width_mult=0.35, image_size=64, lesion_size=48)
-    _save(root / "dual.pt", DualNet(width_mult=0.35), config, {"epoch": 0})
-    return root / "seg.pt", root / "dual.pt"
+    return tiny_lesion_pair(tmp_path_factory.mktemp("lesion"))
 
 
 def tasks(files, sizes):

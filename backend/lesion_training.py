@@ -1,0 +1,327 @@
+"""Retraining the second system (lesion U-Net + dual-encoder classifier) from the raters' consensus.
+
+A training job (:mod:`backend.jobs`) calls :func:`retrain_lesion` once the lesion pair is promoted and
+the store holds answers from a ``lesion.xml`` project. The reference standard is built from the store:
+
+- the seven-class diagnosis: Dawid-Skene over every rater's HAM10000 choice (one confusion matrix
+  per rater over the seven classes), the posteriors kept;
+- the lesion mask: STAPLE over the raters' lesion brush regions of each image (one rater's mask is
+  taken as it is; an image nobody outlined has no mask and trains only the classifier).
+
+Both networks are fine-tuned from the promoted pair on the items outside the fixed validation split
+(:func:`backend.jobs.is_validation`), then scored on that split against the same reference: the U-Net
+by its mean Dice against the STAPLE masks, the classifier by its cross-entropy against the Dawid-Skene
+posteriors (a proper scoring rule on soft targets). Each network replaces the promoted one only if it
+is not worse; the pair is then promoted as one (``MODEL_DIR/lesion``, atomically per file), and the
+served version changes with it. Nothing is replaced before that last step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.lesion import DUAL_FILE, SEG_FILE, lesion_dir, promote_lesion
+from consensus.dawid_skene import DawidSkene
+from consensus.models import Annotation, Item, Rater
+from consensus.staple import staple
+from labeling_config import HAM_CLASSES, HAM_DIAGNOSES, PATTERN_KEYS
+from labeling_config.parse import LESION_KEY
+
+logger = logging.getLogger(__name__)
+
+_BY_NAME = {name.lower(): code for code, name in HAM_DIAGNOSES.items()}
+
+
+def ham_code(value: Any) -> str | None:
+    """A stored diagnosis as one of the seven HAM10000 codes (the code itself or its full name), else None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return text if text in HAM_CLASSES else _BY_NAME.get(text.lower())
+
+
+def decode_region(region: Mapping[str, Any]) -> NDArray[np.bool_] | None:
+    """A stored brush region (Label Studio RLE with its image size) as a boolean mask; None if unreadable."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    width, height, rle = region.get("width"), region.get("height"), region.get("rle")
+    if not isinstance(width, int) or not isinstance(height, int) or not isinstance(rle, list) or not rle:
+        return None
+    try:
+        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    except Exception:  # a corrupt RLE is one unusable region, not a failed job
+        return None
+    if flat.size != width * height * 4:
+        return None
+    mask: NDArray[np.bool_] = flat.reshape(height, width, 4)[..., 3] > 127
+    return mask
+
+
+def consensus_mask(masks: list[NDArray[np.bool_]]) -> NDArray[np.bool_] | None:
+    """STAPLE of two or more raters' masks of one image (same size); one mask as it is; None for none."""
+    shapes = {m.shape for m in masks}
+    if not masks or len(shapes) != 1:
+        return None
+    if len(masks) == 1:
+        return masks[0]
+    mask: NDArray[np.bool_] = staple(masks).mask
+    return mask
+
+
+@dataclass
+class LesionReference:
+    """The store's lesion answers, reduced to one reference per item."""
+
+    posteriors: pd.DataFrame  # external id x HAM_CLASSES, Dawid-Skene posteriors
+    masks: dict[str, NDArray[np.bool_]]  # external id -> STAPLE mask
+    n_raters: int
+    skipped: list[str]
+
+
+def lesion_reference(session: Session) -> LesionReference:
+    """Dawid-Skene diagnoses and STAPLE masks from every live annotation of a lesion project.
+
+    Raises:
+        ValueError: no HAM10000 diagnosis in the store.
+    """
+    rows = session.execute(
+        select(Item.external_id, Rater.name, Annotation.diagnosis, Annotation.regions)
+        .join(Annotation, Annotation.item_id == Item.id)
+        .join(Rater, Annotation.rater_id == Rater.id)
+        .where(Annotation.deleted.is_(False))
+        .order_by(Item.external_id, Rater.name)
+    ).all()
+    answers, skipped = [], []
+    outlines: dict[str, list[NDArray[np.bool_]]] = {}
+    for task, worker, diagnosis, regions in rows:
+        code = ham_code(diagnosis)
+        if code is not None:
+            answers.append((task, worker, code))
+        elif diagnosis is not None and diagnosis not in ("BCC", "non-BCC"):
+            skipped.append(f"{task}/{worker}: diagnosis {diagnosis!r} is not one of the seven classes")
+        for region in regions or []:
+            if region.get("label") != LESION_KEY:
+                continue
+            mask = decode_region(region)
+            if mask is None:
+                skipped.append(f"{task}/{worker}: unreadable lesion region")
+            else:
+                outlines.setdefault(task, []).append(mask)
+    if not answers:
+        raise ValueError("the store holds no HAM10000 diagnosis (no lesion.xml annotation yet)")
+    table = pd.DataFrame(answers, columns=["task", "worker", "label"])
+    posteriors = DawidSkene(classes=list(HAM_CLASSES)).fit(table).probas_
+    posteriors = posteriors.reindex(columns=list(HAM_CLASSES)).fillna(0.0)
+    masks = {}
+    for task, found in outlines.items():
+        mask = consensus_mask(found)
+        if mask is None:
+            skipped.append(f"{task}: the raters' lesion masks differ in size")
+        else:
+            masks[task] = mask
+    return LesionReference(posteriors, masks, int(table["worker"].nunique()), skipped)
+
+
+def reference_table(
+    session: Session,
+    reference: LesionReference,
+    image_of: Callable[[Item], Path | None],
+    folder: Path,
+) -> pd.DataFrame:
+    """The training table of :mod:`model.train_dual` / :mod:`model.train_seg` (``load_table``'s columns).
+
+    STAPLE masks are written as PNGs under ``folder``; age / sex / site come from the task's data
+    (``age``, ``sex``, ``site`` or ``localization``, as ``lesion.xml`` shows them).
+    """
+    ids = list(reference.posteriors.index.astype(str))
+    items = {i.external_id: i for i in session.scalars(select(Item).where(Item.external_id.in_(ids)))}
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for external_id in ids:
+        item = items.get(external_id)
+        path = image_of(item) if item is not None else None
+        if path is None:
+            reference.skipped.append(f"{external_id}: no image")
+            continue
+        mask_path = None
+        mask = reference.masks.get(external_id)
+        if mask is not None:
+            with Image.open(path) as im:
+                size = im.size
+            if mask.shape != (size[1], size[0]):
+                reference.skipped.append(f"{external_id}: the lesion mask is not the image's size")
+            else:
+                mask_path = folder / f"{external_id}_segmentation.png"
+                Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        dx = str(reference.posteriors.loc[external_id].idxmax())
+        data = item.data if item is not None else {}
+        records.append({
+            "image_id": external_id, "lesion_id": external_id, "image_path": str(path),
+            "mask_path": str(mask_path) if mask_path else None, "dx": dx, "bcc": int(dx == "bcc"),
+            "age": data.get("age"), "sex": data.get("sex"),
+            "localization": data.get("site", data.get("localization")), "has_patterns": False,
+            **dict.fromkeys(PATTERN_KEYS, np.nan),
+        })  # fmt: skip
+    return pd.DataFrame(records)
+
+
+# ----------------------------------------------------------------------------------------- scoring
+def mean_dice(segnet_path: Path, table: pd.DataFrame) -> float:
+    """Mean Dice of a U-Net's masks against the reference masks of ``table`` (rows with a mask)."""
+    from model.segmentation import dice, load_segnet
+    from model.train_seg import predict_masks
+
+    rows = table[table["mask_path"].notna()]
+    if rows.empty:
+        return math.nan
+    model, meta = load_segnet(segnet_path)
+    scores = []
+    for row in rows.to_dict("records"):
+        with Image.open(row["image_path"]) as im:
+            rgb = np.array(im.convert("RGB"))
+        with Image.open(row["mask_path"]) as im:
+            reference = np.asarray(im.convert("L")) > 127
+        (predicted,) = predict_masks(model, [rgb], int(meta.input_size))
+        scores.append(dice(predicted, reference))
+    return float(np.mean(scores))
+
+
+def diagnosis_loss(dual_path: Path, table: pd.DataFrame, posteriors: pd.DataFrame) -> float:
+    """Cross-entropy of a classifier's seven-class probabilities against the Dawid-Skene posteriors."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from model.train_dual import DualDataset, collate, load_dual
+
+    if table.empty:
+        return math.nan
+    model, meta = load_dual(dual_path)
+    cfg = meta["config"]
+    loader = DataLoader(
+        DualDataset(table, int(cfg["image_size"]), int(cfg["lesion_size"])), batch_size=32, collate_fn=collate
+    )
+    probs = []
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(
+                batch["image"],
+                batch["lesion"] if model.use_lesion else None,
+                batch["meta"] if model.use_metadata else None,
+            )
+            probs.append(logits[:, : len(HAM_CLASSES)].softmax(1))
+    p = np.clip(torch.cat(probs).numpy(), 1e-6, 1.0)
+    target = posteriors.loc[table["image_id"], list(HAM_CLASSES)].to_numpy(float)
+    return float(-(target * np.log(p)).sum(1).mean())
+
+
+# ----------------------------------------------------------------------------------------- the job
+def retrain_lesion(
+    session: Session,
+    model_dir: Path,
+    out: Path,
+    image_of: Callable[[Item], Path | None],
+    is_validation: Callable[[str], bool],
+    params: Mapping[str, Any],
+    threads: int,
+    note: Callable[[str], None],
+) -> dict[str, Any]:
+    """Fine-tune the promoted pair on the consensus; promote what is not worse. Returns the outcome
+    (also written to ``out/lesion.json``).
+
+    Raises:
+        ValueError: no promoted pair, no HAM10000 diagnosis, or too few items to train.
+    """
+    from model.segmentation import load_segnet
+    from model.train_dual import DualConfig, train_dual
+    from model.train_seg import SegTrainConfig, train_seg
+
+    folder = lesion_dir(model_dir)
+    parent_seg, parent_dual = folder / SEG_FILE, folder / DUAL_FILE
+    if not (parent_seg.is_file() and parent_dual.is_file()):
+        raise ValueError("no lesion pair is promoted: `dermassist models promote-lesion SEGNET DUAL` first")
+    reference = lesion_reference(session)
+    table = reference_table(session, reference, image_of, out / "reference-masks")
+    if reference.skipped:
+        note(f"lesion: {len(reference.skipped)} answer(s) or item(s) left out: {reference.skipped[:5]}")
+    if table.empty:
+        raise ValueError("no item with a HAM10000 consensus has a usable image")
+    val = table["image_id"].map(is_validation).to_numpy(bool)
+    train, validation = table[~val].reset_index(drop=True), table[val].reset_index(drop=True)
+    note(
+        f"lesion: Dawid-Skene diagnoses of {len(table)} items from {reference.n_raters} raters, "
+        f"STAPLE masks of {int(table['mask_path'].notna().sum())}; {len(train)} training, "
+        f"{len(validation)} validation items"
+    )
+    if len(train) < 5:
+        raise ValueError(f"lesion: only {len(train)} training items with a consensus and an image: too few")
+    epochs = int(params.get("lesion_epochs", params.get("epochs", 3)))
+    steps = params.get("max_steps_per_epoch")
+    outcome: dict[str, Any] = {"n_train": len(train), "n_validation": len(validation)}
+
+    # The U-Net: trained on the items with a STAPLE mask.
+    new_seg: Path | None = None
+    with_masks = train[train["mask_path"].notna()]
+    if with_masks["lesion_id"].nunique() >= 5:
+        seg_meta = load_segnet(parent_seg)[1]
+        seg_config = SegTrainConfig(
+            out=str(out / "segnet"),
+            weights=str(parent_seg),
+            image_size=int(seg_meta.input_size),
+            epochs=epochs,
+            batch_size=int(params.get("batch_size", 8)),
+            threads=threads,
+            max_steps_per_epoch=steps,
+            warmup_steps=0,
+            progress=False,
+        )
+        seg = train_seg(seg_config, with_masks)
+        new_seg = seg.best
+        outcome["segnet"] = {"candidate_dice": mean_dice(new_seg, validation),
+                             "promoted_dice": mean_dice(parent_seg, validation)}  # fmt: skip
+    else:
+        note("lesion: fewer than five outlined training items: the U-Net is kept as it is")
+
+    dual = train_dual(
+        DualConfig(data="-", out=str(out / "dual"), weights=str(parent_dual), epochs=epochs,
+                   batch_size=int(params.get("batch_size", 8)), threads=threads, max_steps_per_epoch=steps,
+                   progress=False),
+        train,
+    )  # fmt: skip
+    new_dual = Path(dual["best"])
+    outcome["dual"] = {
+        "candidate_loss": diagnosis_loss(new_dual, validation, reference.posteriors),
+        "promoted_loss": diagnosis_loss(parent_dual, validation, reference.posteriors),
+    }
+
+    def not_worse(candidate: float, promoted: float, higher_is_better: bool) -> bool:
+        if math.isnan(promoted):  # nothing to compare on (no validation item): keep the trained one
+            return True
+        if math.isnan(candidate):
+            return False
+        return candidate >= promoted if higher_is_better else candidate <= promoted
+
+    take_seg = new_seg is not None and not_worse(
+        outcome["segnet"]["candidate_dice"], outcome["segnet"]["promoted_dice"], True
+    )
+    take_dual = not_worse(outcome["dual"]["candidate_loss"], outcome["dual"]["promoted_loss"], False)
+    outcome["promoted"] = {"segnet": take_seg, "dual": take_dual}
+    if take_seg or take_dual:
+        outcome["version"] = promote_lesion(
+            model_dir, new_seg if take_seg and new_seg else parent_seg, new_dual if take_dual else parent_dual
+        )
+    (out / "lesion.json").write_text(json.dumps(outcome, indent=2, default=float))
+    note(f"lesion: {json.dumps(outcome, default=float)}")
+    return outcome
