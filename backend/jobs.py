@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,7 +404,11 @@ def _has_lesion_answers(session: Session) -> bool:
 
 
 def train_dermnet(
-    job_id: int, settings: Settings, sessions: sessionmaker[Session], params: dict[str, Any], note: Any
+    job_id: int,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    params: dict[str, Any],
+    note: Callable[[str], None],
 ) -> tuple[str, bool]:
     """The BCC model's part of a job: consensus, training set, fine-tune, validate, register / promote.
 
@@ -484,10 +489,10 @@ def train_dermnet(
 def run_job(job_id: int, settings: Settings) -> None:
     """The work of one claimed job (runs in the child process).
 
-    It trains what the store feeds and what is served: the BCC model (DermNet) unless only the lesion
-    pair is served and the store holds only lesion answers, and the lesion pair
-    (:func:`backend.lesion_training.retrain_lesion`) when it is promoted and the store holds HAM10000
-    diagnoses. The job succeeds when every part it ran succeeded.
+    The lesion pair (:func:`backend.lesion_training.retrain_lesion`) is retrained when it is promoted
+    and the store holds HAM10000 diagnoses; the BCC model (DermNet) when one is promoted, when the job
+    names starting weights, or when the lesion pair is not retrained. The job succeeds when every part
+    it ran succeeded.
     """
     import torch
 

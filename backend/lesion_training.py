@@ -108,10 +108,8 @@ def lesion_reference(session: Session) -> LesionReference:
     outlines: dict[str, list[NDArray[np.bool_]]] = {}
     for task, worker, diagnosis, regions in rows:
         code = ham_code(diagnosis)
-        if code is not None:
+        if code is not None:  # other diagnoses are a bcc.xml project's, for the BCC model
             answers.append((task, worker, code))
-        elif diagnosis is not None and diagnosis not in ("BCC", "non-BCC"):
-            skipped.append(f"{task}/{worker}: diagnosis {diagnosis!r} is not one of the seven classes")
         for region in regions or []:
             if region.get("label") != LESION_KEY:
                 continue
@@ -182,29 +180,24 @@ def reference_table(
 def mean_dice(segnet_path: Path, table: pd.DataFrame) -> float:
     """Mean Dice of a U-Net's masks against the reference masks of ``table`` (rows with a mask)."""
     from model.segmentation import dice, load_segnet
-    from model.train_seg import predict_masks
+    from model.train_seg import predict_row_masks
 
     rows = table[table["mask_path"].notna()]
     if rows.empty:
         return math.nan
     model, meta = load_segnet(segnet_path)
     scores = []
-    for row in rows.to_dict("records"):
-        with Image.open(row["image_path"]) as im:
-            rgb = np.array(im.convert("RGB"))
-        with Image.open(row["mask_path"]) as im:
-            reference = np.asarray(im.convert("L")) > 127
-        (predicted,) = predict_masks(model, [rgb], int(meta.input_size))
-        scores.append(dice(predicted, reference))
+    for predicted, mask_path in zip(predict_row_masks(model, meta, rows), rows["mask_path"], strict=True):
+        with Image.open(mask_path) as im:
+            scores.append(dice(predicted, np.asarray(im.convert("L")) > 127))
     return float(np.mean(scores))
 
 
 def diagnosis_loss(dual_path: Path, table: pd.DataFrame, posteriors: pd.DataFrame) -> float:
     """Cross-entropy of a classifier's seven-class probabilities against the Dawid-Skene posteriors."""
-    import torch
     from torch.utils.data import DataLoader
 
-    from model.train_dual import DualDataset, collate, load_dual
+    from model.train_dual import DualDataset, collate, load_dual, predict
 
     if table.empty:
         return math.nan
@@ -213,16 +206,7 @@ def diagnosis_loss(dual_path: Path, table: pd.DataFrame, posteriors: pd.DataFram
     loader = DataLoader(
         DualDataset(table, int(cfg["image_size"]), int(cfg["lesion_size"])), batch_size=32, collate_fn=collate
     )
-    probs = []
-    with torch.no_grad():
-        for batch in loader:
-            logits = model(
-                batch["image"],
-                batch["lesion"] if model.use_lesion else None,
-                batch["meta"] if model.use_metadata else None,
-            )
-            probs.append(logits[:, : len(HAM_CLASSES)].softmax(1))
-    p = np.clip(torch.cat(probs).numpy(), 1e-6, 1.0)
+    p = np.clip(predict(model, loader)["probs"], 1e-6, 1.0)
     target = posteriors.loc[table["image_id"], list(HAM_CLASSES)].to_numpy(float)
     return float(-(target * np.log(p)).sum(1).mean())
 

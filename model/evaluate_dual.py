@@ -48,16 +48,13 @@ def _predicted_masks(segnet_path: str | Path, rows: pd.DataFrame, out: Path) -> 
     """The segmentation network's mask of every row, written as PNGs; their paths, and each mask's
     Dice against the reference mask (NaN where there is none)."""
     from model.segmentation import dice, load_segnet
-    from model.train_seg import predict_masks
+    from model.train_seg import predict_row_masks
 
     segnet, seg_meta = load_segnet(segnet_path)
     folder = out / "predicted-masks"
     folder.mkdir(parents=True, exist_ok=True)
     paths, dices = [], []
-    for row in rows.to_dict("records"):
-        with Image.open(row["image_path"]) as im:
-            rgb = np.array(im.convert("RGB"))
-        (mask,) = predict_masks(segnet, [rgb], int(seg_meta.input_size))
+    for row, mask in zip(rows.to_dict("records"), predict_row_masks(segnet, seg_meta, rows), strict=True):
         path = folder / f"{row['image_id']}.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
         paths.append(str(path))

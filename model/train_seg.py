@@ -377,6 +377,14 @@ def predict_masks(
     return masks
 
 
+def predict_row_masks(model: SegNet, meta: SegMeta, rows: pd.DataFrame) -> list[Array]:
+    """The mask of each table row's image at the image's own size, with the checkpoint's threshold."""
+    return [
+        predict_masks(model, [_read(path, "RGB")], meta.input_size, meta.threshold)[0]
+        for path in rows["image_path"]
+    ]
+
+
 def _gallery(path: Path, cases: list[tuple[str, Array, Array, Array, float]], n: int) -> None:
     """Best and worst cases by Dice: the image with the reference (green) and predicted (magenta) contours."""
     from matplotlib.figure import Figure
