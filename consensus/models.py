@@ -4,6 +4,7 @@
 - ``items`` — one per image / Label Studio task.
 - ``annotation_events`` — every raw event as received (webhook, sync, import): append-only, so the
   store can always be rebuilt and audited.
+- ``annotation_deletions`` — one tombstone per deleted Label Studio annotation, with the deletion's time.
 - ``annotations`` — one row per (item, rater): the diagnosis, every binary target (``bcc`` and the
   seven patterns, keys from ``labeling_config.TARGETS``) and the regions. Updates replace the values,
   deletes are soft.
@@ -139,6 +140,20 @@ class Annotation(Base):
 
     item: Mapped[Item] = relationship(back_populates="annotations")
     rater: Mapped[Rater] = relationship(back_populates="annotations")
+
+
+class AnnotationDeletion(Base):
+    """When a Label Studio annotation was deleted: a tombstone, kept even before the annotation is known.
+
+    A deletion wins over every version of the annotation not newer than it, in whatever order the
+    events arrive (a delete before its create, a stale replay after the delete): only an update made
+    after the deletion brings the reading back.
+    """
+
+    __tablename__ = "annotation_deletions"
+
+    ls_annotation_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    deleted_at: Mapped[datetime]
 
 
 class ConsensusRun(Base):

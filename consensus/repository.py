@@ -18,11 +18,16 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from consensus.models import (
     Annotation,
+    AnnotationDeletion,
     AnnotationEvent,
+    Base,
     ConsensusLabel,
     ConsensusRun,
     Item,
@@ -53,26 +58,68 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def insert_if_absent(session: Session, model: type[Base], values: Mapping[str, Any]) -> Any | None:
+    """INSERT one row unless it would violate a unique constraint; return its primary key, or None.
+
+    Race-free on every supported store: two transactions inserting the same row at once (two
+    raters' first events for a task the store has not seen) give one row and no error. PostgreSQL
+    and SQLite use ``INSERT ... ON CONFLICT DO NOTHING``; other dialects a savepoint.
+    """
+    bind = session.get_bind()
+    table: Any = model.__table__
+    statement: Any
+    if bind.dialect.name == "postgresql":
+        statement = pg_insert(table).values(**values).on_conflict_do_nothing()
+    elif bind.dialect.name == "sqlite":
+        statement = sqlite_insert(table).values(**values).on_conflict_do_nothing()
+    else:
+        try:
+            with session.begin_nested():
+                result: Any = session.execute(insert(table).values(**values))
+        except IntegrityError:
+            return None
+        key = result.inserted_primary_key
+        return key[0] if key else None
+    primary = next(iter(table.primary_key.columns))
+    return session.execute(statement.returning(primary)).scalar()
+
+
 def get_or_create_rater(session: Session, name: str | None = None, ls_user_id: int | None = None) -> Rater:
-    """The rater with this Label Studio user id (or name), created when new.
+    """The rater with this Label Studio user id (or name), created when new (race-free).
+
+    A name already held by another Label Studio user gets the user id appended, so two users are
+    never merged into one rater.
 
     Raises:
         ValueError: when neither a name nor a user id is given.
     """
     if name is None and ls_user_id is None:
         raise ValueError("a rater needs a name or a Label Studio user id")
-    rater = None
-    if ls_user_id is not None:
-        rater = session.scalars(select(Rater).where(Rater.ls_user_id == ls_user_id)).first()
-    if rater is None and name is not None:
-        rater = session.scalars(select(Rater).where(Rater.name == name)).first()
-    if rater is None:
-        rater = Rater(name=name if name is not None else f"ls-user-{ls_user_id}", ls_user_id=ls_user_id)
-        session.add(rater)
-        session.flush()
-    elif ls_user_id is not None and rater.ls_user_id is None:
-        rater.ls_user_id = ls_user_id
-    return rater
+    for _ in range(3):  # a concurrent creation may take the name between our look and our insert
+        rater = None
+        if ls_user_id is not None:
+            rater = session.scalars(select(Rater).where(Rater.ls_user_id == ls_user_id)).first()
+        if rater is None and name is not None:
+            rater = session.scalars(select(Rater).where(Rater.name == name)).first()
+            if rater is not None and ls_user_id is not None and rater.ls_user_id not in (None, ls_user_id):
+                name, rater = f"{name} (ls-user-{ls_user_id})", None
+                continue
+        if rater is not None:
+            if ls_user_id is not None and rater.ls_user_id is None:
+                rater.ls_user_id = ls_user_id
+            return rater
+        label = name if name is not None else f"ls-user-{ls_user_id}"
+        insert_if_absent(session, Rater, {"name": label, "ls_user_id": ls_user_id, "created_at": utcnow()})
+    raise RuntimeError(f"could not create the rater {name!r} (Label Studio user {ls_user_id})")
+
+
+def _find_item(session: Session, external_id: str, ls_task_id: int | None) -> Item | None:
+    item = None
+    if ls_task_id is not None:
+        item = session.scalars(select(Item).where(Item.ls_task_id == ls_task_id)).first()
+    if item is None:
+        item = session.scalars(select(Item).where(Item.external_id == external_id)).first()
+    return item
 
 
 def get_or_create_item(
@@ -83,30 +130,37 @@ def get_or_create_item(
     data: Mapping[str, Any] | None = None,
     ls_project_id: int | None = None,
 ) -> Item:
-    """The item with this Label Studio task id (or external id), created when new; fills what was unknown."""
-    item = None
-    if ls_task_id is not None:
-        item = session.scalars(select(Item).where(Item.ls_task_id == ls_task_id)).first()
+    """The item with this Label Studio task id (or external id), created when new; fills what was unknown.
+
+    Race-free: concurrent first events of one task create one item.
+
+    Raises:
+        ValueError: the external id is stored for another task.
+    """
+    item = _find_item(session, external_id, ls_task_id)
     if item is None:
-        item = session.scalars(select(Item).where(Item.external_id == external_id)).first()
-    if item is None:
-        item = Item(
-            external_id=external_id,
-            ls_task_id=ls_task_id,
-            ls_project_id=ls_project_id,
-            image=image,
-            data=dict(data or {}),
+        insert_if_absent(
+            session,
+            Item,
+            {
+                "external_id": external_id,
+                "ls_task_id": ls_task_id,
+                "ls_project_id": ls_project_id,
+                "image": image,
+                "data": dict(data or {}),
+                "created_at": utcnow(),
+            },
         )
-        session.add(item)
-        session.flush()
-        return item
+        item = _find_item(session, external_id, ls_task_id)
+        if item is None:  # the conflicting row holds our external id under another task id
+            raise ValueError(f"item {external_id!r} is stored for another task than {ls_task_id}")
     if ls_task_id is not None and item.ls_task_id is None:
         item.ls_task_id = ls_task_id
     if image is not None and item.image != image:
         item.image = image
     if data is not None and dict(data) != item.data:
         item.data = dict(data)
-    if ls_project_id is not None:
+    if ls_project_id is not None and item.ls_project_id != ls_project_id:
         item.ls_project_id = ls_project_id
     return item
 
@@ -118,10 +172,16 @@ def record_event(
     payload: Mapping[str, Any],
     ls_project_id: int | None = None,
     error: str | None = None,
+    received_at: datetime | None = None,
 ) -> AnnotationEvent:
     """Append a raw event to the log (it is never changed afterwards)."""
     event = AnnotationEvent(
-        source=source, action=action, payload=dict(payload), ls_project_id=ls_project_id, error=error
+        source=source,
+        action=action,
+        payload=dict(payload),
+        ls_project_id=ls_project_id,
+        error=error,
+        received_at=received_at or utcnow(),
     )
     session.add(event)
     session.flush()
@@ -171,31 +231,38 @@ def upsert_annotation(
     if bad:
         raise ValueError(f"label values must be 0 or 1, got {bad}")
     values = {k: int(labels[k]) for k in TARGETS if k in labels}
-    existing = None
-    if ls_annotation_id is not None:
-        existing = session.scalars(
-            select(Annotation).where(Annotation.ls_annotation_id == ls_annotation_id)
-        ).first()
-    if existing is None:
-        existing = session.scalars(
-            select(Annotation).where(Annotation.item_id == item.id, Annotation.rater_id == rater.id)
-        ).first()
     when = updated_at or utcnow()
+    tombstone = session.get(AnnotationDeletion, ls_annotation_id) if ls_annotation_id is not None else None
+    stale = tombstone is not None and (
+        updated_at is None or _aware(updated_at) <= _aware(tombstone.deleted_at)  # type: ignore[operator]
+    )
+    existing = _find_annotation(session, item, rater, ls_annotation_id)
     if existing is None:
-        annotation = Annotation(
-            item_id=item.id,
-            rater_id=rater.id,
-            ls_annotation_id=ls_annotation_id,
-            diagnosis=diagnosis,
-            labels=values,
-            regions=list(regions or []),
-            source=source,
-            created_at=when,
-            updated_at=when,
-        )
-        session.add(annotation)
-        session.flush()
-        return Upsert(annotation, created=True, changed=True)
+        row = {
+            "item_id": item.id,
+            "rater_id": rater.id,
+            "ls_annotation_id": ls_annotation_id,
+            "diagnosis": diagnosis,
+            "labels": values,
+            "regions": list(regions or []),
+            "source": source,
+            "created_at": when,
+            "updated_at": when,
+            # A version not newer than the annotation's deletion is kept for the audit, deleted.
+            "deleted": stale,
+            "deleted_at": tombstone.deleted_at if stale and tombstone is not None else None,
+        }
+        key = insert_if_absent(session, Annotation, row)
+        if key is not None:
+            annotation = session.get_one(Annotation, key)
+            return Upsert(annotation, created=not stale, changed=not stale)
+        # Another transaction stored this annotation (or this rater's one for the item) meanwhile.
+        existing = _find_annotation(session, item, rater, ls_annotation_id)
+        if existing is None:
+            raise ValueError(f"annotation {ls_annotation_id} conflicts with a stored annotation")
+    if stale:
+        logger.info("ignoring annotation %s: not newer than its deletion", ls_annotation_id)
+        return Upsert(existing, created=False, changed=False)
 
     stored_at = _aware(existing.updated_at)
     if updated_at is not None and stored_at is not None and _aware(updated_at) < stored_at:  # type: ignore[operator]
@@ -222,16 +289,67 @@ def upsert_annotation(
     return Upsert(existing, created=False, changed=True)
 
 
-def soft_delete_annotations(session: Session, ls_annotation_ids: Iterable[int]) -> int:
-    """Mark annotations deleted (kept for the audit trail). Returns how many changed."""
-    ids = list(ls_annotation_ids)
+def _find_annotation(
+    session: Session, item: Item, rater: Rater, ls_annotation_id: int | None
+) -> Annotation | None:
+    """The stored annotation, locked for this transaction (PostgreSQL), so concurrent versions queue."""
+    existing = None
+    if ls_annotation_id is not None:
+        existing = session.scalars(
+            select(Annotation)
+            .where(Annotation.ls_annotation_id == ls_annotation_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+    if existing is None:
+        existing = session.scalars(
+            select(Annotation)
+            .where(Annotation.item_id == item.id, Annotation.rater_id == rater.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+    return existing
+
+
+def soft_delete_annotations(
+    session: Session, ls_annotation_ids: Iterable[int], at: datetime | None = None
+) -> int:
+    """Mark annotations deleted (kept for the audit trail) and remember when. Returns how many changed.
+
+    Each id gets a tombstone (also for an annotation the store has not seen yet: its create may
+    arrive after its delete), dated ``at`` (default now) or the stored version's own time if that is
+    later, so a deletion covers the version it deleted whatever the two clocks say. Any version not
+    newer than the tombstone stays deleted (:func:`upsert_annotation`).
+    """
+    ids = list(dict.fromkeys(ls_annotation_ids))
     if not ids:
         return 0
+    now = _aware(at) or utcnow()
     changed = 0
-    for annotation in session.scalars(select(Annotation).where(Annotation.ls_annotation_id.in_(ids))):
-        if not annotation.deleted:
-            annotation.deleted = True
-            annotation.deleted_at = utcnow()
+    for ls_id in ids:
+        row = session.scalars(
+            select(Annotation)
+            .where(Annotation.ls_annotation_id == ls_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+        stored = _aware(row.updated_at) if row is not None else None
+        when: datetime = max(now, stored) if stored is not None else now
+        if (
+            insert_if_absent(session, AnnotationDeletion, {"ls_annotation_id": ls_id, "deleted_at": when})
+            is None
+        ):
+            tombstone = session.get_one(
+                AnnotationDeletion, ls_id, with_for_update=True, populate_existing=True
+            )
+            stored_when = _aware(tombstone.deleted_at)
+            if stored_when is not None and stored_when < when:
+                tombstone.deleted_at = when
+            else:
+                when = stored_when or when
+        if row is not None and not row.deleted:
+            row.deleted = True
+            row.deleted_at = when
             changed += 1
     return changed
 

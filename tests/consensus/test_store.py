@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -35,41 +33,12 @@ from consensus.repository import (
     validate_ratings,
 )
 
-PG_URL = os.environ.get("DERMASSIST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
-
-def _postgres_schema() -> Iterator[str]:
-    admin = make_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:  # no server here: say so
-        admin.dispose()
-        pytest.skip(
-            f"PostgreSQL not reachable at {PG_URL} ({type(exc).__name__}); set DERMASSIST_TEST_PG_URL"
-        )
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        engine, factory = init_db(f"sqlite:///{tmp_path / 'store.sqlite'}")
-        yield factory
-        engine.dispose()
-        return
-    for url in _postgres_schema():
-        engine, factory = init_db(url)
-        yield factory
-        engine.dispose()
+@pytest.fixture
+def db(store_url: str) -> Iterator[sessionmaker[Session]]:
+    engine, factory = init_db(store_url)
+    yield factory
+    engine.dispose()
 
 
 def counts(session: Session) -> dict[str, int]:
