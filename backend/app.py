@@ -8,7 +8,14 @@ basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error i
 
 ``/webhook`` answers within milliseconds (Label Studio waits 1 s and never retries): it stores the raw
 event and what it says in one small transaction; anything slow (the retraining policy's count, a
-training job) happens on other threads or processes.
+training job) happens on other threads or processes. When the store is away past a bounded retry,
+the event is spooled to disk and answered ``202`` (:mod:`backend.spool`); every refused event is
+kept in the raw log with its reason.
+
+Nothing a client sends yields a 5xx: bodies are bounded in size (``MAX_BODY_BYTES``; an event in
+``MAX_EVENT_BYTES``) and JSON in depth (``MAX_JSON_DEPTH``), ``NaN`` / ``Infinity`` are not JSON,
+and an event's ids, texts and numbers are checked against what the store holds (``422`` naming the
+field).
 """
 
 from __future__ import annotations
@@ -28,24 +35,29 @@ from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from backend import jobs, registry
 from backend.images import ImageError, ImageFetcher
-from backend.ingest import TRAIN_EVENT, ingest_webhook
+from backend.ingest import MAX_ID, TRAIN_EVENT, ingest_webhook, record_refused
 from backend.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion
 from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
 from backend.predictor import ModelHolder, ServedModel, run_batch
 from backend.settings import Settings, SettingsError
-from consensus.models import Annotation, AnnotationEvent, ModelVersion, Source, TrainingJob
-from consensus.repository import record_event
+from backend.spool import EventSpool
+from consensus.models import Annotation, AnnotationEvent, ModelVersion, TrainingJob
 from labeling_config import load_config
 from labeling_config.parse import ConfigError, ProjectConfig, Role, parse_config
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+#: A Label Studio event is kilobytes (a brush annotation's RLE, a few MB at most); larger is refused.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+#: Label Studio's payloads nest about six deep; deeper is refused before anything walks it.
+MAX_JSON_DEPTH = 64
 PROMOTED_CHECK_S = 1.0
 UNTRAINED = "untrained"
 
@@ -90,6 +102,7 @@ class Backend:
     _policy: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "dermassist-policy"))
     _policy_pending: threading.Event = field(default_factory=threading.Event)
     write_lock: Any = None  # SQLite: one writer thread at a time in this process
+    spool: EventSpool | None = None  # events waiting for the store
 
     # -- configs
     def parse(self, xml: str) -> ProjectConfig:
@@ -201,6 +214,20 @@ class Backend:
         finally:
             self._policy_pending.clear()
 
+    # -- events
+    def apply_spooled(self, payload: Any, received_at: Any) -> bool:
+        """Apply one spooled event (see :mod:`backend.spool`); False while the store is still away."""
+        try:
+            outcome, _ = ingest_webhook(
+                self.sessions, payload, self.resolve, self.write_lock, received_at=received_at, budget_s=0
+            )
+        except SQLAlchemyError as exc:
+            logger.info("the store is still away (%s); spooled events wait", type(exc).__name__)
+            return False
+        if outcome.train:
+            self.queue_training(TRAIN_EVENT)
+        return True
+
     # -- metrics
     def observe(self, name: str, seconds: float) -> None:
         with self._lock:
@@ -215,17 +242,47 @@ def backend() -> Backend:
     return state
 
 
-def _json_body() -> dict[str, Any]:
-    raw = request.get_data(cache=True)
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def parse_json(raw: bytes, constants: bool = False) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 that says what is wrong with it.
+
+    Args:
+        raw: the body.
+        constants: read ``NaN`` / ``Infinity`` (not JSON) as floats, for a later check to name the
+            field that holds one (an event is refused with 422 and kept); else they are a 400.
+    """
     if not raw:
         raise ApiError(400, "bad_request", "the request has no body; send a JSON object")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=None if constants else _refuse_constant)
+    except RecursionError:
+        raise ApiError(400, "malformed_json", f"the JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", f"the body must be a JSON object, got {type(body).__name__}")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise ApiError(400, "malformed_json", f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def _json_body() -> dict[str, Any]:
+    return parse_json(request.get_data(cache=True))
 
 
 def _project_id(raw: Any) -> int | None:
@@ -234,7 +291,7 @@ def _project_id(raw: Any) -> int | None:
         return raw
     if isinstance(raw, str):
         head = raw.split(".", 1)[0]
-        if head.isdigit():
+        if head.isascii() and head.isdigit() and len(head) <= 19 and 0 < int(head) <= MAX_ID:
             return int(head)
     return None
 
@@ -286,6 +343,10 @@ def create_app(
     bind = sessions.kw.get("bind")
     if bind is not None and bind.dialect.name == "sqlite":
         state.write_lock = threading.Lock()
+    state.parse(load_config("bcc"))  # the fallback config, parsed before the first webhook's 1 s
+    state.spool = EventSpool(settings.model_dir / "event-spool")
+    if start_runner:
+        state.spool.start(state.apply_spooled)
     if settings.redis_url:
         state.runner = jobs.RQQueue(settings.redis_url)
     elif start_runner:
@@ -324,6 +385,8 @@ def create_app(
             413: f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB",
         }
         name = (exc.name or "error").lower().replace(" ", "_")
+        if code == 413 and request.path == "/webhook":
+            _keep_refused({"bytes": request.content_length}, messages[413])
         return jsonify(error=name, message=messages.get(code, exc.description or name)), code
 
     @app.errorhandler(Exception)
@@ -428,23 +491,48 @@ def create_app(
         state.counters["predict tasks"] += len(tasks)
         return jsonify(results=predictions, model_version=version)
 
+    def _keep_refused(payload: Any, reason: str) -> int | None:
+        """Keep a refused event in the raw log; None when even that fails (the log says why)."""
+        try:
+            return record_refused(state.sessions, payload, reason).event_id
+        except SQLAlchemyError:
+            logger.exception("a refused event could not be kept (%s)", reason)
+            return None
+
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
         raw = request.get_data(cache=True)
+        if len(raw) > MAX_EVENT_BYTES:
+            too_large = (
+                f"the event is {len(raw):,} bytes; Label Studio's events are far smaller "
+                f"(at most {MAX_EVENT_BYTES // (1024 * 1024)} MiB is taken)"
+            )
+            head = raw[:4096].decode("utf-8", errors="replace")
+            _keep_refused({"raw": head, "bytes": len(raw)}, too_large)
+            raise ApiError(413, "event_too_large", too_large)
         try:
-            body = _json_body()
-        except ApiError as exc:
-            with state.sessions() as session:  # keep what arrived, even when it is not JSON
-                text = raw[:1_000_000].decode("utf-8", errors="replace")
-                record_event(session, Source.WEBHOOK, "MALFORMED", {"raw": text}, error=exc.message)
-                session.commit()
+            body = parse_json(raw, constants=True)
+        except ApiError as exc:  # keep what arrived, even when it is not JSON
+            _keep_refused({"raw": raw[:1_000_000].decode("utf-8", errors="replace")}, exc.message)
             raise
         if not isinstance(body.get("action"), str):
-            raise ApiError(400, "bad_request", "a webhook event needs an 'action'")
-        outcome, reason = ingest_webhook(state.sessions, body, state.resolve, state.write_lock)
+            missing = "a webhook event needs an 'action' (text)"
+            _keep_refused(body, missing)
+            raise ApiError(400, "bad_request", missing)
+        try:
+            outcome, reason = ingest_webhook(
+                state.sessions, body, state.resolve, state.write_lock, spool=state.spool
+            )
+        except (SQLAlchemyError, OSError):
+            logger.exception("an event could be neither stored nor spooled")
+            raise ApiError(
+                503, "store_unavailable", "the store and the event spool are both unavailable; try again"
+            ) from None
         state.counters[f"webhook {outcome.action}"] += 1
         if reason is not None:
             return jsonify(error="invalid_event", message=reason, event_id=outcome.event_id), 422
+        if outcome.queued:
+            return jsonify(status="queued", action=outcome.action), 202
         answer: dict[str, Any] = {"status": "ignored" if outcome.ignored else "ok", **outcome.as_dict()}
         if body["action"] == TRAIN_EVENT:
             job, created = state.queue_training(TRAIN_EVENT)

@@ -3,21 +3,34 @@
 The webhook and the sync share this code, so an annotation reaches the same row whichever way it
 came. The raw event is always kept (append-only log): :func:`ingest_webhook` writes it in the same
 transaction as what it parsed, and alone (with the reason) when the event cannot be applied.
+
+What a client sends is checked before the store sees it, so nothing in an event can make the store
+fail: ids are integers within SQL's 64-bit range, no string holds a NUL byte (PostgreSQL text cannot),
+e-mails and values fit their columns. A refused event is still kept, made storable (NUL bytes
+replaced, a huge payload truncated). Transient store errors (a restart, a failover, a serialization
+failure, a busy SQLite) are retried with a bounded back-off inside Label Studio's 1 s budget; an
+event the store still cannot take goes to the on-disk spool (:mod:`backend.spool`) and is applied
+when the store is back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.ls_annotations import AnnotationError, parse_result, timestamp, user_id
-from consensus.models import Source
+from backend.spool import EventSpool
+from consensus.models import Source, utcnow
 from consensus.repository import (
     get_or_create_item,
     get_or_create_rater,
@@ -37,8 +50,82 @@ TRAIN_EVENT = "START_TRAINING"
 ConfigResolver = Callable[[int | None, Mapping[str, Any] | None], ProjectConfig]
 
 
+#: SQL's BIGINT: every Label Studio id is stored in one.
+MAX_ID = 2**63 - 1
+MAX_NAME_CHARS = 200  # raters.name
+MAX_VALUE_CHARS = 64  # annotations.diagnosis, annotation_events.action
+#: A refused event larger than this is kept truncated to it (as text) in the raw log.
+MAX_KEPT_BYTES = 256 * 1024
+#: Retries of transient store errors stop this long after the event arrived (Label Studio waits 1 s).
+RETRY_BUDGET_S = 0.6
+
+
 class EventError(ValueError):
     """An event that cannot be applied to the store; it is kept in the log with this message."""
+
+
+def check_id(value: Any, where: str) -> int:
+    """A Label Studio id: an integer in 1..2**63-1 (SQL BIGINT).
+
+    Raises:
+        EventError: naming the field.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EventError(f"{where} must be an integer id, got {_short(value)}")
+    if not 0 < value <= MAX_ID:
+        raise EventError(f"{where} is {value}, outside the ids SQL stores (1 to 2**63-1)")
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_text(payload: Any, where: str = "event") -> None:
+    """Refuse NUL bytes (PostgreSQL text cannot hold them) and non-finite numbers anywhere in an event.
+
+    Raises:
+        EventError: naming the first offending field.
+    """
+    stack: list[tuple[str, Any]] = [(where, payload)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise EventError(f"{path} contains a NUL byte")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise EventError(f"{path} is {value}, not a finite number")
+        elif isinstance(value, Mapping):
+            for key, child in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    raise EventError(f"{path} has a key with a NUL byte")
+                stack.append((f"{path}.{key}", child))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(value))
+
+
+def storable(payload: Any) -> dict[str, Any]:
+    """A refused event as the raw log can keep it: NUL bytes replaced, non-finite numbers as text,
+    and, above :data:`MAX_KEPT_BYTES`, the first bytes of its JSON only."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("\x00", "\ufffd")
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, Mapping):
+            return {clean(str(k)): clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    kept = clean(payload if isinstance(payload, Mapping) else {"body": payload})
+    text = json.dumps(kept)
+    if len(text) > MAX_KEPT_BYTES:
+        return {"truncated": True, "bytes": len(text), "head": text[:MAX_KEPT_BYTES]}
+    return kept  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -53,6 +140,7 @@ class Outcome:
     skipped: int = 0
     train: bool = False
     ignored: bool = False
+    queued: bool = False
     items: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -68,7 +156,7 @@ def project_id(payload: Mapping[str, Any]) -> int | None:
         project = project.get("id")
     if project is None and isinstance(payload.get("task"), Mapping):
         project = payload["task"].get("project")
-    if isinstance(project, bool) or not isinstance(project, int):
+    if isinstance(project, bool) or not isinstance(project, int) or not 0 < project <= MAX_ID:
         return None
     return project
 
@@ -77,9 +165,7 @@ def _task_id(task: Mapping[str, Any] | None, annotation: Mapping[str, Any]) -> i
     raw = task.get("id") if task is not None else annotation.get("task")
     if isinstance(raw, Mapping):
         raw = raw.get("id")
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise EventError(f"the annotation's task id is missing or not an integer ({raw!r})")
-    return raw
+    return check_id(raw, "task.id" if task is not None else "annotation.task")
 
 
 def apply_annotation(
@@ -89,6 +175,7 @@ def apply_annotation(
     config: ProjectConfig,
     source: Source,
     ls_project: int | None,
+    received_at: datetime | None = None,
 ) -> Outcome:
     """Insert, replace or (for a skipped task) soft-delete one Label Studio annotation.
 
@@ -96,19 +183,22 @@ def apply_annotation(
         EventError: for an annotation that cannot be read (nothing is written then).
     """
     outcome = Outcome(action="annotation")
-    annotation_id = annotation.get("id")
-    if isinstance(annotation_id, bool) or not isinstance(annotation_id, int):
-        raise EventError(f"the annotation has no integer id ({annotation_id!r})")
+    annotation_id = check_id(annotation.get("id"), "annotation.id")
     task_id = _task_id(task, annotation)
     if annotation.get("was_cancelled"):
-        outcome.deleted = soft_delete_annotations(session, [annotation_id])
+        updated = timestamp(annotation.get("updated_at"))
+        outcome.deleted = soft_delete_annotations(session, [annotation_id], at=updated or received_at)
         outcome.skipped = 1
         return outcome
     try:
         parsed = parse_result(annotation.get("result", []), config)
-        rater_id = user_id(annotation.get("completed_by"))
+        rater_id = check_id(user_id(annotation.get("completed_by")), "annotation.completed_by")
     except AnnotationError as exc:
         raise EventError(f"annotation {annotation_id} of task {task_id}: {exc}") from exc
+    if parsed.diagnosis is not None and len(parsed.diagnosis) > MAX_VALUE_CHARS:
+        raise EventError(
+            f"annotation {annotation_id}: the diagnosis is longer than {MAX_VALUE_CHARS} characters"
+        )
     data = task.get("data") if task is not None and isinstance(task.get("data"), Mapping) else None
     image = data.get(config.image_key) if data is not None else None
     item = get_or_create_item(
@@ -124,7 +214,9 @@ def apply_annotation(
         if isinstance(annotation.get("completed_by"), Mapping)
         else None
     )
-    rater = get_or_create_rater(session, name=email, ls_user_id=rater_id)
+    if email is not None and (not isinstance(email, str) or len(email) > MAX_NAME_CHARS):
+        raise EventError(f"annotation.completed_by.email must be text of at most {MAX_NAME_CHARS} characters")
+    rater = get_or_create_rater(session, name=email or None, ls_user_id=rater_id)
     result = upsert_annotation(
         session,
         item,
@@ -142,9 +234,16 @@ def apply_annotation(
 
 
 def apply_event(
-    session: Session, payload: Mapping[str, Any], resolve: ConfigResolver, source: Source
+    session: Session,
+    payload: Mapping[str, Any],
+    resolve: ConfigResolver,
+    source: Source,
+    received_at: datetime | None = None,
 ) -> Outcome:
     """Apply one Label Studio webhook event to the store (the caller owns the transaction).
+
+    Args:
+        received_at: when the event arrived (a deletion's time; default now).
 
     Raises:
         EventError: for an event that cannot be applied.
@@ -152,6 +251,9 @@ def apply_event(
     action = payload.get("action")
     if not isinstance(action, str):
         raise EventError("the event has no action")
+    if len(action) > MAX_VALUE_CHARS:
+        raise EventError(f"action is longer than {MAX_VALUE_CHARS} characters")
+    check_text(payload)
     ls_project = project_id(payload)
     if action in ANNOTATION_EVENTS:
         annotation, task = payload.get("annotation"), payload.get("task")
@@ -161,7 +263,7 @@ def apply_event(
             raise EventError(f"{action}: task must be an object")
         project = payload.get("project") if isinstance(payload.get("project"), Mapping) else None
         outcome = apply_annotation(
-            session, annotation, task, resolve(ls_project, project), source, ls_project
+            session, annotation, task, resolve(ls_project, project), source, ls_project, received_at
         )
         outcome.action = action
         return outcome
@@ -170,13 +272,19 @@ def apply_event(
         if not isinstance(annotations, list):
             raise EventError(f"{action} without an annotations list")
         raw = [a.get("id") if isinstance(a, Mapping) else a for a in annotations]
-        ids = [i for i in raw if isinstance(i, int) and not isinstance(i, bool)]
-        if len(ids) != len(raw):
-            raise EventError(f"{action}: every annotation needs an integer id")
-        return Outcome(action=action, deleted=soft_delete_annotations(session, ids))
+        ids = [check_id(i, f"annotations[{n}].id") for n, i in enumerate(raw)]
+        return Outcome(action=action, deleted=soft_delete_annotations(session, ids, at=received_at))
     if action == TRAIN_EVENT:
         return Outcome(action=action, train=True)
     return Outcome(action=action, ignored=True)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store error may pass on its own (lost connection, restart, failover, serialization
+    failure or deadlock, a busy SQLite): such events are retried, then spooled, never refused."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError))
 
 
 def ingest_webhook(
@@ -184,6 +292,9 @@ def ingest_webhook(
     payload: Mapping[str, Any],
     resolve: ConfigResolver,
     lock: AbstractContextManager[Any] | None = None,
+    spool: EventSpool | None = None,
+    received_at: datetime | None = None,
+    budget_s: float = RETRY_BUDGET_S,
 ) -> tuple[Outcome, str | None]:
     """Keep the raw event and apply it, in one transaction; keep it alone when it cannot be applied.
 
@@ -193,34 +304,79 @@ def ingest_webhook(
         resolve: the project's labeling config.
         lock: held around the write (SQLite: threads of one process queue here instead of in
             SQLite's busy handler, whose back-off sleeps make the latency tail long).
+        spool: where an event goes when the store stays away past the retries (None: raise).
+        received_at: when it arrived (a spooled event's own time; default now).
+        budget_s: how long transient store errors are retried.
 
     Returns:
-        What it did, and the reason it could not be applied (None when it was).
+        What it did (``queued`` when it went to the spool), and the reason it could not be applied
+        (None when it was).
+
+    Raises:
+        SQLAlchemyError: the store stayed away and there is no spool to keep the event.
     """
+    received = received_at or utcnow()
+    deadline = time.monotonic() + budget_s
     with lock if lock is not None else nullcontext():
-        return _ingest(sessions, payload, resolve)
+        delay = 0.01
+        while True:
+            try:
+                return _ingest(sessions, payload, resolve, received)
+            except SQLAlchemyError as exc:
+                if not (is_transient(exc) or isinstance(exc, IntegrityError)):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    if isinstance(exc, IntegrityError) or spool is None:
+                        raise
+                    logger.warning("the store is away (%s); the event waits in the spool", type(exc).__name__)
+                    spool.put(dict(payload), received)
+                    return Outcome(action=str(payload.get("action", ""))[:MAX_VALUE_CHARS], queued=True), None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
 
 def _ingest(
-    sessions: sessionmaker[Session], payload: Mapping[str, Any], resolve: ConfigResolver
+    sessions: sessionmaker[Session],
+    payload: Mapping[str, Any],
+    resolve: ConfigResolver,
+    received_at: datetime,
 ) -> tuple[Outcome, str | None]:
-    action = str(payload.get("action", ""))[:64]
+    action = str(payload.get("action", ""))[:MAX_VALUE_CHARS]
     ls_project = project_id(payload)
     with sessions() as session:
         try:
-            event = record_event(session, Source.WEBHOOK, action, payload, ls_project)
-            outcome = apply_event(session, payload, resolve, Source.WEBHOOK)
+            check_text(payload)
+            event = record_event(
+                session, Source.WEBHOOK, action, payload, ls_project, received_at=received_at
+            )
+            outcome = apply_event(session, payload, resolve, Source.WEBHOOK, received_at)
             outcome.event_id = event.id
             session.commit()
             return outcome, None
         except EventError as exc:
             reason = str(exc)
+            session.rollback()
         except SQLAlchemyError as exc:
+            session.rollback()
+            if is_transient(exc) or isinstance(exc, IntegrityError):
+                raise
             logger.exception("event %s could not be applied", action)
             reason = f"the store refused the event ({type(exc).__name__})"
-        session.rollback()
+    return record_refused(sessions, payload, reason, received_at), reason
+
+
+def record_refused(
+    sessions: sessionmaker[Session], payload: Any, reason: str, received_at: datetime | None = None
+) -> Outcome:
+    """Keep a refused event in the raw log (made storable) with why it was refused."""
+    body = storable(payload)
+    action = body.get("action") if isinstance(body.get("action"), str) else "MALFORMED"
+    action = str(action)[:MAX_VALUE_CHARS]
+    ls_project = project_id(body)
     with sessions() as session:
-        event = record_event(session, Source.WEBHOOK, action, payload, ls_project, error=reason)
+        event = record_event(
+            session, Source.WEBHOOK, action, body, ls_project, error=reason[:2000], received_at=received_at
+        )
         session.commit()
         logger.warning("kept event %s unapplied: %s", event.id, reason)
-        return Outcome(action=action, event_id=event.id), reason
+        return Outcome(action=action, event_id=event.id)

@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.settings import Settings
+from backend.spool import pid_alive
 from consensus.models import Annotation, Item, JobStatus, ModelStatus, TrainingJob, utcnow
 from consensus.repository import consensus_table
 from consensus.service import run_consensus
@@ -140,15 +141,7 @@ def finish(
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid is not None and pid_alive(pid)
 
 
 def recover_interrupted(sessions: sessionmaker[Session]) -> list[int]:

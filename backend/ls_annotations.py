@@ -26,7 +26,9 @@ from typing import Any
 from labeling_config import DIAGNOSIS_KEY
 from labeling_config.parse import Control, ProjectConfig, Role
 
-BRUSH_TYPES = ("brushlabels", "labels")
+#: The result types of the controls dermassist reads: ``<Choices>`` and ``<BrushLabels>``.
+CHOICE_TYPE = "choices"
+BRUSH_TYPE = "brushlabels"
 
 
 class AnnotationError(ValueError):
@@ -104,7 +106,17 @@ def parse_result(result: Any, config: ProjectConfig) -> ParsedAnnotation:
                 f'result item {index} is for control "{name}", which this project\'s config does not have '
                 f"(controls: {known})"
             )
-        if kind == "choices":
+        if kind not in (CHOICE_TYPE, BRUSH_TYPE):
+            expected = " or ".join(
+                sorted(
+                    {BRUSH_TYPE if c.role in (Role.REGIONS, Role.LESION) else CHOICE_TYPE for c in controls}
+                )
+            )
+            raise AnnotationError(
+                f'result item {index} is a "{kind}" result for control "{name}", which takes {expected} '
+                "results; was the annotation made with another labeling config?"
+            )
+        if kind == CHOICE_TYPE:
             control = next(
                 (c for c in controls if c.role in (Role.DIAGNOSIS, Role.PATTERNS, Role.HAM_DIAGNOSIS)), None
             )
@@ -122,8 +134,8 @@ def parse_result(result: Any, config: ProjectConfig) -> ParsedAnnotation:
                 diagnosis = chosen[0]
                 if keys:
                     labels[DIAGNOSIS_KEY] = int(keys[0] == DIAGNOSIS_KEY)
-        elif kind in BRUSH_TYPES or kind.endswith("labels"):
-            given = value.get(kind) if kind in value else value.get("brushlabels", value.get("labels", []))
+        else:
+            given = value.get(BRUSH_TYPE, [])
             brush = [c for c in controls if c.role in (Role.REGIONS, Role.LESION)]
             if not brush:
                 raise AnnotationError(f'result item {index}: control "{name}" is not a brush control')
@@ -149,8 +161,6 @@ def parse_result(result: Any, config: ProjectConfig) -> ParsedAnnotation:
                     }
                 )
             answered = answered or bool(chosen)
-        else:
-            raise AnnotationError(f'result item {index} has type "{kind}", which dermassist does not read')
 
     patterns = config.patterns
     if patterns is not None and answered:

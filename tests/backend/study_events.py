@@ -69,7 +69,8 @@ def lesion_tasks(study: Path, files: Any, project: int = 2, n_raters: int = 3) -
         row = labels.loc[image_id]
         data = {
             "image": path,
-            "age": float(row["age"]),
+            # Label Studio sends a missing value as "" (its webhooks are strict JSON: never NaN)
+            "age": float(row["age"]) if pd.notna(row["age"]) else "",
             "sex": str(row["sex"]),
             "site": str(row["localization"]),
         }
