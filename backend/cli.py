@@ -166,9 +166,9 @@ def _train_from_db(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the Label Studio ML backend (gunicorn; --dev: Flask's development server)."""
+    """Run the Label Studio ML backend (waitress; --dev: Flask's development server)."""
     from backend.app import create_app
-    from consensus.db import init_db, make_engine, make_sessionmaker
+    from consensus.db import init_db
 
     settings = _settings(args)
     engine, _ = init_db(settings.database_url)  # migrate once, before any worker starts
@@ -177,25 +177,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings, start_runner=True)
         app.run(host=args.host, port=args.port, threaded=True)
         return 0
-    from gunicorn.app.base import BaseApplication
+    from backend.server import serve
 
-    class Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", args.http_threads)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("timeout", 300)
-            self.cfg.set("loglevel", settings.log_level.lower())
-            self.cfg.set("accesslog", None)
-
-        def load(self) -> object:  # in each worker: its own engine and connection pool
-            sessions = make_sessionmaker(make_engine(settings.database_url))
-            return create_app(settings, sessions=sessions, start_runner=True)
-
-    logger.info("serving on http://%s:%d with %s", args.host, args.port, settings.describe())
-    Server().run()
-    return 0
+    return serve(settings, args.host, args.port, args.http_threads)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
