@@ -871,9 +871,9 @@ class ImageFetcher:
             response = conn.getresponse()
             if response.status != 200:
                 return _Response(response.status, response.getheader("Location"), b"")
-            length = response.getheader("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > limit:
-                raise _too_large(target, limit, f"announces {int(length):,} bytes")
+            announced = _announced_length(target, response)
+            if announced is not None and announced > limit:
+                raise _too_large(target, limit, f"announces {announced:,} bytes")
             chunks: list[bytes] = []
             total = 0
             while True:
@@ -886,17 +886,15 @@ class ImageFetcher:
                     raise _too_large(target, limit, f"sent over {limit:,} bytes")
             if watchdog.fired:
                 raise _timeout(target, deadline)
+            if announced is not None and total < announced:  # http.client returns short reads quietly
+                raise _cut_short(target, f"{total:,} of the {announced:,} bytes it announced")
             return _Response(200, None, b"".join(chunks))
         except ImageError:
             raise
-        except http.client.IncompleteRead:
+        except http.client.IncompleteRead:  # a broken chunked body, or a connection closed mid-file
             if watchdog.fired:
                 raise _timeout(target, deadline) from None
-            raise ImageError(
-                "truncated",
-                f"The server at {_display(target.url)!r} closed the connection before sending the whole "
-                "file; try again.",
-            ) from None
+            raise _cut_short(target, "part of the file") from None
         except ssl.SSLCertVerificationError as exc:
             raise ImageError(
                 "connection",
@@ -996,6 +994,35 @@ def _refused_redirect(source: _Target, location: str, exc: ImageError) -> ImageE
         "redirect",
         f"The image at {_display(source.url)!r} redirected to {_display(location)!r}, which is refused "
         f"({exc.reason}): {exc}{hint}",
+    )
+
+
+def _announced_length(target: _Target, response: http.client.HTTPResponse) -> int | None:
+    """The body length a response announces (None for a chunked or close-delimited body).
+
+    Raises:
+        ImageError: conflicting or malformed ``Content-Length`` headers (a response that cannot be
+            framed is not trusted to hold the whole image).
+    """
+    if "chunked" in (response.getheader("Transfer-Encoding") or "").lower():
+        return None
+    values = {v.strip() for v in response.headers.get_all("Content-Length") or []}
+    if not values:
+        return None
+    if len(values) > 1 or not all(v.isascii() and v.isdigit() for v in values):
+        raise ImageError(
+            "truncated",
+            f"The server at {_display(target.url)!r} sent an invalid Content-Length "
+            f"({', '.join(sorted(values))[:80]}); the file cannot be trusted to be whole.",
+        )
+    return int(values.pop())
+
+
+def _cut_short(target: _Target, what: str) -> ImageError:
+    return ImageError(
+        "truncated",
+        f"The server at {_display(target.url)!r} closed the connection after sending only {what}; "
+        "the image was not used. Try again.",
     )
 
 

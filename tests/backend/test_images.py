@@ -212,6 +212,20 @@ def img(png: bytes, jpeg: bytes, bomb: bytes, other: Server) -> Iterator[Server]
         "/bomb.png": serve(bomb),
         "/huge-length.png": lambda h, _: reply(h, 200, png[:100], {"Content-Length": str(10**12)}, False),
         "/short-body.png": lambda h, _: reply(h, 200, png[:100], {"Content-Length": str(len(png))}, False),
+        # Pillow decodes a PNG without its IEND chunk: only the announced length tells it is cut short.
+        "/short-decodable.png": lambda h, _: reply(
+            h, 200, png[:-12], {"Content-Length": str(len(png))}, False
+        ),
+        "/two-lengths.png": lambda h, _: reply(
+            h, 200, png, {"Content-Length": str(len(png)), "content-length": str(len(png) + 1)}, False
+        ),
+        "/bad-length.png": lambda h, _: reply(h, 200, png, {"Content-Length": "12abc"}, False),
+        "/broken-chunks.png": lambda h, _: reply(
+            h, 200, b"%x\r\n" % len(png) + png[:-50] + b"\r\nzz\r\n", {"Transfer-Encoding": "chunked"}, False
+        ),
+        "/unfinished-chunks.png": lambda h, _: reply(
+            h, 200, b"%x\r\n" % len(png) + png + b"\r\n", {"Transfer-Encoding": "chunked"}, False
+        ),
         "/missing.png": _not_found,
         "/error.png": lambda h, _: reply(h, 500, b"boom"),
         "/slow.png": slow,
@@ -669,6 +683,11 @@ def test_a_name_needs_its_private_address_listed_and_the_checked_address_is_the_
         ("/truncated.png", "truncated", {}),
         ("/truncated.jpg", "truncated", {}),
         ("/short-body.png", "truncated", {}),
+        ("/short-decodable.png", "truncated", {}),
+        ("/two-lengths.png", "truncated", {}),
+        ("/bad-length.png", "truncated", {}),
+        ("/broken-chunks.png", "truncated", {}),
+        ("/unfinished-chunks.png", "truncated", {}),
         ("/empty.png", "empty", {}),
         ("/bomb.png", "too_many_pixels", {}),
         ("/good.png", "too_many_pixels", {"max_image_pixels": 64 * 48 - 1}),
