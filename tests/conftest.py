@@ -76,3 +76,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'store.sqlite'}"
         return
     yield from postgres_schema()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the project's PostgreSQL server, or skip saying why."""
+    yield from postgres_schema()

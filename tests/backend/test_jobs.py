@@ -9,13 +9,14 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 import backend.app as app_module
 from backend import jobs, registry
-from consensus.models import JobStatus, ModelStatus, ModelVersion, TrainingJob
+from consensus.models import Annotation, JobStatus, ModelStatus, ModelVersion, TrainingJob
 from tests.backend.conftest import with_settings
 from tests.backend.study_events import BCC_XML, study_tasks, webhook_events
 
@@ -76,6 +77,7 @@ def test_killing_a_running_job_fails_it_and_leaves_the_served_model(
     while time.monotonic() < deadline and not history.exists():  # killed mid-training, after an epoch
         time.sleep(0.2)
     assert history.exists(), "the job never finished its first epoch"
+    store_before = annotations_snapshot(sessions)
     row = job_row(sessions, job.id)
     assert row.status is JobStatus.RUNNING and row.pid
     os.kill(row.pid, signal.SIGKILL)
@@ -85,11 +87,19 @@ def test_killing_a_running_job_fails_it_and_leaves_the_served_model(
     assert failed.status is JobStatus.FAILED and "SIGKILL" in (failed.error or "")
     with sessions() as session:
         assert registry.promoted(session).version == promoted  # type: ignore[union-attr]
+        assert len(session.scalars(select(ModelVersion)).all()) == 1, "no half-trained version was registered"
+    assert annotations_snapshot(sessions) == store_before, "the readings are as they were"
     assert client.get("/health").get_json()["model_version"] == promoted
     # the next trigger works
     again, created = jobs.request_training(sessions, "cli", {"epochs": 1})
     assert created and again.id != job.id
     assert jobs.supervise(settings, again.id, sessions) is JobStatus.SUCCEEDED
+
+
+def annotations_snapshot(sessions: Any) -> list[tuple[Any, ...]]:
+    with sessions() as session:
+        rows = session.scalars(select(Annotation).order_by(Annotation.id))
+        return [(a.id, a.item_id, a.rater_id, a.diagnosis, a.labels, a.deleted, a.updated_at) for a in rows]
 
 
 def test_interrupted_jobs_are_marked_failed_on_start(sessions):

@@ -1,4 +1,5 @@
-"""`dermassist serve` as a real process: SIGKILL under webhook load, restart, sync -> nothing lost."""
+"""`dermassist serve` as a real process (SQLite; PostgreSQL with two workers): SIGKILL under webhook
+load, restart, sync -> every acknowledged event stored exactly once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlalchemy import func, select
 from backend.processes import free_port, start_serve, stop
 from backend.sync import sync_project
 from consensus.db import init_db
-from consensus.models import Annotation
+from consensus.models import Annotation, AnnotationEvent
 from labeling_config.parse import parse_config
 from tests.backend.study_events import BCC_XML, study_tasks, webhook_events
 
@@ -38,15 +39,16 @@ def post_all(port: int, events: list[dict], acknowledged: list[int]) -> None:
         conn.close()
 
 
-def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_study):
+def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_study, store_url):
     tasks = study_tasks(small_study, None)
     events = webhook_events(tasks)
-    database = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    database = store_url
     env = {
         **os.environ,
         "DATABASE_URL": database,
         "MODEL_DIR": str(tmp_path / "models"),
         "LOG_LEVEL": "WARNING",
+        "WORKERS": "2" if database.startswith("postgresql") else "1",  # SQLite: one writer process
     }
     port = free_port()
     server = start_serve(env, port, tmp_path / "serve.log")
@@ -62,21 +64,31 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
         t.join(10)
     assert 0 < len(acknowledged) < len(events)
 
-    _, sessions = init_db(database)
-    with sessions() as session:
-        stored = set(session.scalars(select(Annotation.ls_annotation_id)))
-    assert set(acknowledged) <= stored  # every acknowledged event is durable
-
-    server = start_serve(
-        env, port, tmp_path / "serve.log"
-    )  # restarted; the missed events come back through sync
+    engine, sessions = init_db(database)
     try:
-        summary = sync_project(sessions, 1, tasks, parse_config(BCC_XML))
+        with sessions() as session:
+            stored = set(session.scalars(select(Annotation.ls_annotation_id)))
+        assert set(acknowledged) <= stored  # every acknowledged event is durable
+
+        # restarted; the missed events come back through sync
+        server = start_serve(env, port, tmp_path / "serve.log")
+        try:
+            summary = sync_project(sessions, 1, tasks, parse_config(BCC_XML))
+        finally:
+            stop(server)
+        assert summary.errors == 0
+        with sessions() as session:
+            rows = session.scalar(
+                select(func.count()).select_from(Annotation).where(Annotation.deleted.is_(False))
+            )
+            logged = [
+                e.payload["annotation"]["id"]
+                for e in session.scalars(
+                    select(AnnotationEvent).where(AnnotationEvent.action == "ANNOTATION_CREATED")
+                )
+            ]
     finally:
-        stop(server)
-    assert summary.errors == 0
-    with sessions() as session:
-        rows = session.scalar(
-            select(func.count()).select_from(Annotation).where(Annotation.deleted.is_(False))
-        )
+        engine.dispose()
     assert rows == len(events)
+    once = set(acknowledged)
+    assert sorted(once) == sorted(i for i in logged if i in once), "an acknowledged event was logged twice"
