@@ -82,28 +82,42 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_WALKED = (str, float, dict, list)  # concrete types: an ABC check per RLE number is slow
+_SCALARS = frozenset({int, bool, type(None)})
+
+
+def _path(path: Any) -> str:
+    """A lazily built field path: ``str`` or ``(parent, index)`` (no string per RLE number)."""
+    parts = []
+    while isinstance(path, tuple):
+        path, index = path
+        parts.append(f"[{index}]")
+    return path + "".join(reversed(parts))  # type: ignore[no-any-return]
+
+
 def check_text(payload: Any, where: str = "event") -> None:
     """Refuse NUL bytes (PostgreSQL text cannot hold them) and non-finite numbers anywhere in an event.
 
     Raises:
         EventError: naming the first offending field.
     """
-    stack: list[tuple[str, Any]] = [(where, payload)]
+    stack: list[tuple[Any, Any]] = [(where, payload)]
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
             if "\x00" in value:
-                raise EventError(f"{path} contains a NUL byte")
+                raise EventError(f"{_path(path)} contains a NUL byte")
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise EventError(f"{path} is {value}, not a finite number")
-        elif isinstance(value, Mapping):
+                raise EventError(f"{_path(path)} is {value}, not a finite number")
+        elif isinstance(value, dict):
             for key, child in value.items():
                 if isinstance(key, str) and "\x00" in key:
-                    raise EventError(f"{path} has a key with a NUL byte")
-                stack.append((f"{path}.{key}", child))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(value))
+                    raise EventError(f"{_path(path)} has a key with a NUL byte")
+                if isinstance(child, _WALKED):
+                    stack.append((f"{_path(path)}.{key}", child))
+        elif isinstance(value, list) and not _SCALARS.issuperset(map(type, value)):  # an RLE: at C speed
+            stack.extend(((path, i), child) for i, child in enumerate(value) if isinstance(child, _WALKED))
 
 
 def storable(payload: Any) -> dict[str, Any]:

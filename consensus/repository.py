@@ -192,7 +192,7 @@ def record_event(
 class Upsert:
     """What :func:`upsert_annotation` did."""
 
-    annotation: Annotation
+    annotation_id: int
     created: bool
     changed: bool
 
@@ -236,9 +236,13 @@ def upsert_annotation(
     stale = tombstone is not None and (
         updated_at is None or _aware(updated_at) <= _aware(tombstone.deleted_at)  # type: ignore[operator]
     )
-    existing = _find_annotation(session, item, rater, ls_annotation_id)
-    if existing is None:
-        row = {
+    # Optimistic: most events bring a new annotation, stored by this one statement. When the row
+    # exists (an update, a replay, this rater's earlier annotation of the item) or a concurrent
+    # transaction stores it first, the insert does nothing and the row is updated below.
+    key = insert_if_absent(
+        session,
+        Annotation,
+        {
             "item_id": item.id,
             "rater_id": rater.id,
             "ls_annotation_id": ls_annotation_id,
@@ -251,23 +255,21 @@ def upsert_annotation(
             # A version not newer than the annotation's deletion is kept for the audit, deleted.
             "deleted": stale,
             "deleted_at": tombstone.deleted_at if stale and tombstone is not None else None,
-        }
-        key = insert_if_absent(session, Annotation, row)
-        if key is not None:
-            annotation = session.get_one(Annotation, key)
-            return Upsert(annotation, created=not stale, changed=not stale)
-        # Another transaction stored this annotation (or this rater's one for the item) meanwhile.
-        existing = _find_annotation(session, item, rater, ls_annotation_id)
-        if existing is None:
-            raise ValueError(f"annotation {ls_annotation_id} conflicts with a stored annotation")
+        },
+    )
+    if key is not None:
+        return Upsert(int(key), created=not stale, changed=not stale)
+    existing = _find_annotation(session, item, rater, ls_annotation_id)
+    if existing is None:
+        raise ValueError(f"annotation {ls_annotation_id} conflicts with a stored annotation")
     if stale:
         logger.info("ignoring annotation %s: not newer than its deletion", ls_annotation_id)
-        return Upsert(existing, created=False, changed=False)
+        return Upsert(existing.id, created=False, changed=False)
 
     stored_at = _aware(existing.updated_at)
     if updated_at is not None and stored_at is not None and _aware(updated_at) < stored_at:  # type: ignore[operator]
         logger.info("ignoring an older version of annotation %s", ls_annotation_id)
-        return Upsert(existing, created=False, changed=False)
+        return Upsert(existing.id, created=False, changed=False)
     same = (
         existing.labels == values
         and existing.diagnosis == diagnosis
@@ -276,7 +278,7 @@ def upsert_annotation(
         and (ls_annotation_id is None or existing.ls_annotation_id == ls_annotation_id)
     )
     if same:
-        return Upsert(existing, created=False, changed=False)
+        return Upsert(existing.id, created=False, changed=False)
     existing.labels = values
     existing.diagnosis = diagnosis
     existing.regions = list(regions or [])
@@ -286,7 +288,7 @@ def upsert_annotation(
     existing.deleted_at = None
     if ls_annotation_id is not None:
         existing.ls_annotation_id = ls_annotation_id
-    return Upsert(existing, created=False, changed=True)
+    return Upsert(existing.id, created=False, changed=True)
 
 
 def _find_annotation(
