@@ -1,7 +1,7 @@
 """Local server processes on loopback: a free port, ``dermassist serve`` started and stopped by PID.
 
 Used by the demo, the end-to-end tests and ``bench/webhook.py``, so all of them start the backend the
-same way: its own process group (so a stop reaches gunicorn's workers too), output to a log file, and
+same way: its own process group (so a stop reaches its worker processes too), output to a log file, and
 ready once ``/health`` answers.
 """
 

@@ -3,7 +3,7 @@
 Checkpoints are copied into ``MODEL_DIR/versions/<version>.pt`` (atomically) and registered in
 ``model_versions``. Exactly one version at most has status ``promoted`` (a partial unique index says
 so in the database); every backend process serves that one, checking the table at most once a
-second, so a promotion reaches every gunicorn worker without a restart. Promotion is one
+second, so a promotion reaches every worker process without a restart. Promotion is one
 transaction: a job killed before it commits leaves the served model as it was.
 """
 

@@ -67,7 +67,7 @@ class Settings:
         basic_auth_pass: ``BASIC_AUTH_PASS``.
         redis_url: ``REDIS_URL``; when set, training jobs go to RQ workers.
         log_level: ``LOG_LEVEL``.
-        workers: ``WORKERS``, gunicorn worker processes.
+        workers: ``WORKERS``, ``serve`` worker processes (waitress in each; keep 1 with SQLite).
         threads: ``THREADS``, PyTorch threads per process (one is fastest on a busy small machine).
         start_training_each_n_updates: ``START_TRAINING_EACH_N_UPDATES`` (0: only on request).
         model_score_threshold: ``MODEL_SCORE_THRESHOLD``, overrides the checkpoint's thresholds if set.

@@ -1,6 +1,6 @@
 """Webhook throughput and latency against `dermassist serve` on SQLite (a script, not a timed test).
 
-Starts the real server (gunicorn) on a free loopback port with a fresh SQLite store, sends N distinct
+Starts the real server (waitress) on a free loopback port with a fresh SQLite store, sends N distinct
 ANNOTATION_CREATED events from C concurrent clients (keep-alive connections), then checks that every
 event and every annotation landed. Prints events/s, p50 / p99 / max latency, the status counts, and
 the row counts; exits non-zero if anything was lost or answered 5xx, or if p99 reaches Label Studio's
@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument(
-        "--workers", type=int, default=1, help="gunicorn worker processes (SQLite: one, with threads)"
+        "--workers", type=int, default=1, help="serve worker processes (SQLite: one, with threads)"
     )
     args = parser.parse_args()
 
@@ -122,7 +122,7 @@ def main() -> int:
     ordered = sorted(latencies)
     p50, p99 = ordered[len(ordered) // 2], ordered[int(0.99 * (len(ordered) - 1))]
     five = sum(n for s, n in statuses.items() if s >= 500 or s == 0)
-    print(f"{args.events} webhook events, {args.clients} clients, {args.workers} gunicorn workers, SQLite")
+    print(f"{args.events} webhook events, {args.clients} clients, {args.workers} serve workers, SQLite")
     print(f"throughput {args.events / wall:.0f} events/s ({wall:.1f} s)")
     print(f"latency p50 {1000 * p50:.1f} ms, p99 {1000 * p99:.1f} ms, max {1000 * ordered[-1]:.1f} ms")
     print(f"statuses {dict(sorted(statuses.items()))}; 5xx or connection errors: {five}")
