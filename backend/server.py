@@ -4,8 +4,8 @@ Why waitress. Label Studio gives a webhook 1 s and never retries, so a worker th
 on a client. waitress reads every request, headers and body, in its event loop (the body buffered in
 memory, spilled to a temporary file above ``inbuf_overflow``) and hands it to one of ``--http-threads``
 threads only once it is complete. A client that stalls (headers never finished, a body announced
-and never sent) costs a socket, not a thread, and is closed after ``CHANNEL_TIMEOUT_S`` without
-activity. gunicorn's ``gthread`` worker, used before, parses the request on the worker thread: eight
+and never sent) costs a socket, not a thread, and is closed after ``HTTP_TIMEOUT`` seconds (30)
+without activity. gunicorn's ``gthread`` worker, used before, parses the request on the worker thread: eight
 stalled connections held its eight threads and ``/health`` went unanswered for as long as they
 stayed open. A reverse proxy in front would buffer too, but then the protection would hold only
 where the proxy is deployed; with waitress it holds wherever ``serve`` runs (Docker, the demo, a
@@ -32,8 +32,6 @@ from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: A connection with no activity for this long (a stalled client) is closed.
-CHANNEL_TIMEOUT_S = 30
 #: Open connections per process; more wait in the listen backlog (each costs a socket, no thread).
 CONNECTION_LIMIT = 1000
 BACKLOG = 1024
@@ -55,12 +53,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def waitress_options(threads: int) -> dict[str, Any]:
+def waitress_options(threads: int, timeout: int) -> dict[str, Any]:
     """The waitress adjustments ``serve`` runs with (see the module's docstring)."""
     return {
         "threads": threads,
-        "channel_timeout": CHANNEL_TIMEOUT_S,
-        "cleanup_interval": 5,
+        "channel_timeout": timeout,  # a connection silent this long (a stalled client) is closed
+        "cleanup_interval": max(1, min(5, timeout // 2)),
         "connection_limit": CONNECTION_LIMIT,
         "backlog": BACKLOG,
         "max_request_body_size": MAX_REQUEST_BODY,
@@ -79,7 +77,7 @@ def run_worker(settings: Settings, sock: socket.socket, threads: int) -> None:
 
     sessions = make_sessionmaker(make_engine(settings.database_url))
     app = create_app(settings, sessions=sessions, start_runner=True)
-    waitress.serve(app, sockets=[sock], **waitress_options(threads))
+    waitress.serve(app, sockets=[sock], **waitress_options(threads, settings.http_timeout))
 
 
 def supervise(settings: Settings, sock: socket.socket, threads: int) -> int:
