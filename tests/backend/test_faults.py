@@ -74,7 +74,8 @@ def post_all(
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             status = 0
-        answers.append((payload["annotation"]["id"], status, time.monotonic() - t0))
+        now = time.monotonic()
+        answers.append((payload["annotation"]["id"], status, now - t0, now))
     conn.close()
 
 
@@ -171,7 +172,7 @@ def test_eight_clients_first_events_of_the_same_tasks_two_workers_postgres(tmp_p
     """8 raters x 150 tasks = 1,200 first events, every task's eight racing each other."""
     port = free_port()
     server = start_serve(serve_env(tmp_path, pg_url, 2), port, tmp_path / "serve.log")
-    answers: list[tuple[int, int, float]] = []
+    answers: list[tuple[int, int, float, float]] = []
     try:
         barrier = threading.Barrier(8)
         clients = [
@@ -188,8 +189,8 @@ def test_eight_clients_first_events_of_the_same_tasks_two_workers_postgres(tmp_p
         elapsed = time.monotonic() - t0
     finally:
         stop(server)
-    statuses = [s for _, s, _ in answers]
-    latencies = sorted(s for _, _, s in answers)
+    statuses = [s for _, s, _, _ in answers]
+    latencies = sorted(s for _, _, s, _ in answers)
     print(
         f"\n1,200 concurrent first events, WORKERS=2, PostgreSQL: {statuses.count(200)} x 200, "
         f"{statuses.count(422)} x 422, {sum(s >= 500 for s in statuses)} x 5xx in {elapsed:.1f} s; "
@@ -265,7 +266,7 @@ def own_postgres() -> Iterator[OwnPostgres]:
 def test_postgres_restart_under_webhook_load_loses_no_acknowledged_event(tmp_path, own_postgres):
     port = free_port()
     server = start_serve(serve_env(tmp_path, own_postgres.url, 2), port, tmp_path / "serve.log")
-    answers: list[tuple[int, int, float]] = []
+    answers: list[tuple[int, int, float, float]] = []
     events = [[event(t, r) for t in range(1, 101)] for r in range(4)]
     try:
         clients = [threading.Thread(target=post_all, args=(port, shard, answers, None)) for shard in events]
@@ -283,7 +284,8 @@ def test_postgres_restart_under_webhook_load_loses_no_acknowledged_event(tmp_pat
         own_postgres.ctl("stop", "-m", "fast")
         time.sleep(3.0)
         own_postgres.ctl("start")
-        outage_s = time.monotonic() - outage_at
+        back_at = time.monotonic()
+        outage_s = back_at - outage_at
         for c in clients:
             c.join(300)
         # The spooled events are applied by the workers' replay once the store is back.
@@ -295,15 +297,16 @@ def test_postgres_restart_under_webhook_load_loses_no_acknowledged_event(tmp_pat
         assert not any(spool.glob("*.event.json*")), "the spool was not drained"
     finally:
         stop(server)
-    statuses = [s for _, s, _ in answers]
-    acknowledged = [i for i, s, _ in answers if s in (200, 202)]
+    statuses = [s for _, s, _, _ in answers]
+    acknowledged = [i for i, s, _, _ in answers if s in (200, 202)]
     ids = stored_ids(own_postgres.url)
+    resumed = min((t for _, s, _, t in answers if s == 200 and t > back_at), default=float("nan")) - back_at
     print(
         f"\nPostgreSQL restart (-m fast, {restart_s:.1f} s) and outage ({outage_s:.1f} s) under 400 events "
         "from 4 clients, WORKERS=2: "
         f"{statuses.count(200)} x 200, {statuses.count(202)} x 202 (spooled), {sum(s >= 500 for s in statuses)} x 5xx, "
         f"{statuses.count(422)} x 422, {statuses.count(0)} unanswered; slowest answer "
-        f"{max(s for _, _, s in answers) * 1000:.0f} ms; spool drained {drained_s:.1f} s after the outage began"
+        f"{max(s for _, _, s, _ in answers) * 1000:.0f} ms; writes resumed {resumed:.2f} s after the store was back; spool drained {drained_s:.1f} s after the outage began"
     )
     assert sum(s >= 500 for s in statuses) == 0 and statuses.count(422) == 0
     assert len(ids) == len(set(ids)), "an event was applied twice"

@@ -89,6 +89,11 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
             ]
     finally:
         engine.dispose()
+    print(
+        f"\nSIGKILL of serve ({env['WORKERS']} worker(s), {database.split(':')[0]}) after "
+        f"{len(acknowledged)} of {len(events)} events acknowledged; after restart + sync: {rows} annotations "
+        f"(sync created {summary.created}), acknowledged but lost: {len(set(acknowledged) - stored)}"
+    )
     assert rows == len(events)
     once = set(acknowledged)
     assert sorted(once) == sorted(i for i in logged if i in once), "an acknowledged event was logged twice"
