@@ -340,7 +340,10 @@ def ingest_webhook(
                 if not (is_transient(exc) or isinstance(exc, IntegrityError)):
                     raise
                 if time.monotonic() + delay > deadline:
-                    if isinstance(exc, IntegrityError) or spool is None:
+                    if isinstance(exc, IntegrityError):  # not a race after all: keep it with the reason
+                        reason = f"the store refused the event ({type(exc).__name__})"
+                        return record_refused(sessions, payload, reason, received), reason
+                    if spool is None:
                         raise
                     logger.warning("the store is away (%s); the event waits in the spool", type(exc).__name__)
                     spool.put(dict(payload), received)
