@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 #: Open connections per process; more wait in the listen backlog (each costs a socket, no thread).
 CONNECTION_LIMIT = 1000
 BACKLOG = 1024
-#: The largest request body waitress buffers (the app's own limits are lower and answer in JSON).
-MAX_REQUEST_BODY = 64 * 1024 * 1024 + 1
+#: The largest request body waitress buffers (spilled to a temporary file): twice the app's own
+#: limit, so a body over that limit still reaches the app and gets its JSON 413 (and a webhook's is
+#: kept in the raw log); beyond this, waitress answers 413 itself without reading further.
+MAX_REQUEST_BODY = 128 * 1024 * 1024
 
 
 def listen(host: str, port: int) -> socket.socket:
