@@ -315,3 +315,28 @@ def test_postgres_restart_under_webhook_load_loses_no_acknowledged_event(tmp_pat
     assert statuses.count(202) > 0, "the outage should have sent some events to the spool"
     counts = store_counts(own_postgres.url)
     assert counts["annotations"] == 400 and counts["annotation_events"] == 400
+
+
+def test_the_real_server_answers_oversized_and_deeply_nested_bodies_in_json(tmp_path):
+    port = free_port()
+    database = f"sqlite:///{tmp_path / 's.sqlite'}"
+    server = start_serve(serve_env(tmp_path, database, 1), port, tmp_path / "serve.log")
+    try:
+        probes = {
+            "70 MB event": (b'{"action": "x", "pad": "' + b"x" * (70 * 1024 * 1024) + b'"}', 413),
+            "100,000-deep JSON": (b"[" * 100_000 + b"]" * 100_000, 400),
+        }
+        for name, (body, status) in probes.items():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/webhook", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+            conn.close()
+            assert response.status == status and answer["error"] and answer["message"], name
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        stop(server)
+    assert store_counts(database)["annotation_events"] == 2  # both kept, with their reasons
