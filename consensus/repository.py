@@ -294,23 +294,21 @@ def upsert_annotation(
 def _find_annotation(
     session: Session, item: Item, rater: Rater, ls_annotation_id: int | None
 ) -> Annotation | None:
-    """The stored annotation, locked for this transaction (PostgreSQL), so concurrent versions queue."""
+    """The stored annotation, by Label Studio id, else this rater's annotation of the item."""
     existing = None
     if ls_annotation_id is not None:
-        existing = session.scalars(
-            select(Annotation)
-            .where(Annotation.ls_annotation_id == ls_annotation_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).first()
+        existing = _locked(session, Annotation.ls_annotation_id == ls_annotation_id)
     if existing is None:
-        existing = session.scalars(
-            select(Annotation)
-            .where(Annotation.item_id == item.id, Annotation.rater_id == rater.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).first()
+        existing = _locked(session, Annotation.item_id == item.id, Annotation.rater_id == rater.id)
     return existing
+
+
+def _locked(session: Session, *where: Any) -> Annotation | None:
+    """The annotation matching ``where``, freshly read and locked for this transaction (PostgreSQL's
+    ``FOR UPDATE``; SQLite has one writer anyway), so concurrent versions of it queue."""
+    return session.scalars(
+        select(Annotation).where(*where).with_for_update().execution_options(populate_existing=True)
+    ).first()
 
 
 def soft_delete_annotations(
@@ -329,12 +327,7 @@ def soft_delete_annotations(
     now = _aware(at) or utcnow()
     changed = 0
     for ls_id in ids:
-        row = session.scalars(
-            select(Annotation)
-            .where(Annotation.ls_annotation_id == ls_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).first()
+        row = _locked(session, Annotation.ls_annotation_id == ls_id)
         stored = _aware(row.updated_at) if row is not None else None
         when: datetime = max(now, stored) if stored is not None else now
         if (
