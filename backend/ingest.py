@@ -362,11 +362,12 @@ def _ingest(
     ls_project = project_id(payload)
     with sessions() as session:
         try:
-            check_text(payload)
+            # apply_event checks the payload (NUL, non-finite numbers) before anything is written,
+            # so the raw event below is storable; both land in this one transaction.
+            outcome = apply_event(session, payload, resolve, Source.WEBHOOK, received_at)
             event = record_event(
                 session, Source.WEBHOOK, action, payload, ls_project, received_at=received_at
             )
-            outcome = apply_event(session, payload, resolve, Source.WEBHOOK, received_at)
             outcome.event_id = event.id
             session.commit()
             return outcome, None

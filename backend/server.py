@@ -135,7 +135,12 @@ def serve(settings: Settings, host: str, port: int, threads: int) -> int:
     """``dermassist serve``: one process when ``WORKERS`` is 1, else a supervisor and its workers."""
     sock = listen(host, port)
     logger.info(
-        "serving on http://%s:%d (waitress, %d worker(s) x %d threads)", host, port, settings.workers, threads
+        "serving on http://%s:%d (waitress, %d worker(s) x %d threads) with %s",
+        host,
+        port,
+        settings.workers,
+        threads,
+        settings.describe(),
     )
     if settings.workers == 1:
         run_worker(settings, sock, threads)
