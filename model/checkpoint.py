@@ -55,6 +55,8 @@ class CheckpointMeta:
         metrics: validation metrics.
         epoch: epochs completed.
         parent: version this one was trained from, if any.
+        provenance: per output key, where it comes from (:mod:`model.provenance`: validated on real
+            images with the figure and its data, unvalidated, synthetic or untrained).
         extra: anything else worth keeping (training configuration, ...).
     """
 
@@ -75,6 +77,7 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     parent: str | None = None
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

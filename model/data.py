@@ -7,17 +7,24 @@ The layout::
     masks/<image_id>_<pattern>.png         pattern masks, optional (synthetic only)
     labels.csv                             one row per image
 
-``labels.csv`` needs ``image_id`` and the diagnosis ``bcc`` (0/1); ``lesion_id`` (several images may
-show one lesion; default: one lesion per image), ``dx``, ``age``, ``sex``, ``localization`` and the seven
-pattern columns (0/1) are used where present. Real HAM10000 has no pattern labels: its rows get a
-target mask that trains the BCC head only.
+``labels.csv`` needs ``image_id`` and the diagnosis: a ``bcc`` column (0/1), or else a ``dx`` (HAM10000
+codes, ``bcc`` for basal cell carcinoma) or ``diagnosis`` (words, as the ISIC Archive writes them) column
+it is derived from. ``lesion_id`` (several images may show one lesion; default: one lesion per image),
+``dx``, ``age``, ``sex``, ``localization`` and the seven pattern columns (0/1, empty where unknown) are used
+where present. Unknown targets are masked out of the loss per image and per output: real HAM10000 has no
+pattern labels and trains the BCC head only; ISIC 2018's attribute set has pigment network (and no BCC)
+and trains the pigment-network head and, with its masks, that head's map.
+
+Several folders can train one model (:func:`load_tables`); each keeps its own lesion-grouped split
+(:func:`split_sources`), so a folder's validation rows are the same whether it trains alone or with others.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-REQUIRED_COLUMNS = ("image_id", DIAGNOSIS_KEY)
+REQUIRED_COLUMNS = ("image_id",)
+# the words the ISIC Archive uses for basal cell carcinoma in its ``diagnosis`` field
+BCC_WORDS = ("basal cell carcinoma",)
+SYNTHETIC_GENERATOR = "dermassist.model.synthetic"  # what model.synthetic writes into study.json
 
 
 class DataError(ValueError):
@@ -78,6 +88,18 @@ def load_table(root: str | Path) -> pd.DataFrame:
         raise DataError(f"{table} lacks the column(s) {missing}; it has {list(df.columns)}")
     if df.empty:
         raise DataError(f"{table} has no rows")
+    if DIAGNOSIS_KEY not in df.columns:
+        df = df.copy()
+        if "dx" in df.columns:
+            df[DIAGNOSIS_KEY] = (df["dx"].astype(str).str.strip().str.lower() == "bcc").astype(int)
+        elif "diagnosis" in df.columns:
+            words = df["diagnosis"].astype(str).str.strip().str.lower()
+            df[DIAGNOSIS_KEY] = words.isin(BCC_WORDS).astype(int)
+        else:
+            raise DataError(
+                f"{table} needs the diagnosis: a column {DIAGNOSIS_KEY!r} (0/1), or 'dx' or 'diagnosis' "
+                f"to derive it from; it has {list(df.columns)}"
+            )
     duplicated = df["image_id"][df["image_id"].duplicated()].tolist()
     if duplicated:
         raise DataError(f"{table} lists these image ids more than once: {duplicated[:5]}")
@@ -93,10 +115,15 @@ def load_table(root: str | Path) -> pd.DataFrame:
     for key in PATTERN_KEYS:
         if key not in df.columns:
             df[key] = np.nan
-    df["has_patterns"] = df[list(PATTERN_KEYS)].notna().all(axis=1) if present else False
-    bad_patterns = df.loc[df["has_patterns"] & ~df[list(PATTERN_KEYS)].isin([0, 1]).all(axis=1), "image_id"]
+    patterns = df[list(PATTERN_KEYS)]
+    df["has_patterns"] = patterns.notna().all(axis=1) if present else False
+    bad_patterns = df.loc[(patterns.notna() & ~patterns.isin([0, 1])).any(axis=1), "image_id"]
     if len(bad_patterns):
-        raise DataError(f"{table}: pattern columns must be 0 or 1; not so for {bad_patterns.tolist()[:5]}")
+        raise DataError(
+            f"{table}: pattern columns must be 0, 1 or empty; not so for {bad_patterns.tolist()[:5]}"
+        )
+    df["source"] = root.resolve().name
+    df["synthetic"] = is_synthetic(root)
 
     images, masks = root / "images", root / "masks"
     paths = [_image_path(images, i) for i in df["image_id"]]
@@ -110,6 +137,68 @@ def load_table(root: str | Path) -> pd.DataFrame:
         for name in mask_names
     ]
     return df
+
+
+def is_synthetic(root: str | Path) -> bool:
+    """Whether a dataset folder is a study drawn by :mod:`model.synthetic` (its ``study.json`` says so)."""
+    study = Path(root) / "study.json"
+    if not study.is_file():
+        return False
+    try:
+        return bool(json.loads(study.read_text(encoding="utf-8")).get("generator") == SYNTHETIC_GENERATOR)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def load_tables(roots: Sequence[str | Path]) -> pd.DataFrame:
+    """:func:`load_table` of several folders, one table (``source`` tells the folders apart).
+
+    Raises:
+        DataError: as :func:`load_table`, no folder, or an image id in two folders.
+    """
+    if not roots:
+        raise DataError("give at least one dataset folder")
+    tables = [load_table(root) for root in roots]
+    if len(tables) == 1:
+        return tables[0]
+    sources = [t["source"].iat[0] for t in tables]
+    if len(set(sources)) < len(sources):
+        raise DataError(f"dataset folders need distinct names; got {sources}")
+    df = pd.concat(tables, ignore_index=True)
+    twice = df["image_id"][df["image_id"].duplicated()].tolist()
+    if twice:
+        raise DataError(f"these image ids are in more than one folder: {twice[:5]}")
+    df["lesion_id"] = df["source"] + ":" + df["lesion_id"].astype(str)
+    return df
+
+
+def split_sources(
+    df: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0, stratify: str = DIAGNOSIS_KEY
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`split_by_lesion` within each source folder, so a folder's split does not depend on the others.
+
+    Each folder is stratified by ``stratify`` where that column has both classes there (derm-dev: BCC),
+    else by the first pattern column that has (ISIC 2018's attributes: pigment network), else not at all.
+    A folder whose ``stratify`` column has both classes gets exactly ``split_by_lesion(df, val_fraction,
+    seed, stratify)``, so earlier runs' splits stay as they were.
+    """
+    trains, vals = [], []
+    sources = df["source"].to_numpy() if "source" in df.columns else np.zeros(len(df), dtype=object)
+    for source in sorted(set(sources)):
+        rows = np.flatnonzero(sources == source)
+        local = df.iloc[rows].reset_index(drop=True)
+        column = next(
+            (c for c in (stratify, *PATTERN_KEYS) if c in local and local[c].dropna().nunique() > 1), None
+        )
+        if column is None:
+            local = local.assign(_all="all")
+            column = "_all"
+        else:
+            local = local.assign(**{column: local[column].fillna(-1)})
+        train, val = split_by_lesion(local, val_fraction, seed, column)
+        trains.append(rows[train])
+        vals.append(rows[val])
+    return np.sort(np.concatenate(trains)).astype(np.int64), np.sort(np.concatenate(vals)).astype(np.int64)
 
 
 def split_by_lesion(
@@ -179,7 +268,6 @@ class DermDataset(Dataset[dict[str, Any]]):
     ) -> None:
         self.df = df.reset_index(drop=True)
         values = self.df[list(TARGETS)].astype(float).copy()
-        values.loc[~self.df["has_patterns"].astype(bool), list(PATTERN_KEYS)] = np.nan
         if targets is not None:
             unknown = set(targets.columns) - set(TARGETS)
             if unknown:

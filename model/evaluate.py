@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
 from model.checkpoint import CheckpointMeta, load_checkpoint
-from model.data import DermDataset, load_table, split_by_lesion, table_hash
+from model.data import DermDataset, load_table, split_sources, table_hash
 from model.explain import LIBRARY_METHODS, cam_to_mask, explain, library_cams, scale_maps
 from model.train import transforms
 
@@ -173,11 +173,11 @@ def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0)
     result["bcc"] = bootstrap(bcc_stat, groups, n_boot, seed)
     result["bcc"]["threshold"] = float(thresholds[0])
 
-    labelled = table["has_patterns"].to_numpy().astype(bool)
     patterns: dict[str, Any] = {}
-    if labelled.any():
-        sub_groups = groups[labelled]
-        for k, key in enumerate(TARGETS[1:], start=1):
+    for k, key in enumerate(TARGETS[1:], start=1):
+        labelled = table[key].notna().to_numpy()
+        if labelled.any():
+            sub_groups = groups[labelled]
             y = table.loc[labelled, key].to_numpy().astype(int)
             s, d = probs[labelled, k], detected[labelled, k]
 
@@ -248,7 +248,7 @@ def explanation_metrics(pred: Predictions, threshold: float = 0.5) -> dict[str, 
             rows[DIAGNOSIS_KEY].append(
                 map_agreement(pred.raw_cams[i, 0], _read_mask(Path(row["mask_path"])), threshold)
             )
-        if folder is None or not row["has_patterns"]:
+        if folder is None:
             continue
         for k, key in enumerate(TARGETS[1:], start=1):
             path = folder / f"{row['image_id']}_{key}.png"
@@ -280,9 +280,8 @@ def _curves(pred: Predictions) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    labelled = pred.table["has_patterns"].to_numpy().astype(bool)
     for k, key in enumerate(TARGETS):
-        rows = np.ones(len(pred.table), bool) if k == 0 else labelled
+        rows = pred.table[key].notna().to_numpy()
         y = pred.table.loc[rows, key].to_numpy().astype(int) if rows.any() else np.array([])
         if y.size == 0 or y.min() == y.max():
             continue
@@ -383,13 +382,13 @@ def _gallery(pred: Predictions, per_group: int, seed: int) -> str:
 def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
     import matplotlib.pyplot as plt
 
-    labelled = pred.table["has_patterns"].to_numpy().astype(bool)
-    if not labelled.any():
+    known = pred.table[list(PATTERN_KEYS)].notna().to_numpy()
+    if not known.any():
         return None
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(2, len(PATTERN_KEYS), figsize=(2.3 * len(PATTERN_KEYS), 5.2), squeeze=False)
     for k, pattern in enumerate(PATTERNS):
-        rows = np.flatnonzero(labelled & (pred.table[pattern.key].to_numpy() == 1))
+        rows = np.flatnonzero(pred.table[pattern.key].to_numpy() == 1)
         rows = rng.choice(rows, min(2, len(rows)), replace=False) if len(rows) else rows
         for r in range(2):
             ax = axes[r, k]
@@ -506,10 +505,13 @@ def evaluate(
     model, meta = load_checkpoint(checkpoint)
     table = load_table(data)
     if split == "auto":
-        split = "val" if table_hash(table) == meta.data_hash else "all"
+        trained_on = table_hash(table) == meta.data_hash or table["source"].iat[0] in meta.extra.get(
+            "sources", []
+        )
+        split = "val" if trained_on else "all"
     if split == "val":
         cfg = meta.extra.get("train_config", {})
-        _, val = split_by_lesion(table, cfg.get("val_fraction", 0.2), seed=cfg.get("split_seed", 0))
+        _, val = split_sources(table, cfg.get("val_fraction", 0.2), seed=cfg.get("split_seed", 0))
         table = table.iloc[val]
     logger.info("evaluating %s on %d images of %s (%s)", meta.version, len(table), data, split)
     pred = predict(model, meta, table, batch_size, cam_method)

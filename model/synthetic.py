@@ -48,6 +48,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, PATTERN_KEYS, PATTERNS, TARGETS, bcc_consistent
+from model.data import SYNTHETIC_GENERATOR
 
 FORMAT_VERSION = 1
 RATINGS_FILE = "ratings.csv"
@@ -836,7 +837,7 @@ def generate(config: SynthConfig, out: str | Path, progress: bool = False) -> St
     )
     meta = {
         "format_version": FORMAT_VERSION,
-        "generator": "dermassist.model.synthetic",
+        "generator": SYNTHETIC_GENERATOR,
         "config": asdict(config),
         "targets": list(TARGETS),
         "patterns": [p.key for p in PATTERNS],

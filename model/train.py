@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from labeling_config import TARGETS
 from model.calibrate import calibrate
 from model.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
-from model.data import DermDataset, load_table, split_by_lesion, table_hash
+from model.data import DermDataset, load_tables, split_sources, table_hash
 from model.network import DermNet, build_model
+from model.provenance import assess
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class TrainConfig:
         cam_loss: weight of the localisation loss (0: off, the published model). For each positive
             target with a reference region (the lesion mask for the diagnosis, the pattern's mask for a
             pattern), it adds one minus the share of that target's Grad-CAM inside the region.
+        select: which epoch is ``best.pt``: ``"auroc"`` (mean validation AUROC), ``"objective"`` (the
+            validation loss plus the localisation loss) or ``"auto"`` (the objective when ``cam_loss``
+            is on, else AUROC).
         target_sensitivity: choose thresholds for this sensitivity instead of Youden's J.
         max_steps_per_epoch: stop each epoch early (smoke tests).
         amp: mixed precision on CUDA.
@@ -82,7 +86,7 @@ class TrainConfig:
         resume: continue from this ``last.pt``.
     """
 
-    data: str | None = None
+    data: str | list[str] | None = None
     out: str = "runs/train"
     weights: str | None = None
     epochs: int = 10
@@ -102,6 +106,7 @@ class TrainConfig:
     output_stride: int = 32
     max_pos_weight: float = 20.0
     cam_loss: float = 0.0
+    select: str = "auto"
     target_sensitivity: float | None = None
     max_steps_per_epoch: int | None = None
     amp: bool = True
@@ -119,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.select not in ("auto", "auroc", "objective"):
+            raise ValueError(f"select must be 'auto', 'auroc' or 'objective', got {self.select!r}")
 
 
 @dataclass
@@ -316,7 +323,7 @@ def train(
     if table is None:
         if config.data is None:
             raise ValueError("give a dataset folder (config.data) or a table")
-        table = load_table(config.data)
+        table = load_tables([config.data] if isinstance(config.data, str) else config.data)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -331,7 +338,7 @@ def _train(
 
     device = _device(ctx)
     generator = seed_everything(config.seed + ctx.rank)
-    train_idx, val_idx = split_by_lesion(table, config.val_fraction, seed=config.split_seed)
+    train_idx, val_idx = split_sources(table, config.val_fraction, seed=config.split_seed)
     train_ds = DermDataset(
         table.iloc[train_idx], transforms(config.image_size, True), targets, with_regions=config.cam_loss > 0
     )
@@ -406,6 +413,15 @@ def _train(
         logger.info("resuming %s at epoch %d (best %.4f)", config.resume, start_epoch + 1, best_metric)
 
     data_hash = table_hash(table)
+    known = train_ds.target_mask.numpy()
+    train_known = known.sum(0)
+    train_positive = ((train_ds.targets.numpy() >= 0.5) * known).sum(0)
+    synthetic = bool(table["synthetic"].all()) if "synthetic" in table else False
+    sources = sorted(table["source"].unique().tolist()) if "source" in table else []
+    val_description = (
+        f"lesion-grouped validation split of {' + '.join(sources) or 'the training table'} "
+        f"({len(val_ds)} images, split seed {config.split_seed})"
+    )
     base_meta = CheckpointMeta(
         input_size=config.image_size,
         width_mult=config.width_mult,
@@ -413,7 +429,12 @@ def _train(
         dropout=config.dropout,
         data_hash=data_hash,
         parent=parent,
-        extra={"train_config": dataclasses.asdict(config), "n_train": len(train_ds), "n_val": len(val_ds)},
+        extra={
+            "train_config": dataclasses.asdict(config),
+            "n_train": len(train_ds),
+            "n_val": len(val_ds),
+            "sources": sources,
+        },
     )
     best_meta = (
         CheckpointMeta.from_dict(read_checkpoint(out / BEST)["meta"])
@@ -470,12 +491,12 @@ def _train(
             history.append(metrics)
             # Select on what is trained: with the localisation loss on, the whole validation objective
             # (AUROC alone kept epochs whose maps were still far from the regions).
-            if "val_objective" in metrics:
+            if "val_objective" in metrics and config.select != "auroc":
                 monitor = -metrics["val_objective"]
-            elif not math.isnan(metrics["auroc_mean"]):
-                monitor = metrics["auroc_mean"]
-            else:
+            elif config.select == "objective" or math.isnan(metrics["auroc_mean"]):
                 monitor = -metrics["val_loss"]
+            else:
+                monitor = metrics["auroc_mean"]
             improved = monitor > best_metric + 1e-4
             localised = f", map outside region {localisation:.3f}" if localisation is not None else ""
             logger.info(
@@ -496,6 +517,10 @@ def _train(
                 best_meta = dataclasses.replace(
                     base_meta, temperatures=temps, thresholds=thresholds, threshold_rule=rule,
                     metrics=dict(metrics), epoch=epoch + 1,
+                    provenance=assess(
+                        TARGETS, train_known, train_positive, targets_v, masks_v, logits_v,
+                        synthetic=synthetic, data=val_description,
+                    ),
                 )  # fmt: skip
                 best_meta = save_checkpoint(out / BEST, model, best_meta)
             else:

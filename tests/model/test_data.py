@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from labeling_config import PATTERN_KEYS, TARGETS
-from model.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
+from model.data import (
+    DataError,
+    DermDataset,
+    load_table,
+    load_tables,
+    split_by_lesion,
+    split_sources,
+    table_hash,
+)
 
 
 def test_synthetic_study_loads_with_pattern_labels(small_study):
@@ -78,7 +86,7 @@ def _write(root, csv: str, images=("a", "b")):
     ("csv", "images", "message"),
     [
         (None, (), "labels.csv not found"),
-        ("image_id,dx\na,nv\n", ("a",), "lacks the column\\(s\\) \\['bcc'\\]"),
+        ("image_id,age\na,50\n", ("a",), "needs the diagnosis: a column 'bcc'"),
         ("image_id,bcc\n", (), "has no rows"),
         ("image_id,bcc\na,1\na,0\n", ("a",), "more than once: \\['a'\\]"),
         ("image_id,bcc\na,1\nb,2\n", ("a", "b"), "must be 0 or 1; not so for \\['b'\\]"),
@@ -87,7 +95,7 @@ def _write(root, csv: str, images=("a", "b")):
         (
             "image_id,bcc," + ",".join(PATTERN_KEYS) + "\na,1" + ",3" * 7 + "\n",
             ("a",),
-            "pattern columns must be 0 or 1",
+            "pattern columns must be 0, 1 or empty",
         ),
     ],
     ids=[
@@ -182,3 +190,62 @@ def test_a_mask_of_another_size_than_its_image_is_an_error(tmp_path):
     Image.new("L", (4, 4)).save(root / "masks" / "a_segmentation.png")
     with pytest.raises(DataError, match="is 4x4, its image 8x8"):
         DermDataset(load_table(root), with_mask=True)[0]
+
+
+def test_the_diagnosis_is_derived_from_dx_or_the_isic_words(tmp_path):
+    ham = load_table(_write(tmp_path / "ham", "image_id,dx\na,bcc\nb,nv\n"))
+    assert ham["bcc"].tolist() == [1, 0]
+    isic = load_table(_write(tmp_path / "isic", "image_id,diagnosis\na,basal cell carcinoma\nb,nevus\n"))
+    assert isic["bcc"].tolist() == [1, 0]
+    assert not isic["synthetic"].any() and isic["source"].iat[0] == "isic"
+
+
+def test_one_known_pattern_trains_that_head_only(tmp_path):
+    """ISIC 2018's attributes: pigment network known (0/1), the six BCC patterns unknown."""
+    root = _write(
+        tmp_path / "isic", "image_id,diagnosis,pigment_network,globules\na,nevus,1,0\nb,melanoma,0,1\n"
+    )
+    (root / "masks").mkdir()
+    from PIL import Image
+
+    region = np.zeros((8, 8), np.uint8)
+    region[2:5, 2:5] = 255
+    Image.fromarray(region).save(root / "masks" / "a_pigment_network.png")
+    df = load_table(root)
+    assert not df["has_patterns"].any()
+    ds = DermDataset(df, with_regions=True)
+    pn = TARGETS.index("pigment_network")
+    known = ds[0]["target_mask"].tolist()
+    assert known[0] == 1.0 and known[pn] == 1.0 and sum(known) == 2.0
+    assert ds[0]["target"][pn] == 1.0 and ds[1]["target"][pn] == 0.0
+    assert ds[0]["region_known"][pn] == 1.0 and ds[0]["regions"][pn].sum() == 9.0
+
+
+def test_several_folders_keep_each_folders_own_split(tmp_path):
+    rng = np.random.default_rng(0)
+    ids_a = [f"a{i}" for i in range(60)]
+    ids_b = [f"b{i}" for i in range(50)]
+    a = _write(
+        tmp_path / "ham",
+        "image_id,lesion_id,bcc\n" + "".join(f"{i},L{k // 2},{int(k < 16)}\n" for k, i in enumerate(ids_a)),
+        ids_a,
+    )
+    pn = rng.integers(0, 2, len(ids_b))
+    b = _write(
+        tmp_path / "isic",
+        "image_id,diagnosis,pigment_network\n"
+        + "".join(f"{i},nevus,{p}\n" for i, p in zip(ids_b, pn, strict=True)),
+        ids_b,
+    )
+    both = load_tables([a, b])
+    assert both["lesion_id"].str.startswith(("ham:", "isic:")).all()  # no lesion id shared across folders
+    _, val = split_sources(both, 0.2, seed=0)
+    alone_a = load_table(a)
+    _, val_a = split_by_lesion(alone_a, 0.2, seed=0)  # the single-folder split of earlier runs
+    _, val_b = split_sources(load_table(b), 0.2, seed=0)
+    chosen = set(both["image_id"].iloc[val])
+    assert chosen == set(alone_a["image_id"].iloc[val_a]) | set(load_table(b)["image_id"].iloc[val_b])
+    isic_val = both.iloc[val].query("source == 'isic'")
+    assert 0 < isic_val["pigment_network"].sum() < len(isic_val)  # stratified by pigment network
+    with pytest.raises(DataError, match="more than one folder"):
+        load_tables([a, _write(tmp_path / "copy" / "ham2", "image_id,bcc\na0,1\n", ["a0"])])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from labeling_config import TARGETS
-from model.explain import cam_to_mask, explain, library_cams
+from model.explain import cam_to_mask, compact_region, explain, library_cams
 from model.network import DermNet
 
 
@@ -118,3 +118,28 @@ def test_maps_of_a_stride_16_network_equal_the_library_too():
     ours = explain(net, x)
     assert ours.raw.shape[-2:] == (4, 4)
     assert np.abs(ours.cams.numpy() - library_cams(net, x, net.features[-1])).max() < 1e-4
+
+
+def test_compact_region_stays_inside_the_lesion_and_holds_the_peak():
+
+    h, w = 60, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    # a broad map peaking outside the lesion, with a second, lower bump inside it
+    cam = np.exp(-((yy - 10) ** 2 + (xx - 10) ** 2) / 400.0) + 0.4 * np.exp(
+        -((yy - 40) ** 2 + (xx - 50) ** 2) / 60.0
+    )
+    lesion = (yy - 40) ** 2 + (xx - 50) ** 2 < 15**2
+    blob = cam_to_mask(cam, w, h)
+    assert not blob[lesion].any()  # the old rule draws nothing on the lesion, everything beside it
+    region = compact_region(cam, w, h, lesion=lesion, max_share=0.3)
+    assert region.any() and not region[~lesion].any()
+    assert region[40, 50]  # the peak inside the lesion
+    assert region.sum() <= 0.3 * lesion.sum()
+    from scipy import ndimage
+
+    assert ndimage.label(region)[1] == 1  # one piece
+    assert not compact_region(cam, w, h, lesion=np.zeros_like(lesion)).any()  # no lesion, no region
+    wide = compact_region(np.ones((4, 4)) + np.eye(4), w, h, max_share=0.1)  # without a lesion mask
+    assert 0 < wide.sum() <= 0.1 * h * w
+    with pytest.raises(ValueError, match="lesion mask is"):
+        compact_region(cam, w, h, lesion=lesion[:-1])
