@@ -36,15 +36,16 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from backend import jobs, registry
 from backend.images import ImageError, ImageFetcher
 from backend.ingest import MAX_ID, TRAIN_EVENT, ingest_webhook, record_refused
-from backend.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion
+from backend.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion, segment
 from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
 from backend.predictor import ModelHolder, ServedModel, run_batch
+from backend.release import Release, ReleaseError, install, lesion_pair, read_release
 from backend.settings import Settings, SettingsError
 from backend.spool import EventSpool
 from consensus.models import Annotation, AnnotationEvent, ModelVersion, TrainingJob
@@ -103,6 +104,7 @@ class Backend:
     _policy_pending: threading.Event = field(default_factory=threading.Event)
     write_lock: Any = None  # SQLite: one writer thread at a time in this process
     spool: EventSpool | None = None  # events waiting for the store
+    release: Release | None = None  # the released models (backend/release.py)
 
     # -- configs
     def parse(self, xml: str) -> ProjectConfig:
@@ -337,9 +339,19 @@ def create_app(
         fetcher = ImageFetcher(settings)
     except ImageError as exc:  # a bad ALLOWED_IMAGE_HOSTS or LABEL_STUDIO_URL: say so at start
         raise SettingsError(str(exc)) from None
+    try:
+        release = read_release(settings.release_dir)
+    except ReleaseError as exc:  # an altered or damaged release: refuse to start, say which file
+        raise SettingsError(str(exc)) from None
     state = Backend(
-        settings=settings, sessions=sessions, fetcher=fetcher, lesion=LesionHolder(settings.model_dir)
+        settings=settings,
+        sessions=sessions,
+        fetcher=fetcher,
+        lesion=LesionHolder(settings.model_dir, lesion_pair(release)),
+        release=release,
     )
+    if release is not None:
+        install(sessions, settings.model_dir, release)
     bind = sessions.kw.get("bind")
     if bind is not None and bind.dialect.name == "sqlite":
         state.write_lock = threading.Lock()
@@ -396,7 +408,15 @@ def create_app(
 
     @app.get("/health")
     def health() -> Response:
-        return jsonify(status="UP", model_class="DermNet", model_version=state.version())
+        served = state.served()
+        release = state.release
+        released = (
+            release.label("dermnet")
+            if release is not None and served is not None and "dermnet" in release.models
+            and release.models["dermnet"].version == served.version
+            else None
+        )  # fmt: skip
+        return jsonify(status="UP", model_class="DermNet", model_version=state.version(), release=released)
 
     @app.post("/setup")
     def setup() -> Response:
@@ -445,6 +465,7 @@ def create_app(
             )
         system = state.lesion.get() if uses_lesion(config) else None
         version = state.version(config)
+        show_all = settings.show_outputs == "all"
         predictions: list[dict[str, Any] | None] = [None] * len(tasks)
         good: list[tuple[int, Any]] = []
         for i, task in enumerate(tasks):
@@ -470,7 +491,14 @@ def create_app(
                 if system is not None
                 else [None] * len(good)
             )
-            for (i, loaded), output, lesion_output in zip(good, outputs, lesions, strict=True):
+            # Regions are drawn inside the lesion: the U-Net's mask, where a lesion model is served.
+            outlines: list[Any] = [o.mask if o is not None else None for o in lesions]
+            outliner = state.lesion.get() if served is not None and config.regions is not None else None
+            if system is None and outliner is not None:
+                outlines = [segment(outliner, image)[0] for image in images]
+            for (i, loaded), output, lesion_output, outline in zip(
+                good, outputs, lesions, outlines, strict=True
+            ):
                 prediction: dict[str, Any] = {"result": [], "score": None, "model_version": version}
                 if served is not None and output is not None:
                     prediction = task_prediction(
@@ -481,9 +509,13 @@ def create_app(
                         loaded.height,
                         served.meta.thresholds,
                         settings.model_score_threshold,
+                        provenance=None if show_all else served.meta.provenance,
+                        lesion=outline,
                     )
                 if system is not None and lesion_output is not None:
-                    items, score = lesion_prediction(lesion_output, config, version)
+                    items, score = lesion_prediction(
+                        lesion_output, config, version, None if show_all else system.provenance
+                    )
                     prediction["result"].extend(items)
                     if prediction["score"] is None:
                         prediction["score"] = score
@@ -544,9 +576,33 @@ def create_app(
     @app.get("/versions")
     def versions() -> Response:
         with state.sessions() as session:
-            rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+            rows = session.scalars(
+                select(ModelVersion).order_by(ModelVersion.id).options(selectinload(ModelVersion.outputs))
+            ).all()
             listed = [v.version for v in rows]
-        return jsonify(versions=listed, model_version=state.version())
+            models = [
+                {
+                    "version": v.version,
+                    "status": v.status.value,
+                    "release": v.release,
+                    "created_at": v.created_at.isoformat(),
+                    "outputs": registry.provenance(v),
+                }
+                for v in rows
+            ]
+        system = state.lesion.get()
+        lesion = (
+            {"version": system.version, "released": system.released, "outputs": system.provenance}
+            if system is not None
+            else None
+        )
+        return jsonify(
+            versions=listed,
+            model_version=state.version(),
+            show_outputs=settings.show_outputs,
+            models=models,
+            lesion=lesion,
+        )
 
     @app.get("/jobs")
     def list_jobs() -> Response:

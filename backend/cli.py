@@ -248,17 +248,43 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 0
         if args.action == "promote":
             if not args.checkpoint:
-                raise ValueError("dermassist models promote CHECKPOINT")
-            version = registry.register(session, args.checkpoint, Path(settings.model_dir))
+                raise ValueError("dermassist models promote CHECKPOINT | VERSION | release")
+            version = _find_version(session, sessions, settings, args.checkpoint)
             registry.promote(session, version)
             session.commit()
-            print(f"promoted {version.version} ({version.path})")
+            print(f"promoted {version.version} ({version.release or version.path})")
             return 0
         from sqlalchemy import select
 
         for row in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
-            print(f"{row.version}\t{row.status.value}\t{row.created_at:%Y-%m-%d %H:%M}\t{row.path}")
+            shown = [o.output for o in row.outputs if o.status == "validated"]
+            print(
+                f"{row.version}\t{row.status.value}\t{row.created_at:%Y-%m-%d %H:%M}\t"
+                f"{row.release or row.path}\tvalidated: {', '.join(shown) or 'none'}"
+            )
     return 0
+
+
+def _find_version(session: Any, sessions: Any, settings: Settings, name: str) -> Any:
+    """A checkpoint file (registered now), a registered version id, or ``release`` (the released model)."""
+    from backend import registry
+    from backend.release import install, read_release
+
+    if Path(name).is_file():
+        return registry.register(session, name, Path(settings.model_dir))
+    if name == "release":
+        release = read_release(settings.release_dir)
+        if release is None or "dermnet" not in release.models:
+            raise ValueError(f"no released model in RELEASE_DIR ({settings.release_dir})")
+        install(sessions, Path(settings.model_dir), release)  # registered (if it was not), in its own session
+        session.expire_all()
+        name = release.models["dermnet"].version
+    found = registry.find(session, name)
+    if found is None:
+        raise ValueError(
+            f"{name!r} is neither a checkpoint file nor a registered version (dermassist models list)"
+        )
+    return found
 
 
 def cmd_train_seg(args: argparse.Namespace) -> int:
@@ -358,8 +384,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults: Label Studio and the backend on localhost with a pre-annotated
-    BCC screening project (a synthetic study, a model trained on it, four simulated dermatologists, their
-    consensus, one retraining). --no-label-studio runs the headless part: study, store, consensus, report."""
+    BCC screening project: 64 real dermoscopic images (sample/ham10000) pre-annotated by the released
+    models, four simulated dermatologists, their consensus, one retraining. --synthetic runs the synthetic
+    study (a model trained on drawings); --no-label-studio the headless part of it: study, store,
+    consensus, report."""
     if not args.no_label_studio:
         from backend.demo import DemoConfig, run
         from backend.ls_server import LabelStudioUnavailableError
@@ -368,6 +396,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return run(
                 DemoConfig(
                     out=Path(args.out),
+                    synthetic=args.synthetic,
                     n=args.n,
                     size=args.size,
                     seed=args.seed,
@@ -433,10 +462,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.from_db:
         return _train_from_db(args)
-    if args.data is None:
+    if not args.data:
         raise ValueError("give a dataset folder, or --from-db to train on the store's consensus")
     config = TrainConfig(
-        data=args.data,
+        data=args.data[0] if len(args.data) == 1 else list(args.data),
         out=args.out,
         weights=args.weights,
         epochs=args.epochs,
@@ -445,6 +474,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         output_stride=args.output_stride,
         cam_loss=args.cam_loss,
+        select=args.select,
         val_fraction=args.val_fraction,
         seed=args.seed,
         patience=args.patience,
@@ -611,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    tr.add_argument("data", nargs="?", help="dataset folder (labels.csv, images/, masks/)")
+    tr.add_argument(
+        "data",
+        nargs="*",
+        help="dataset folder(s) (labels.csv, images/, masks/); several train one model, each with its "
+        "own lesion-grouped split",
+    )
     tr.add_argument(
         "--from-db",
         action="store_true",
@@ -636,6 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="weight of the localisation loss that draws each positive target's Grad-CAM into its "
         "reference region (0: off, the published model)",
+    )
+    tr.add_argument(
+        "--select",
+        choices=["auto", "auroc", "objective"],
+        default="auto",
+        help="the best epoch by mean validation AUROC, by the validation objective (loss + localisation "
+        "loss), or auto: the objective when --cam-loss is on, else AUROC",
     )
     tr.add_argument(
         "--output-stride",
@@ -815,7 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help=cmd_models.__doc__, description=cmd_models.__doc__)
     md.add_argument("action", choices=["list", "promote", "promote-lesion"])
     md.add_argument(
-        "checkpoint", nargs="?", help="promote: the checkpoint to serve; promote-lesion: the segmentation one"
+        "checkpoint",
+        nargs="?",
+        help="promote: a checkpoint file, a registered version or 'release' (the released model); "
+        "promote-lesion: the segmentation checkpoint",
     )
     md.add_argument("dual", nargs="?", help="promote-lesion: the dual-encoder checkpoint")
     md.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
@@ -832,6 +877,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-label-studio", action="store_true", help="headless: study, store, consensus and report only"
     )
     demo.add_argument("--no-wait", action="store_true", help="stop the servers once everything is set up")
+    demo.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the synthetic study (drawings with pattern truth, a model trained on them) instead of the "
+        "real HAM10000 sample served by the released models",
+    )
     demo.add_argument("--epochs", type=int, default=4, help="training epochs of the demo model (default: 4)")
     demo.add_argument("--ls-port", type=int, default=8080, help="Label Studio's port if free (default: 8080)")
     demo.add_argument("--port", type=int, default=9090, help="the backend's port if free (default: 9090)")

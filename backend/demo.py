@@ -1,18 +1,23 @@
 """The main job, live: Label Studio and the backend on localhost with a pre-annotated BCC screening project.
 
-``dermassist demo`` (``make demo``):
+``dermassist demo`` (``make demo``), on real dermoscopy:
 
-1. draws a synthetic dermoscopy study with four simulated dermatologists;
-2. trains the BCC + pattern model on it for a few minutes (ImageNet start where ``make weights`` put
-   the file, else from scratch) and promotes it;
-3. starts Label Studio (its own venv, a fresh copy of the migrated template) and ``dermassist serve``
-   on loopback, creates the project from ``labeling_config/bcc.xml``, uploads the images and
-   connects the backend;
-4. the four dermatologists annotate the first half of the images through the API (webhooks fill the
-   store); the backend pre-annotates every image;
-5. runs the consensus and one retraining (the Train button), re-predicts the unannotated half with the
-   new model, and writes the study report;
-6. prints the URL, the login and what to look at, and keeps both servers up until Ctrl-C.
+1. copies the real HAM10000 sample shipped in ``sample/ham10000`` (64 images, 8 BCC; CC BY-NC 4.0) and
+   simulates four dermatologists who give each image a diagnosis (BCC / non-BCC) with known
+   sensitivity and specificity. The sample's truth is the diagnosis only: nobody labelled dermoscopic
+   patterns on these images, so the simulated dermatologists do not either (none is invented);
+2. starts Label Studio (its own venv, a fresh copy of the migrated template) and ``dermassist serve`` on
+   loopback, which serves the released models (``models/``) with no training and no promote step;
+   creates the project from ``labeling_config/bcc_lesion.xml``, uploads the images, connects the backend;
+3. the dermatologists annotate the first half of the images through the API (webhooks fill the store);
+   the backend pre-annotates every image: the diagnosis, the lesion outline (U-Net) and, for a
+   predicted BCC, where it is (Grad-CAM inside the outline). Outputs not validated on real images
+   (the six BCC patterns) are not shown;
+4. runs the consensus and one retraining (the Train button), and writes the study report;
+5. prints the URL, the login and what to look at, and keeps both servers up until Ctrl-C.
+
+``dermassist demo --synthetic`` runs the earlier study instead: synthetic drawings with pattern truth,
+a model trained on them for a few minutes, every output shown (``SHOW_OUTPUTS=all``).
 """
 
 from __future__ import annotations
@@ -37,9 +42,21 @@ from labeling_config import load_config
 PROJECT_TITLE = "BCC screening (dermassist demo)"
 
 
+SAMPLE = Path(__file__).resolve().parents[1] / "sample" / "ham10000"
+#: The simulated dermatologists: (sensitivity, specificity) for BCC, as in reader studies of dermoscopy.
+RATERS = {
+    "dermatologist_1": (0.95, 0.97),
+    "dermatologist_2": (0.90, 0.93),
+    "dermatologist_3": (0.85, 0.95),
+    "dermatologist_4": (0.75, 0.90),
+}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path
+    synthetic: bool = False
+    sample: Path = SAMPLE
     n: int = 120
     size: int = 256
     seed: int = 0
@@ -100,6 +117,34 @@ def _train(config: DemoConfig, study: Path) -> Path:
     return result.best
 
 
+def real_study(sample: Path, out: Path, seed: int = 0) -> int:
+    """Copy the real sample to ``out`` and write the simulated dermatologists' ``ratings.csv`` (diagnosis
+    only: the sample's truth); returns the number of images.
+
+    Raises:
+        FileNotFoundError: the sample is missing (a checkout without ``sample/``).
+    """
+    import numpy as np
+    import pandas as pd
+
+    if not (sample / "labels.csv").is_file():
+        raise FileNotFoundError(
+            f"the real sample {sample} is missing; `dermassist demo --synthetic` needs none"
+        )
+    shutil.copytree(sample, out)
+    labels = pd.read_csv(out / "labels.csv", dtype={"image_id": str})
+    rng = np.random.default_rng(seed)
+    rows = []
+    for image_id, truth in zip(labels["image_id"], labels["bcc"].astype(int), strict=True):
+        for rater, (sensitivity, specificity) in RATERS.items():
+            right = rng.random() < (sensitivity if truth else specificity)
+            rows.append((image_id, rater, "bcc", truth if right else 1 - truth))
+    pd.DataFrame(rows, columns=["image_id", "rater", "label", "value"]).to_csv(
+        out / "ratings.csv", index=False
+    )
+    return len(labels)
+
+
 def _showcase(predictions: list[dict[str, Any]], tasks: set[int], version: str) -> int | None:
     """The unannotated task whose current prediction draws the most regions (the best first look)."""
     best: tuple[int, float, int] | None = None
@@ -130,11 +175,6 @@ def run(config: DemoConfig) -> int:
     t0 = time.monotonic()
 
     study = out / "study"
-    _say(f"drawing a synthetic study of {config.n} images with four simulated dermatologists")
-    generate(SynthConfig(n=config.n, size=config.size, raters=4, seed=config.seed), study)
-    contact_sheet(study).save(study / "contact_sheet.png")
-    checkpoint = _train(config, study)
-
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{out / 'dermassist.sqlite'}",
@@ -143,7 +183,24 @@ def run(config: DemoConfig) -> int:
         "LOG_LEVEL": "WARNING",
     }
     exe = DERMASSIST
-    subprocess.run([str(exe), "models", "promote", str(checkpoint)], env=env, check=True, capture_output=True)
+    if config.synthetic:
+        _say(f"drawing a synthetic study of {config.n} images with four simulated dermatologists")
+        generate(SynthConfig(n=config.n, size=config.size, raters=4, seed=config.seed), study)
+        contact_sheet(study).save(study / "contact_sheet.png")
+        checkpoint = _train(config, study)
+        # A model that saw only drawings: every output shown, no release beside it.
+        env.update({"RELEASE_DIR": "none", "SHOW_OUTPUTS": "all"})
+        subprocess.run(
+            [str(exe), "models", "promote", str(checkpoint)], env=env, check=True, capture_output=True
+        )
+        xml = load_config("bcc")
+    else:
+        n_images = real_study(config.sample, study, config.seed)
+        _say(
+            f"{n_images} real dermoscopic images (HAM10000, CC BY-NC 4.0) and four simulated dermatologists "
+            "who give the diagnosis; the images have no pattern truth, so nobody labels patterns"
+        )
+        xml = load_config("bcc_lesion")
 
     _say("starting Label Studio (the first run migrates its database: 1-2 minutes, once)")
     ls = ls_server.start(out / "label-studio", port=_port(config.ls_port))
@@ -154,10 +211,18 @@ def run(config: DemoConfig) -> int:
         backend_url = f"http://127.0.0.1:{backend_port}"
         backend = start_serve(env, backend_port, out / "backend.log")
         client = LabelStudioClient(ls.url, ls.token)
+        health = _get(f"{backend_url}/health")
+        if not config.synthetic:
+            if health.get("release") is None:
+                raise RuntimeError(
+                    f"the backend serves {health.get('model_version')}, not the released model: "
+                    "is models/release.json there (RELEASE_DIR)?"
+                )
+            _say(f"the backend serves the released model {health['release']} (no training, no promote step)")
 
         project = client.post_json(
             "/api/projects/",
-            {"title": PROJECT_TITLE, "label_config": load_config("bcc"), "maximum_annotations": 4,
+            {"title": PROJECT_TITLE, "label_config": xml, "maximum_annotations": 4,
              "show_collab_predictions": True},
         )["id"]  # fmt: skip
         images = sorted((study / "images").iterdir())
@@ -179,7 +244,7 @@ def run(config: DemoConfig) -> int:
         raters = sorted(ratings["rater"].unique())
         users = dict(zip(raters, ls_study.create_raters(client, raters), strict=True))
         _say(f"four dermatologists annotate {len(annotated)} images (webhooks fill the store)")
-        n = ls_study.annotate(client, study, annotated, users, config.size)
+        n = ls_study.annotate(client, study, annotated, users, config.size if config.synthetic else 0)
 
         _say(f"the backend pre-annotates all {len(images)} images")
         ls_study.retrieve_predictions(client, project)
@@ -224,6 +289,18 @@ def run(config: DemoConfig) -> int:
         )
 
         minutes = (time.monotonic() - t0) / 60
+        if config.synthetic:
+            look = "the diagnosis and the patterns are ticked, the Grad-CAM regions are drawn over the image;"
+            extra = (
+                f"the study's images with every pattern outlined: {(study / 'contact_sheet.png').resolve()}"
+            )
+        else:
+            look = (
+                "a real dermoscopic image: the diagnosis is ticked, the lesion outline (U-Net) and,\n"
+                "    for a predicted BCC, where it is (Grad-CAM inside the outline) are drawn; the six BCC\n"
+                "    patterns are not shown: no real image with them labelled trained or validated them;"
+            )
+            extra = f"what each output was validated on: {backend_url}/versions and models/*.md"
         first = _showcase(ls_study.predictions(client, project), set(rest), version) or (rest or [0])[0]
         print(
             f"""
@@ -235,11 +312,11 @@ dermassist demo is up ({minutes:.1f} min).
 
 Look at:
   - a pre-annotated image: {ls.url}/projects/{project}/data?task={first}
-    the diagnosis and the patterns are ticked, the Grad-CAM regions are drawn over the image;
+    {look}
   - the data manager sorted by prediction score, ascending: the most uncertain images first;
   - the first {len(annotated)} tasks: {n} annotations by four simulated dermatologists;
   - the consensus report: {report.resolve()}
-  - the study's images with every pattern outlined: {(study / "contact_sheet.png").resolve()}
+  - {extra}
 """,
             flush=True,
         )

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,7 +49,8 @@ from consensus.models import Annotation, Item, JobStatus, ModelStatus, TrainingJ
 from consensus.repository import consensus_table
 from consensus.service import run_consensus
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
-from model.data import IMAGE_SUFFIXES
+from model.data import IMAGE_SUFFIXES, is_synthetic
+from model.provenance import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -359,11 +361,65 @@ def build_training_set(
     )
 
 
-def validation_loss(checkpoint: str | Path, table: pd.DataFrame, targets: pd.DataFrame) -> dict[str, float]:
-    """Mean binary cross-entropy of a model's calibrated probabilities against the consensus
-    posteriors (over every known target), and the BCC AUROC where both classes occur."""
+def project_provenance(
+    data: TrainingSet, probs: NDArray[np.float64], synthetic: bool, run_id: int
+) -> dict[str, dict[str, Any]]:
+    """Each output's provenance for a model trained on a project's consensus, judged on the project's
+    fixed validation split (``model.provenance``: validated with at least 20 positives and AUROC 0.80)."""
+    from model.provenance import assess
+
+    train = data.targets.reindex(index=data.table["image_id"], columns=list(TARGETS)).to_numpy(dtype=float)
+    known = ~np.isnan(train)
+    val = data.validation_targets.reindex(columns=list(TARGETS)).to_numpy(dtype=float)
+    return assess(
+        TARGETS,
+        known.sum(0).astype(float),
+        ((np.nan_to_num(train) >= 0.5) & known).sum(0).astype(float),
+        np.nan_to_num(val),
+        (~np.isnan(val)).astype(float),
+        probs,
+        synthetic,
+        f"this project's consensus (run {run_id}): fixed validation split of {len(data.validation)} items",
+    )
+
+
+def lost_outputs(current: dict[str, dict[str, Any]], candidate: dict[str, dict[str, Any]]) -> list[str]:
+    """Outputs validated for the served model that the candidate would no longer have validated: a
+    candidate that loses one is worse, whatever its loss (the output would vanish from the project)."""
+    return [
+        key
+        for key, entry in current.items()
+        if entry.get("status") == Provenance.VALIDATED
+        and candidate.get(key, {}).get("status") != Provenance.VALIDATED
+    ]
+
+
+def stamp_provenance(checkpoint: Path, provenance: dict[str, dict[str, Any]]) -> None:
+    """Write the provenance into the checkpoint's metadata (same weights, same version), atomically."""
+    import io
+
+    import torch
+
+    from model.checkpoint import atomic_write_bytes, read_checkpoint
+
+    raw = read_checkpoint(checkpoint)
+    raw["meta"]["provenance"] = provenance
+    buffer = io.BytesIO()
+    torch.save(raw, buffer)
+    atomic_write_bytes(checkpoint, buffer.getvalue())
+
+
+def _why(provenance: dict[str, dict[str, Any]], keys: list[str]) -> str:
+    return "; ".join(
+        f"{k}: {provenance.get(k, {}).get('n_positive', 0)} positives, "
+        f"{provenance.get(k, {}).get('note') or provenance.get(k, {}).get('status')}"
+        for k in keys
+    )
+
+
+def validation_probs(checkpoint: str | Path, table: pd.DataFrame) -> NDArray[np.float64]:
+    """A model's calibrated probabilities ``(N, K)`` on the rows' images, in ``TARGETS`` order."""
     from PIL import Image
-    from sklearn.metrics import roc_auc_score
 
     from backend.predictor import load_served, run_batch
 
@@ -375,7 +431,21 @@ def validation_loss(checkpoint: str | Path, table: pd.DataFrame, targets: pd.Dat
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         probs.extend([o.probs[k] for k in TARGETS] for o in run_batch(served, images))
-    p = np.clip(np.asarray(probs, dtype=float), 1e-6, 1 - 1e-6)
+    return np.asarray(probs, dtype=float).reshape(len(table), len(TARGETS))
+
+
+def validation_loss(
+    checkpoint: str | Path,
+    table: pd.DataFrame,
+    targets: pd.DataFrame,
+    probs: NDArray[np.float64] | None = None,
+) -> dict[str, float]:
+    """Mean binary cross-entropy of a model's calibrated probabilities against the consensus
+    posteriors (over every known target), and the BCC AUROC where both classes occur."""
+    from sklearn.metrics import roc_auc_score
+
+    found = validation_probs(checkpoint, table) if probs is None else probs
+    p = np.clip(found, 1e-6, 1 - 1e-6)
     t = targets.reindex(columns=list(TARGETS)).to_numpy(dtype=float)
     known = ~np.isnan(t)
     bce = -(np.nan_to_num(t) * np.log(p) + (1 - np.nan_to_num(t)) * np.log(1 - p))
@@ -418,6 +488,7 @@ def train_dermnet(
         note(f"consensus run {run_id}: {run.n_items} items, {run.n_raters} raters")
         current = registry.promoted(session)
         parent_path = current.path if current is not None else None
+        current_provenance = registry.provenance(current) if current is not None else {}
         images = Path(params["images"]) if params.get("images") else None
         log: list[str] = []
         data = build_training_set(session, run_id, settings, images, log)
@@ -450,18 +521,33 @@ def train_dermnet(
         config.width_mult = float(parent_meta.get("width_mult", 1.0))
     result = train(config, data.table, data.targets)
     note(f"trained {result.meta.version} ({len(result.history)} epochs)")
+    synthetic = images is not None and is_synthetic(images)
     if len(data.validation):
-        candidate = validation_loss(result.best, data.validation, data.validation_targets)
+        probs = validation_probs(result.best, data.validation)
+        candidate = validation_loss(result.best, data.validation, data.validation_targets, probs)
         baseline = (
             validation_loss(parent_path, data.validation, data.validation_targets) if parent_path else None
         )
     else:
+        probs = np.zeros((0, len(TARGETS)))
         candidate, baseline = {"val_loss": float("nan")}, None
+    provenance = project_provenance(data, probs, synthetic, run_id)
+    stamp_provenance(result.best, provenance)
     better = baseline is None or (
         not math.isnan(candidate["val_loss"]) and candidate["val_loss"] <= baseline["val_loss"]
     )
     before = baseline["val_loss"] if baseline else None
     note(f"validation loss {candidate['val_loss']:.4f} vs promoted {before}")
+    shown = [k for k, v in provenance.items() if v["status"] == Provenance.VALIDATED]
+    note(f"validated on this project's consensus: {', '.join(shown) or 'no output'}")
+    if current_provenance:
+        lost = lost_outputs(current_provenance, provenance)
+        if lost:
+            better = False
+            note(
+                f"not promoted: the served model's {', '.join(lost)} would no longer be validated "
+                f"(this project's validation split: {_why(provenance, lost)})"
+            )
     with sessions() as session:
         version = registry.register(
             session,

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
+LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class LesionSystem:
     dual: Any
     image_size: int
     lesion_size: int
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # lesion, diagnosis
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,49 +83,73 @@ def promote_lesion(model_dir: Path, segnet: str | Path, dual: str | Path) -> str
         ):
             shutil.copyfileobj(src, tmp)
         Path(tmp.name).replace(target / name)
-    return _version(target)
+    return _version((target / SEG_FILE, target / DUAL_FILE))
 
 
-def _version(folder: Path) -> str:
+def _version(paths: tuple[Path, Path]) -> str:
     digest = hashlib.sha256()
-    for name in (SEG_FILE, DUAL_FILE):
-        digest.update((folder / name).read_bytes())
+    for path in paths:
+        digest.update(path.read_bytes())
     return f"lesion-{digest.hexdigest()[:12]}"
 
 
-class LesionHolder:
-    """Loads the pair once per process; reloads when the files change (a new promotion)."""
+def pair_provenance(seg_raw: Mapping[str, Any], dual_raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pair's outputs (``lesion``: the mask, ``diagnosis``: the seven classes) and where they come from,
+    as the checkpoints record it (the release tool writes it; a pair trained here records none: untrained
+    as far as a dermatologist is concerned, until validated)."""
+    seg = dict(seg_raw.get("provenance") or {})
+    dual = dict(dual_raw.get("provenance") or {})
+    return {LESION_OUTPUT: seg.get(LESION_OUTPUT, {}), DIAGNOSIS_OUTPUT: dual.get(DIAGNOSIS_OUTPUT, {})}
 
-    def __init__(self, model_dir: Path) -> None:
+
+class LesionHolder:
+    """Loads the pair once per process; reloads when the files change (a new promotion).
+
+    The pair promoted into ``MODEL_DIR/lesion/`` is served; without one, the released pair
+    (``fallback``: the U-Net's and the dual classifier's files, SHA-256 checked by ``backend.release``).
+    """
+
+    def __init__(self, model_dir: Path, fallback: tuple[Path, Path] | None = None) -> None:
         self.folder = lesion_dir(model_dir)
+        self.fallback = fallback
         self._current: LesionSystem | None = None
-        self._stamp: tuple[float, float] | None = None
+        self._stamp: tuple[str, float, float] | None = None
         self._lock = threading.Lock()
 
+    def _paths(self) -> tuple[Path, Path] | None:
+        promoted = (self.folder / SEG_FILE, self.folder / DUAL_FILE)
+        if promoted[0].is_file() and promoted[1].is_file():
+            return promoted
+        return self.fallback
+
     def available(self) -> bool:
-        return (self.folder / SEG_FILE).is_file() and (self.folder / DUAL_FILE).is_file()
+        return self._paths() is not None
 
     def get(self) -> LesionSystem | None:
-        if not self.available():
+        paths = self._paths()
+        if paths is None:
             return None
-        stamp = ((self.folder / SEG_FILE).stat().st_mtime, (self.folder / DUAL_FILE).stat().st_mtime)
+        stamp = (str(paths[0]), paths[0].stat().st_mtime, paths[1].stat().st_mtime)
         if self._current is not None and stamp == self._stamp:
             return self._current
         with self._lock:
             if self._current is None or stamp != self._stamp:
+                from model.checkpoint import read_checkpoint
                 from model.segmentation import load_segnet
                 from model.train_dual import load_dual
 
-                segnet, seg_meta = load_segnet(self.folder / SEG_FILE)
-                dual, dual_meta = load_dual(self.folder / DUAL_FILE)
+                segnet, seg_meta = load_segnet(paths[0])
+                dual, dual_meta = load_dual(paths[1])
                 config = dual_meta["config"]
                 self._current = LesionSystem(
-                    version=_version(self.folder),
+                    version=_version(paths),
                     segnet=segnet.eval(),
                     seg_size=int(seg_meta.input_size),
                     dual=dual.eval(),
                     image_size=int(config["image_size"]),
                     lesion_size=int(config["lesion_size"]),
+                    provenance=pair_provenance(read_checkpoint(paths[0]), dual_meta),
+                    released=paths == self.fallback,
                 )
                 self._stamp = stamp
             return self._current
@@ -135,6 +162,15 @@ def metadata_row(data: Mapping[str, Any] | None, config: ProjectConfig) -> dict[
 
 
 @torch.no_grad()
+def segment(system: LesionSystem, image: Image.Image) -> tuple[NDArray[np.bool_], torch.Tensor]:
+    """The U-Net's lesion mask at the image's own size (probability >= 0.5), and the probabilities."""
+    seg_in = to_tensor(image, system.seg_size)[None]
+    prob = torch.sigmoid(system.segnet(seg_in))
+    prob = F.interpolate(prob, size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
+    return (prob >= 0.5).numpy(), prob
+
+
+@torch.no_grad()
 def run_lesion(
     system: LesionSystem, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]]
 ) -> list[LesionOutput]:
@@ -144,10 +180,7 @@ def run_lesion(
     outputs = []
     for image, row in zip(images, rows, strict=True):
         array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        seg_in = to_tensor(image, system.seg_size)[None]
-        prob = torch.sigmoid(system.segnet(seg_in))
-        prob = F.interpolate(prob, size=array.shape[1:], mode="bilinear", align_corners=False)[0, 0]
-        mask = (prob >= 0.5).numpy()
+        mask, prob = segment(system, image)
         crop = lesion_crop(array, mask if mask.any() else np.ones(mask.shape, bool), system.lesion_size)
         logits = system.dual(
             to_tensor(image, system.image_size)[None],
@@ -166,13 +199,24 @@ def run_lesion(
 
 
 def lesion_prediction(
-    output: LesionOutput, config: ProjectConfig, version: str
-) -> tuple[list[dict[str, Any]], float]:
-    """Label Studio result items for the HAM10000 diagnosis and the lesion mask, and the task score."""
+    output: LesionOutput,
+    config: ProjectConfig,
+    version: str,
+    provenance: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Label Studio result items for the HAM10000 diagnosis and the lesion mask, and the task score.
+
+    With ``provenance``, an output not validated on real images is left out (and the task gets no score
+    when the diagnosis is).
+    """
+    from model.provenance import shown
+
     items: list[dict[str, Any]] = []
     best = max(output.probs, key=lambda k: output.probs[k])
     ham = config.ham_diagnosis
-    if ham is not None and best in ham.values:
+    show_diagnosis = provenance is None or shown(provenance, DIAGNOSIS_OUTPUT)
+    show_lesion = provenance is None or shown(provenance, LESION_OUTPUT)
+    if ham is not None and best in ham.values and show_diagnosis:
         items.append(
             {
                 "from_name": ham.name,
@@ -183,7 +227,7 @@ def lesion_prediction(
             }
         )
     lesion = config.lesion
-    if lesion is not None and output.mask.any():
+    if lesion is not None and output.mask.any() and show_lesion:
         label = lesion.values.get(LESION_KEY, LESION_LABEL)
         items.append(brush_item(lesion.name, lesion.to_name, label, output.mask, output.mask_score))
-    return items, round(output.probs[best], 6)
+    return items, round(output.probs[best], 6) if show_diagnosis else None

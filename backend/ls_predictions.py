@@ -7,10 +7,16 @@ One prediction per task (``{"result": [...], "score": float, "model_version": st
 - the patterns control gets every pattern whose probability reaches its threshold (the control's
   ``model_score_threshold`` or ``MODEL_SCORE_THRESHOLD`` overrides the checkpoint's per-output
   thresholds); its ``score`` is the lowest probability among them;
-- the regions control gets, for each predicted pattern it offers, one brush mask from that pattern's
-  Grad-CAM map at the image's original size (the map resized as pytorch-grad-cam does, kept where it
-  is at least half its maximum, see :func:`model.explain.cam_to_mask`), in Label Studio's RLE, with
-  ``original_width`` / ``original_height``; its ``score`` is the pattern's probability;
+- the regions control gets, for each predicted pattern it offers (and for the diagnosis when BCC is
+  predicted and the control has a BCC label: the first system's explanation of the diagnosis), one
+  brush mask from that output's Grad-CAM map at the image's original size: the map inside the lesion
+  mask (the U-Net's, where the lesion model is available), rescaled to its maximum there, kept where it
+  is at least half that maximum, only the piece holding the maximum, at most ``REGION_MAX_SHARE`` of the
+  lesion (:func:`model.explain.compact_region`), in Label Studio's RLE with ``original_width`` /
+  ``original_height``; its ``score`` is the output's probability;
+- only outputs validated on real images are pre-annotated (``model.provenance``; ``SHOW_OUTPUTS=all``
+  shows every output): a head that never saw a labelled dermoscopic image is left out rather than shown
+  to a dermatologist as if it knew, because Label Studio draws every prediction item alike;
 - the task ``score`` is the model's **confidence in its diagnosis**: the calibrated probability of the
   diagnosis it chose (BCC: p, non-BCC: 1 - p), between 0 and 1. Sorting tasks by prediction score
   ascending in Label Studio's data manager therefore puts the most uncertain first: the
@@ -19,6 +25,7 @@ One prediction per task (``{"result": [...], "score": float, "model_version": st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,11 +35,13 @@ from numpy.typing import NDArray
 from backend.predictor import ImageOutput
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
 from labeling_config.parse import NON_BCC_KEY, ProjectConfig, Role
-from model.explain import cam_to_mask
+from model.explain import compact_region
+from model.provenance import shown
 
 #: Roles the BCC model fills.
 MODEL_ROLES = (Role.DIAGNOSIS, Role.PATTERNS, Role.REGIONS)
 MASK_THRESHOLD = 0.5
+REGION_MAX_SHARE = 0.3  # a drawn region covers at most this share of the lesion (of the image without one)
 
 
 def threshold_for(
@@ -54,15 +63,29 @@ def task_prediction(
     height: int,
     thresholds: dict[str, float],
     override: float | None = None,
+    provenance: Mapping[str, Mapping[str, Any]] | None = None,
+    lesion: NDArray[np.bool_] | None = None,
 ) -> dict[str, Any]:
-    """The Label Studio prediction of one task."""
+    """The Label Studio prediction of one task.
+
+    Args:
+        provenance: where each output comes from (``model.provenance``); when given, only outputs
+            validated on real images are pre-annotated, the others are left out (None: every output).
+        lesion: the lesion mask at the image's size (the U-Net's), inside which regions are drawn.
+    """
+
+    def offered(key: str) -> bool:
+        return provenance is None or shown(provenance, key)
+
     result: list[dict[str, Any]] = []
     p_bcc = output.probs[DIAGNOSIS_KEY]
     diagnosis = config.diagnosis
     t_bcc = threshold_for(DIAGNOSIS_KEY, thresholds, diagnosis.threshold if diagnosis else None, override)
     is_bcc = p_bcc >= t_bcc
-    confidence = p_bcc if is_bcc else 1.0 - p_bcc
-    if diagnosis is not None:
+    confidence: float | None = p_bcc if is_bcc else 1.0 - p_bcc
+    if not offered(DIAGNOSIS_KEY):
+        confidence = None
+    elif diagnosis is not None and confidence is not None:
         key = DIAGNOSIS_KEY if is_bcc else NON_BCC_KEY
         if key in diagnosis.values:
             result.append(
@@ -79,10 +102,10 @@ def task_prediction(
     regions = config.regions
     predicted: list[str] = []
     for key in PATTERN_KEYS:
-        offered = (patterns is not None and key in patterns.values) or (
+        in_config = (patterns is not None and key in patterns.values) or (
             regions is not None and key in regions.values
         )
-        if not offered:
+        if not in_config or not offered(key):
             continue
         control = patterns if patterns is not None and key in patterns.values else regions
         t = threshold_for(key, thresholds, control.threshold if control else None, override)
@@ -102,16 +125,20 @@ def task_prediction(
             )
     if regions is not None:
         index = {k: i for i, k in enumerate(TARGETS)}
-        for key in predicted:
+        drawn = [DIAGNOSIS_KEY] if is_bcc and confidence is not None else []
+        for key in drawn + predicted:
             if key not in regions.values:
                 continue
-            mask = cam_to_mask(output.maps[index[key]], width, height, threshold=MASK_THRESHOLD)
+            mask = compact_region(
+                output.maps[index[key]], width, height, lesion, MASK_THRESHOLD, REGION_MAX_SHARE
+            )
             if not mask.any():
                 continue
             result.append(
                 brush_item(regions.name, regions.to_name, regions.values[key], mask, output.probs[key])
             )
-    return {"result": result, "score": round(confidence, 6), "model_version": model_version}
+    score = None if confidence is None else round(confidence, 6)
+    return {"result": result, "score": score, "model_version": model_version}
 
 
 def brush_item(

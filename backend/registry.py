@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from consensus.models import ModelStatus, ModelVersion, utcnow
+from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
 from model.checkpoint import CheckpointMeta, read_checkpoint
+from model.provenance import Provenance, record, status_of
 
 
 def versions_dir(model_dir: Path) -> Path:
@@ -47,8 +48,16 @@ def register(
     metrics: dict[str, Any] | None = None,
     job_id: int | None = None,
     consensus_run_id: int | None = None,
+    release: str | None = None,
+    provenance: dict[str, dict[str, Any]] | None = None,
 ) -> ModelVersion:
-    """Copy a checkpoint into the model folder and record it (idempotent per version).
+    """Copy a checkpoint into the model folder and record it with each output's provenance (idempotent
+    per version).
+
+    Args:
+        provenance: per output, where it comes from (default: what the checkpoint records; an output
+            it says nothing about is recorded as untrained).
+        release: the name of a released model.
 
     Raises:
         FileNotFoundError, ValueError: the file is missing or not a dermassist checkpoint.
@@ -59,6 +68,7 @@ def register(
         if metrics:
             existing.metrics = dict(metrics)
         return existing
+    recorded = provenance if provenance is not None else meta.provenance
     target = versions_dir(model_dir) / f"{meta.version}.pt"
     if not target.exists():
         _copy_atomic(Path(checkpoint), target)
@@ -70,10 +80,41 @@ def register(
         metrics=dict(metrics or {}),
         job_id=job_id,
         consensus_run_id=consensus_run_id,
+        release=release,
+        outputs=[output_row(key, recorded.get(key)) for key in meta.targets],
     )
     session.add(version)
     session.flush()
     return version
+
+
+def output_row(key: str, entry: dict[str, Any] | None) -> ModelOutput:
+    """A ``model_outputs`` row from a :mod:`model.provenance` record (none: untrained)."""
+    entry = entry or record(Provenance.UNTRAINED)
+    return ModelOutput(
+        output=key,
+        status=status_of({key: entry}, key).value,
+        metric=entry.get("metric"),
+        value=entry.get("value"),
+        n_images=entry.get("n_images"),
+        n_positive=entry.get("n_positive"),
+        data=entry.get("data"),
+    )
+
+
+def provenance(version: ModelVersion) -> dict[str, dict[str, Any]]:
+    """A stored version's provenance per output, as :mod:`model.provenance` records."""
+    return {row.output: row.as_dict() for row in version.outputs}
+
+
+def find(session: Session, name: str) -> ModelVersion | None:
+    """A registered version by its version id, or the latest one of a release by the release's name."""
+    found = session.scalars(select(ModelVersion).where(ModelVersion.version == name)).first()
+    if found is None:
+        found = session.scalars(
+            select(ModelVersion).where(ModelVersion.release == name).order_by(ModelVersion.id.desc())
+        ).first()
+    return found
 
 
 def promote(session: Session, version: ModelVersion) -> None:

@@ -14,6 +14,9 @@ from pathlib import Path
 from consensus.db import DEFAULT_URL
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SHOW_OUTPUTS = ("validated", "all")
+# The released models of this checkout (backend/release.py); the Docker image sets RELEASE_DIR.
+DEFAULT_RELEASE_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 class SettingsError(ValueError):
@@ -53,6 +56,14 @@ def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     return tuple(int(p) for p in raw)
 
 
+def _release_dir(raw: str | None) -> Path | None:
+    if raw is not None and raw.lower() in ("none", "off", "0", "false"):
+        return None
+    if raw is None:
+        return DEFAULT_RELEASE_DIR
+    return Path(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the backend reads from its environment.
@@ -83,6 +94,10 @@ class Settings:
         sync_projects: ``SYNC_PROJECTS``, comma-separated Label Studio project ids that ``serve``
             reconciles periodically.
         sync_interval: ``SYNC_INTERVAL``, seconds between those syncs (0: off).
+        release_dir: ``RELEASE_DIR``, the released models (default: ``models/`` of this checkout;
+            ``none``: no release).
+        show_outputs: ``SHOW_OUTPUTS``: ``validated`` (default) pre-annotates only outputs validated
+            on real images; ``all`` shows every output (a synthetic study, a model under test).
     """
 
     label_studio_url: str | None = None
@@ -106,8 +121,14 @@ class Settings:
     train_epochs: int = 5
     sync_projects: tuple[int, ...] = ()
     sync_interval: float = 0.0
+    release_dir: Path | None = DEFAULT_RELEASE_DIR
+    show_outputs: str = "validated"
 
     def __post_init__(self) -> None:
+        if self.show_outputs not in SHOW_OUTPUTS:
+            raise SettingsError(
+                f"SHOW_OUTPUTS must be one of {', '.join(SHOW_OUTPUTS)}, got {self.show_outputs!r}"
+            )
         if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.log_level not in LOG_LEVELS:
@@ -157,6 +178,8 @@ class Settings:
             train_epochs=_int(env, "TRAIN_EPOCHS", cls.train_epochs, 1),
             sync_projects=_ids(env, "SYNC_PROJECTS"),
             sync_interval=_float(env, "SYNC_INTERVAL", 0.0, 0.0, 7 * 24 * 3600.0),
+            release_dir=_release_dir(text("RELEASE_DIR")),
+            show_outputs=(text("SHOW_OUTPUTS") or "validated").lower(),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -177,6 +200,8 @@ class Settings:
             "TRAIN_EPOCHS": str(self.train_epochs),
             "SYNC_PROJECTS": ",".join(str(p) for p in self.sync_projects),
             "SYNC_INTERVAL": str(self.sync_interval),
+            "RELEASE_DIR": str(self.release_dir) if self.release_dir is not None else "none",
+            "SHOW_OUTPUTS": self.show_outputs,
         }
         optional = {
             "LABEL_STUDIO_URL": self.label_studio_url,

@@ -11,6 +11,8 @@
 - ``consensus_runs`` / ``consensus_labels`` / ``rater_reliability`` — every consensus run with its
   parameters and convergence, its per-item posteriors, and its per-rater sensitivity / specificity,
   so any exported number traces back to the run that produced it.
+- ``model_versions`` / ``model_outputs`` / ``training_jobs`` — every checkpoint the backend can serve
+  (released or trained), where each of its outputs comes from, and the retraining jobs.
 
 Label values are stored as JSON keyed by target (``{"bcc": 1, "ulceration": 0, ...}``) rather than as
 one column per pattern, so a schema change needs no migration of the annotations.
@@ -260,6 +262,38 @@ class ModelVersion(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None]
+    # A released model's name (e.g. "dermassist release 2026.12 / dermnet-bcc"); None for trained ones.
+    release: Mapped[str | None] = mapped_column(String(128))
+    outputs: Mapped[list[ModelOutput]] = relationship(
+        back_populates="model_version", cascade="all, delete-orphan", order_by="ModelOutput.id"
+    )
+
+
+class ModelOutput(Base):
+    """Where one output of one model version comes from (``model.provenance``): validated on real images
+    (with the figure, its size and its data), unvalidated, synthetic or untrained. The backend shows a
+    dermatologist only validated outputs."""
+
+    __tablename__ = "model_outputs"
+    __table_args__ = (UniqueConstraint("model_version_id", "output"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    output: Mapped[str] = mapped_column(String(64))  # a target key: bcc, pigment_network, ...
+    status: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str | None] = mapped_column(String(32))
+    value: Mapped[float | None] = mapped_column(Float)
+    n_images: Mapped[int | None] = mapped_column(Integer)
+    n_positive: Mapped[int | None] = mapped_column(Integer)
+    data: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[ModelVersion] = relationship(back_populates="outputs")
+
+    def as_dict(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"status": self.status}
+        for key in ("metric", "value", "n_images", "n_positive", "data"):
+            if getattr(self, key) is not None:
+                entry[key] = getattr(self, key)
+        return entry
 
 
 class TrainingJob(Base):

@@ -30,11 +30,12 @@ from labeling_config.schema import (
     bcc_consistent,
 )
 
-CONFIG_NAMES = ("bcc", "lesion")
+CONFIG_NAMES = ("bcc", "lesion", "bcc_lesion")
 
 
 def load_config(name: str) -> str:
-    """The XML text of a shipped labeling config (``"bcc"`` or ``"lesion"``).
+    """The XML text of a shipped labeling config (``"bcc"``, ``"lesion"`` or ``"bcc_lesion"``: bcc.xml with
+    the lesion outline).
 
     Raises:
         ValueError: for a name that is not a shipped config.

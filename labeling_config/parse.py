@@ -80,10 +80,12 @@ def _vocabulary() -> dict[Role, dict[str, str]]:
         ham[normalize(key)] = key
         ham[normalize(full)] = key
     lesion = {normalize(LESION_LABEL): LESION_KEY}
+    # A BCC label in the regions control: where the model (or the dermatologist) sees the BCC.
+    regions = {**patterns, normalize(BCC): DIAGNOSIS_KEY, normalize("BCC region"): DIAGNOSIS_KEY}
     return {
         Role.DIAGNOSIS: diagnosis,
         Role.PATTERNS: patterns,
-        Role.REGIONS: patterns,
+        Role.REGIONS: regions,
         Role.HAM_DIAGNOSIS: ham,
         Role.LESION: lesion,
     }

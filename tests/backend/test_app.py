@@ -56,7 +56,7 @@ def counts(sessions: Any) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- predict
 def test_health_is_open_and_names_the_promoted_version(client, promoted):
     body = client.get("/health").get_json()
-    assert body == {"status": "UP", "model_class": "DermNet", "model_version": promoted}
+    assert body == {"status": "UP", "model_class": "DermNet", "model_version": promoted, "release": None}
 
 
 def test_setup_and_predict_return_the_same_version(client, promoted):
@@ -419,7 +419,13 @@ def test_start_training_queues_one_job_and_coalesces(client, sessions):
 
 
 def test_versions_and_metrics(client, promoted):
-    assert client.get("/versions").get_json() == {"versions": [promoted], "model_version": promoted}
+    listed = client.get("/versions").get_json()
+    assert listed["versions"] == [promoted] and listed["model_version"] == promoted
+    (model,) = listed["models"]
+    assert model["version"] == promoted and model["status"] == "promoted" and model["release"] is None
+    # a checkpoint that records no provenance: every output counts as untrained
+    assert {o["status"] for o in model["outputs"].values()} == {"untrained"} and len(model["outputs"]) == 8
+    assert listed["lesion"] is None and listed["show_outputs"] == "all"
     client.get("/health")
     metrics = client.get("/metrics").get_json()
     assert metrics["model_version"] == promoted and metrics["requests"]["/health 200"] == 1

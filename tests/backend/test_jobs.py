@@ -199,3 +199,37 @@ def test_train_from_db_on_an_imported_study(tmp_path, small_study, capsys):
     assert "promoted" in capsys.readouterr().out
     with factory() as session:
         assert registry.promoted(session) is not None
+
+
+def test_a_retrained_model_that_loses_a_validated_output_is_not_promoted(
+    client, sessions, settings, annotated, promoted, monkeypatch
+):
+    """The served model's BCC output is validated (as the release's is); the 40-image study's fixed
+    validation split has far fewer than 20 BCC positives, so the candidate cannot validate it and must
+    not replace the served model, whatever its loss. Its own provenance is recorded in the store."""
+    from model.provenance import record
+
+    with sessions() as session:
+        served = registry.promoted(session)
+        assert served is not None
+        for row in served.outputs:
+            if row.output == "bcc":
+                row.status, row.metric, row.value = "validated", "auroc", 0.97
+        session.commit()
+    fast = with_settings(settings, train_epochs=1)
+    response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).get_json()
+    job_id = response["job"]["id"]
+    assert jobs.supervise(fast, job_id, sessions) is JobStatus.SUCCEEDED
+    job = job_row(sessions, job_id)
+    assert not job.promoted and "would no longer be validated" in job.log and "bcc" in job.log
+    with sessions() as session:
+        assert registry.promoted(session).version == promoted  # type: ignore[union-attr]
+        candidate = session.scalars(select(ModelVersion).where(ModelVersion.version == job.version)).one()
+        outputs = registry.provenance(candidate)
+        # images served over HTTP are real as far as the job knows: too few positives, not synthetic
+        assert outputs["bcc"]["status"] == "unvalidated" and outputs["bcc"]["n_positive"] < 20
+        assert "this project's consensus" in outputs["bcc"]["data"]
+    assert jobs.lost_outputs(
+        {"a": record("validated"), "b": record("untrained")}, {"a": record("unvalidated")}
+    ) == ["a"]
+    assert jobs.lost_outputs({"a": record("validated")}, {"a": record("validated")}) == []

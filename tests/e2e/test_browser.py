@@ -63,6 +63,8 @@ def _prediction(image: Path, tmp_path: Path) -> dict[str, Any]:
             model_dir=tmp_path / "models",
             database_url=f"sqlite:///{tmp_path / 's.sqlite'}",
             allowed_image_hosts=(host,),
+            show_outputs="all",  # this untrained model validated nothing; the page shows every kind of item
+            release_dir=None,
         )
         _, sessions = init_db(settings.database_url)
         with sessions() as session:
@@ -77,6 +79,18 @@ def _prediction(image: Path, tmp_path: Path) -> dict[str, Any]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def open_task(page: Any, ls_url: str, url: str) -> None:
+    """Log in as the admin and open a task in Label Studio's editor, its image and masks drawn."""
+    page.goto(f"{ls_url}/user/login/")
+    page.fill("input[name=email]", ADMIN_EMAIL)
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda u: "/user/login" not in u, timeout=60_000)
+    page.goto(url)
+    page.wait_for_selector("canvas", timeout=90_000)
+    page.wait_for_timeout(3000)  # the image and the masks are drawn after the canvas appears
 
 
 def test_a_dermatologist_sees_the_pre_annotation(label_studio: LabelStudioServer, tmp_path: Path) -> None:
@@ -108,14 +122,7 @@ def test_a_dermatologist_sees_the_pre_annotation(label_studio: LabelStudioServer
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1700})
-            page.goto(f"{label_studio.url}/user/login/")
-            page.fill("input[name=email]", ADMIN_EMAIL)
-            page.fill("input[name=password]", ADMIN_PASSWORD)
-            page.click("button[type=submit]")
-            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
-            page.goto(f"{label_studio.url}/projects/{project}/data?task={task}")
-            page.wait_for_selector("canvas", timeout=90_000)
-            page.wait_for_timeout(3000)  # the image and the masks are drawn after the canvas appears
+            open_task(page, label_studio.url, f"{label_studio.url}/projects/{project}/data?task={task}")
             page.screenshot(path=str(shot))
             text = page.inner_text("body")
             checked = page.eval_on_selector_all(

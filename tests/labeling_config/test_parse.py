@@ -25,7 +25,7 @@ def test_shipped_bcc_config_maps_every_output():
     assert tuple(cfg.patterns.values) == PATTERN_KEYS
     assert cfg.patterns.multiple
     assert cfg.regions is not None
-    assert tuple(cfg.regions.values) == PATTERN_KEYS
+    assert tuple(cfg.regions.values) == ("bcc", *PATTERN_KEYS)  # where the BCC is, then each pattern
     assert (cfg.diagnosis.name, cfg.patterns.name, cfg.regions.name) == ("diagnosis", "patterns", "regions")
     assert cfg.ham_diagnosis is None
     assert cfg.lesion is None

@@ -35,8 +35,8 @@ def test_bcc_xml_pattern_choices_and_brush_labels_equal_schema_in_head_order():
     assert choices.get("choice") == "multiple"
     assert [c.get("value") for c in choices.iter("Choice")] == [p.display for p in PATTERNS]
     brush = _control(xml, "BrushLabels", "regions")
-    assert [label.get("value") for label in brush.iter("Label")] == [p.display for p in PATTERNS]
-    assert [label.get("background") for label in brush.iter("Label")] == [p.colour for p in PATTERNS]
+    assert [label.get("value") for label in brush.iter("Label")] == ["BCC"] + [p.display for p in PATTERNS]
+    assert [label.get("background") for label in brush.iter("Label")][1:] == [p.colour for p in PATTERNS]
 
 
 def test_lesion_xml_has_ham_classes_lesion_brush_and_metadata_fields():

@@ -1,0 +1,153 @@
+"""The released models: shipped in ``models/``, SHA-256 checked, served when nothing else is promoted.
+
+``models/release.json`` lists each released file with its SHA-256, its version and each output's
+provenance (:mod:`model.provenance`); a model card (``<name>.md``) stands beside each file. At start,
+``serve`` (every worker) verifies the files and registers the released DermNet in the store's
+``model_versions`` (with its outputs in ``model_outputs``), promoting it only when no version is
+promoted yet: a fresh deployment serves it with no promote step, and a promoted or retrained model
+replaces it (``dermassist models promote release`` returns to it). The released lesion pair (U-Net +
+dual classifier) is served for ``lesion.xml`` projects until a pair is promoted into ``MODEL_DIR/lesion``.
+
+``RELEASE_DIR`` points at the folder (default: ``models/`` of this checkout; the Docker image sets it);
+``RELEASE_DIR=none`` turns the release off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend import registry
+from model.network import file_sha256
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "release.json"
+FORMAT = 1
+KINDS = ("dermnet", "segnet", "dual")
+
+
+class ReleaseError(ValueError):
+    """A release folder whose manifest or files cannot be trusted (missing, altered, malformed)."""
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    """One released file."""
+
+    name: str
+    kind: str
+    path: Path
+    sha256: str
+    version: str
+    card: Path
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release folder: its name, licence and models by kind."""
+
+    folder: Path
+    name: str
+    licence: str
+    models: dict[str, ReleasedModel]
+
+    def label(self, kind: str) -> str:
+        return f"{self.name}/{self.models[kind].name}"
+
+
+def read_release(folder: str | Path | None) -> Release | None:
+    """The release in ``folder`` with every file checked against its SHA-256; None when there is none.
+
+    Raises:
+        ReleaseError: the manifest is malformed, a file is missing, or a file's SHA-256 differs.
+    """
+    if folder is None:
+        return None
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        raw = json.loads(manifest.read_text(encoding="utf-8"))
+        if raw.get("format") != FORMAT:
+            raise ReleaseError(f"{manifest}: format {raw.get('format')!r}, this version reads {FORMAT}")
+        models: dict[str, ReleasedModel] = {}
+        for entry in raw["models"]:
+            kind = entry["kind"]
+            if kind not in KINDS or kind in models:
+                raise ReleaseError(f"{manifest}: kind {kind!r} unknown or listed twice (kinds: {KINDS})")
+            models[kind] = ReleasedModel(
+                name=str(entry["name"]),
+                kind=kind,
+                path=folder / entry["file"],
+                sha256=str(entry["sha256"]).lower(),
+                version=str(entry["version"]),
+                card=folder / entry["card"],
+                outputs=dict(entry.get("outputs", {})),
+                metrics=dict(entry.get("metrics", {})),
+            )
+        release = Release(folder, str(raw["release"]), str(raw["licence"]), models)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, ReleaseError):
+            raise
+        raise ReleaseError(f"{manifest} is not a release manifest: {exc!r}") from None
+    for model in release.models.values():
+        if not model.path.is_file():
+            raise ReleaseError(f"released model {model.path} is missing (listed in {manifest})")
+        found = file_sha256(model.path)
+        if found != model.sha256:
+            raise ReleaseError(
+                f"released model {model.path} has SHA-256 {found}, the manifest says {model.sha256}: "
+                "the file was altered or damaged; restore it (git checkout models/) or set RELEASE_DIR=none"
+            )
+    return release
+
+
+def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) -> str | None:
+    """Register the released DermNet in the store, promoted if no version is; its version (or None).
+
+    Safe from any number of workers at once: a version or a promotion another one recorded first is
+    kept as it is.
+    """
+    model = release.models.get("dermnet")
+    if model is None:
+        return None
+    for attempt in range(3):
+        with sessions() as session:
+            try:
+                version = registry.register(
+                    session,
+                    model.path,
+                    model_dir,
+                    metrics=model.metrics,
+                    release=release.label("dermnet"),
+                    provenance=model.outputs,
+                )
+                if registry.promoted(session) is None:
+                    registry.promote(session, version)
+                    logger.info(
+                        "serving the released model %s (%s)", version.version, release.label("dermnet")
+                    )
+                session.commit()
+                return version.version
+            except IntegrityError:  # another worker registered or promoted at the same moment
+                session.rollback()
+                if attempt == 2:
+                    raise
+    return None
+
+
+def lesion_pair(release: Release | None) -> tuple[Path, Path] | None:
+    """The released U-Net and dual classifier, if the release has both."""
+    if release is None or "segnet" not in release.models or "dual" not in release.models:
+        return None
+    return release.models["segnet"].path, release.models["dual"].path

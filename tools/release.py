@@ -1,0 +1,284 @@
+"""Build the release folder (``models/``) from trained checkpoints and their evaluations.
+
+For each model: the weights in fp16 (the loaders cast them back to fp32), each output's provenance
+(``model.provenance``) written into the checkpoint from the evaluation's figures, a model card beside
+it, and one ``release.json`` listing every file with its SHA-256 (``backend.release`` checks them)::
+
+    python tools/release.py --name 2026.12 --out models \\
+        --dermnet runs/i13-bcc-pn/best.pt --dermnet-eval runs/i13-bcc-pn/eval-dermdev \\
+        --pn-eval runs/i13-bcc-pn/eval-isic \\
+        --segnet runs/i13-seg/best.pt --segnet-eval runs/i13-seg/eval-val \\
+        --dual runs/i13-dual/best.pt --dual-eval runs/i13-dual/eval-val \\
+        --recipe docs/release-recipe.json
+
+``--recipe`` is a JSON object with, per kind (dermnet, segnet, dual), the exact training command and
+the training time, for the cards. The figures are read from the evaluations' ``metrics.json``; nothing
+is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labeling_config import PATTERN_KEYS, TARGET_NAMES
+from model.checkpoint import atomic_write_bytes, weights_version
+from model.network import file_sha256
+from model.provenance import MIN_AUROC, MIN_POSITIVES, Provenance, record
+
+MAX_FILE = 15 * 1024 * 1024
+MAX_TOTAL = 40 * 1024 * 1024
+LICENCE = (
+    "CC BY-NC 4.0: trained on HAM10000 (Tschandl et al. 2018, CC BY-NC 4.0); the weights are for "
+    "non-commercial research use only"
+)
+USE = (
+    "Research pre-annotation of dermoscopic images in Label Studio, for dermatologists who review and "
+    "correct every suggestion. **Not a diagnostic device**: not validated prospectively, not cleared "
+    "by any regulator, and not for decisions about a patient."
+)
+HAM = "derm-dev: 4,038 HAM10000 dermoscopic images (CC BY-NC 4.0), lesion-grouped split, seed 0"
+ISIC = "ISIC 2018 Tasks 1-2 training images (CC-0 in the ISIC Archive), 256 px thumbnails"
+
+
+def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _metrics(folder: Path) -> dict[str, Any]:
+    return dict(json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
+
+
+def _iv(entry: dict[str, Any]) -> tuple[float, list[float]]:
+    value = entry["value"] if "value" in entry else entry["mean"]
+    return float(value), [float(entry["low"]), float(entry["high"])]
+
+
+def dermnet_provenance(dermdev: dict[str, Any], isic: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    cls = dermdev["classification"]
+    value, interval = _iv(cls["bcc"]["auroc"])
+    n, n_pos = int(cls["n_images"]), int(cls["n_bcc"])
+    status = Provenance.VALIDATED if n_pos >= MIN_POSITIVES and value >= MIN_AUROC else Provenance.UNVALIDATED
+    out = {
+        "bcc": record(
+            status,
+            metric="auroc",
+            value=value,
+            interval=interval,
+            n_images=n,
+            n_positive=n_pos,
+            data=f"{HAM}: validation split",
+        )
+    }
+    for key in PATTERN_KEYS:
+        entry = (isic or {}).get("classification", {}).get("patterns", {}).get(key)
+        if entry is None:
+            out[key] = record(
+                Provenance.UNTRAINED,
+                note="no real image with this pattern labelled: HAM10000 has no pattern labels, "
+                "ISIC 2018's attributes have no BCC pattern",
+            )
+            continue
+        n = int(isic["classification"]["n_images"])  # type: ignore[index]
+        n_pos = round(float(entry["prevalence"]) * n)
+        value, interval = _iv(entry["auroc"])
+        ok = n_pos >= MIN_POSITIVES and value >= MIN_AUROC
+        out[key] = record(
+            Provenance.VALIDATED if ok else Provenance.UNVALIDATED,
+            metric="auroc",
+            value=value,
+            interval=interval,
+            n_images=n,
+            n_positive=n_pos,
+            data=f"{ISIC}: validation split",
+        )
+    return out
+
+
+def _validated(
+    output: str, metric: str, entry: dict[str, Any], n: int, data: str
+) -> dict[str, dict[str, Any]]:
+    value, interval = _iv(entry)
+    return {
+        output: record(
+            Provenance.VALIDATED, metric=metric, value=value, interval=interval, n_images=n, data=data
+        )
+    }
+
+
+def segnet_provenance(seg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    data = f"{HAM}: validation split (stratified by diagnosis), each image at its own size"
+    return _validated("lesion", "dice", seg["dice"], int(seg["n_images"]), data)
+
+
+def dual_provenance(dual: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    data = f"{HAM}: validation split (stratified by diagnosis)"
+    return _validated("diagnosis", "balanced_accuracy", dual["balanced_accuracy"], int(dual["n"]), data)
+
+
+def convert(source: Path, target: Path, kind: str, provenance: dict[str, dict[str, Any]], name: str) -> str:
+    """Write ``source`` as a release file (fp16 weights, provenance, no optimizer state); its version."""
+    raw = torch.load(source, map_location="cpu", weights_only=False)
+    state = _half(raw["state_dict"])
+    keep = {k: v for k, v in raw.items() if k not in ("optimizer", "scheduler", "state", "state_dict")}
+    keep["state_dict"] = state
+    keep["provenance"] = provenance
+    version = f"{kind}-{weights_version(state).split('-', 1)[1]}"
+    if "meta" in keep:  # dermnet and segnet carry a meta dict with their version
+        meta = dict(keep["meta"])
+        meta.setdefault("extra", {})
+        meta["extra"] = {**meta["extra"], "fp32_version": meta.get("version"), "release": name}
+        prefix = str(meta.get("version", kind)).split("-", 1)[0]
+        version = f"{prefix}-{weights_version(state).split('-', 1)[1]}"
+        meta["version"] = version
+        if kind == "dermnet":
+            meta["provenance"] = provenance
+        keep["meta"] = meta
+    buffer = io.BytesIO()
+    torch.save(keep, buffer)
+    atomic_write_bytes(target, buffer.getvalue())
+    return version
+
+
+def _row(key: str, entry: dict[str, Any]) -> str:
+    name = TARGET_NAMES.get(
+        key, {"lesion": "Lesion mask", "diagnosis": "Seven-class diagnosis"}.get(key, key)
+    )
+    if entry["status"] == Provenance.UNTRAINED:
+        return f"| {name} | untrained | {entry.get('note', '')} |"
+    low, high = entry.get("interval", [float("nan")] * 2)
+    size = f"{entry.get('n_images')} images" + (
+        f", {entry['n_positive']} positive" if entry.get("n_positive") is not None else ""
+    )
+    figure = f"{entry['metric']} {entry['value']:.3f} [{low:.3f}, {high:.3f}] on {size}"
+    return f"| {name} | **{entry['status']}** | {figure}; {entry.get('data', '')} |"
+
+
+def card(name: str, release: str, kind: str, facts: dict[str, Any]) -> str:
+    """A model card in Markdown."""
+    rows = "\n".join(_row(k, v) for k, v in facts["provenance"].items())
+    extra = "\n".join(f"- {line}" for line in facts.get("figures", []))
+    return f"""# {name} (dermassist release {release})
+
+{facts["what"]}
+
+| | |
+|---|---|
+| file | `{facts["file"]}` ({facts["bytes"] / 1e6:.1f} MB, fp16 weights; loaded as fp32) |
+| SHA-256 | `{facts["sha256"]}` (checked by `backend/release.py` before anything is served) |
+| version | `{facts["version"]}` (fp32 original `{facts.get("fp32_version") or "n/a"}`) |
+| licence | {LICENCE} |
+
+## Intended use and limits
+
+{USE}
+
+- Trained and validated on HAM10000 (and, where said, ISIC 2018) images: mostly fair-skinned patients
+  from Austria and Australia, one dermatoscope per site. Performance on other skin types, devices or
+  clinics is unknown: validate on your own images first (`dermassist evaluate`).
+- Thresholds and temperatures were fitted on the same validation split that gives the figures below,
+  so the sensitivity / specificity pairs are optimistic; AUROC and Dice do not depend on them.
+{facts.get("limits", "")}
+
+## Training
+
+```
+{facts["command"]}
+```
+
+{facts.get("time", "")}
+
+Data: {facts["data"]}
+
+## Outputs and their provenance
+
+Only outputs marked **validated** are pre-annotated in Label Studio (`SHOW_OUTPUTS=all` shows the rest).
+Intervals: 95%, bootstrap over lesions (1,000 replicates).
+
+| output | provenance | figure and data |
+|---|---|---|
+{rows}
+
+{extra}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--name", required=True, help="release name, e.g. 2026.12")
+    parser.add_argument("--out", default="models")
+    parser.add_argument("--dermnet", type=Path, required=True)
+    parser.add_argument("--dermnet-eval", type=Path, required=True, help="evaluate on derm-dev (val)")
+    parser.add_argument("--pn-eval", type=Path, default=None, help="evaluate on isic2018-attributes (val)")
+    parser.add_argument("--segnet", type=Path, default=None)
+    parser.add_argument("--segnet-eval", type=Path, default=None)
+    parser.add_argument("--dual", type=Path, default=None)
+    parser.add_argument("--dual-eval", type=Path, default=None)
+    parser.add_argument("--recipe", type=Path, required=True, help="JSON: per kind, command, time, figures")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = json.loads(args.recipe.read_text(encoding="utf-8"))
+
+    plan: list[tuple[str, str, Path, dict[str, dict[str, Any]]]] = [
+        ("dermnet", "dermnet-bcc", args.dermnet, dermnet_provenance(
+            _metrics(args.dermnet_eval), _metrics(args.pn_eval) if args.pn_eval else None
+        )),
+    ]  # fmt: skip
+    if args.segnet and args.segnet_eval:
+        plan.append(("segnet", "lesion-unet", args.segnet, segnet_provenance(_metrics(args.segnet_eval))))
+    if args.dual and args.dual_eval:
+        plan.append(("dual", "lesion-dual", args.dual, dual_provenance(_metrics(args.dual_eval))))
+
+    entries, total = [], 0
+    for kind, name, source, provenance in plan:
+        target = out / f"{name}.pt"
+        version = convert(source, target, kind, provenance, f"{args.name}/{name}")
+        size = target.stat().st_size
+        if size > MAX_FILE:
+            raise SystemExit(f"{target} is {size / 1e6:.1f} MB, over the 15 MB limit")
+        total += size
+        sha = file_sha256(target)
+        fp32 = torch.load(source, map_location="cpu", weights_only=False).get("meta", {}).get("version")
+        facts = {
+            **recipe[kind],
+            "file": target.name,
+            "bytes": size,
+            "sha256": sha,
+            "version": version,
+            "fp32_version": fp32,
+            "provenance": provenance,
+        }
+        (out / f"{name}.md").write_text(card(name, args.name, kind, facts), encoding="utf-8")
+        entries.append(
+            {
+                "name": name,
+                "kind": kind,
+                "file": target.name,
+                "sha256": sha,
+                "bytes": size,
+                "version": version,
+                "card": f"{name}.md",
+                "outputs": provenance,
+                "metrics": recipe[kind].get("metrics", {}),
+            }
+        )
+    if total > MAX_TOTAL:
+        raise SystemExit(f"the release is {total / 1e6:.1f} MB, over the 40 MB limit")
+    manifest = {"format": 1, "release": args.name, "licence": LICENCE, "models": entries}
+    (out / "release.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    for entry in entries:
+        print(f"{entry['file']}\t{entry['bytes'] / 1e6:.1f} MB\t{entry['version']}\t{entry['sha256'][:16]}")
+    print(f"total {total / 1e6:.1f} MB -> {out / 'release.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
