@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from consensus.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen_kappa, percent_agreement
 from consensus.agreement import rater_vs_consensus as rater_vs_consensus_table
-from consensus.models import ConsensusRun, Rater, RaterReliability
+from consensus.models import ConsensusRun, ModelOutput, ModelVersion, Rater, RaterReliability
 from consensus.repository import RELIABILITY_COLUMNS, answers, answers_hash, consensus_table, latest_run
 from labeling_config import (
     BCC_PATTERNS,
@@ -54,6 +54,9 @@ class Study:
         pairwise: per label and rater pair: Cohen's kappa and percent agreement.
         vs_consensus: per label and rater: kappa and percent agreement with the consensus.
         answers_changed: the store's answers differ from the ones the run saw.
+        models: per model version and output: status (promoted, ...), release, and where the output
+            comes from (validated on real images with its figure and data, unvalidated, synthetic,
+            untrained); only validated outputs are pre-annotated for the dermatologists.
     """
 
     run: dict[str, Any]
@@ -65,6 +68,7 @@ class Study:
     vs_consensus: pd.DataFrame
     answers_changed: bool = False
     notes: list[str] = field(default_factory=list)
+    models: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _run_dict(run: ConsensusRun) -> dict[str, Any]:
@@ -173,6 +177,7 @@ def build_study(session: Session, run_id: int | None = None) -> Study:
         return out[["label_key", *[c for c in out.columns if c != "label_key"]]]
 
     return Study(
+        models=model_outputs(session),
         run=_run_dict(run),
         consensus=consensus,
         ratings=ratings,
@@ -183,6 +188,34 @@ def build_study(session: Session, run_id: int | None = None) -> Study:
         answers_changed=changed,
         notes=notes,
     )
+
+
+def model_outputs(session: Session) -> pd.DataFrame:
+    """Every model version's outputs and their provenance, served version first."""
+    rows = session.execute(
+        select(ModelVersion, ModelOutput)
+        .join(ModelOutput, ModelOutput.model_version_id == ModelVersion.id)
+        .order_by(ModelVersion.id, ModelOutput.id)
+    ).all()
+    frame = pd.DataFrame(
+        [
+            {
+                "version": v.version,
+                "status": v.status.value,
+                "release": v.release or "",
+                "output": o.output,
+                "provenance": o.status,
+                "figure": "" if o.value is None else f"{o.metric} {o.value:.3f}",
+                "positives": o.n_positive,
+                "images": o.n_images,
+                "data": o.data or "",
+            }
+            for v, o in rows
+        ]
+    )
+    if frame.empty:
+        return frame
+    return frame.sort_values("status", key=lambda c: c != "promoted", kind="stable").reset_index(drop=True)
 
 
 def _maybe(statistic: Any, data: pd.DataFrame, classes: list[int]) -> float:
@@ -407,6 +440,11 @@ answers hash <code>{run["data_hash"][:16]}</code>.</p>{notes}
 <h2>Rater reliability (Dawid-Skene)</h2>{_table_html(study.reliability)}
 <h2>Each rater against the consensus</h2>{_table_html(study.vs_consensus)}
 {calibration_html}
+<h2>The models and where each output comes from</h2>
+<p>Only outputs <b>validated</b> on real images (at least 20 positives and AUROC 0.80 on a validation split
+of real images: the release's on HAM10000 / ISIC 2018, a retrained model's on this project's consensus)
+are pre-annotated for the dermatologists.</p>
+{_table_html(study.models) if not study.models.empty else "<p>no model is registered in this store</p>"}
 <h2>Plots</h2>{images}
 </body></html>"""
     out = Path(path)

@@ -178,10 +178,17 @@ def test_dockerfile_settings_volume_port_and_command():
     assert ("EXPOSE", "9090") in steps
     cmds = [args for keyword, args in steps if keyword == "CMD"]
     assert _exec_form(cmds[-1]) == ["dermassist", "serve", "--host", "0.0.0.0", "--port", "9090"]
-    # No weights are baked in: nothing copies checkpoints or run folders, nothing downloads.
+    # Only the released models are baked in (the folder with their SHA-256 manifest): nothing copies
+    # single checkpoints or run folders, nothing downloads.
     for keyword, args in steps:
         if keyword in ("COPY", "ADD"):
             assert not re.search(r"\.(pt|pth|ckpt|onnx)\b|\bruns\b|https?://", args), f"{keyword} {args}"
+    copied = {
+        _exec_form(args)[-1] if args.startswith("[") else args.split()[-1]: args
+        for k, args in steps
+        if k == "COPY"
+    }
+    assert env.get("RELEASE_DIR") in copied and copied[env["RELEASE_DIR"]].split()[0] == "models"
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -304,6 +311,7 @@ def test_dockerignore_keeps_environments_outputs_and_caches_out():
     assert copied
     for source in copied:
         assert not _excluded(source.rstrip("/")), f"the Dockerfile copies {source}, which .dockerignore drops"
+    assert not _excluded("models/dermnet-bcc.pt") and not _excluded("models/release.json")
     for path in (
         "backend/app.py",
         "consensus/migrations/versions/0001_initial_schema.py",

@@ -75,3 +75,30 @@ def test_a_store_changed_after_the_run_is_flagged_and_a_missing_run_is_an_error(
     with empty() as session, pytest.raises(ValueError, match="no consensus run in the store"):
         build_study(session)
     engine.dispose()
+
+
+def test_the_report_says_where_each_models_output_comes_from(study_db, tmp_path):
+    from consensus.models import ModelOutput, ModelStatus, ModelVersion
+
+    with study_db.begin() as session:
+        session.add(
+            ModelVersion(
+                version="dermnet-0123456789ab",
+                path="x.pt",
+                status=ModelStatus.PROMOTED,
+                release="2026.12/dermnet-bcc",
+                outputs=[
+                    ModelOutput(output="bcc", status="validated", metric="auroc", value=0.97, n_positive=42,
+                                n_images=808, data="derm-dev validation split"),
+                    ModelOutput(output="ulceration", status="untrained"),
+                ],
+            )
+        )  # fmt: skip
+    with study_db() as session:
+        study = build_study(session)
+    assert study.models[["output", "provenance"]].values.tolist() == [
+        ["bcc", "validated"],
+        ["ulceration", "untrained"],
+    ]
+    html = write_report(study, tmp_path / "report.html").read_text()
+    assert "where each output comes from" in html and "auroc 0.970" in html and "2026.12/dermnet-bcc" in html
