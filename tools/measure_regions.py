@@ -27,7 +27,7 @@ from PIL import Image
 
 from backend.ls_predictions import MASK_THRESHOLD, REGION_MAX_SHARE
 from backend.predictor import load_served, run_batch
-from model.data import load_table, split_sources
+from model.data import load_table, split_by_lesion, split_sources
 from model.evaluate import bootstrap
 from model.explain import cam_to_mask, compact_region, scale_maps
 from model.segmentation import load_segnet
@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     _, val = split_sources(table, cfg.get("val_fraction", 0.2), seed=cfg.get("split_seed", 0))
     rows = table.iloc[val]
     rows = rows[(rows["bcc"] == 1) & rows["mask_path"].notna()].reset_index(drop=True)
+    seg_cfg = seg_meta.extra.get("train_config", {})
+    _, seg_val = split_by_lesion(
+        table,
+        seg_cfg.get("val_fraction", 0.2),
+        int(seg_cfg.get("split_seed", 0)),
+        str(seg_cfg.get("stratify", "bcc")),
+    )
+    unseen_by_segnet = set(table["image_id"].iloc[seg_val])
     records: list[dict[str, Any]] = []
     examples: list[tuple[str, Any, Any, Any, Any]] = []
     for row in rows.to_dict("records"):
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = output.maps[0]
         h, w = lesion.shape
         cam = scale_maps(raw, (h, w)).numpy()
-        outline = predict_masks(segnet, [np.asarray(image)], seg_meta.input_size, seg_meta.threshold)[0]
+        outline = predict_masks(segnet, [np.array(image)], seg_meta.input_size, seg_meta.threshold)[0]
         before = cam_to_mask(raw, w, h, MASK_THRESHOLD)
         after = compact_region(raw, w, h, outline, MASK_THRESHOLD, REGION_MAX_SHARE)
         inside = cam * outline
@@ -85,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 "image_id": row["image_id"],
                 "lesion_id": row["lesion_id"],
                 "p_bcc": output.probs["bcc"],
+                "segnet_held_out": row["image_id"] in unseen_by_segnet,
                 **{f"before_{k}": v for k, v in _measure(cam, before, lesion).items()},
                 **{f"after_{k}": v for k, v in _measure(inside, after, lesion).items()},
             }
@@ -95,17 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(records)
     names = [c for c in frame.columns if c.startswith(("before_", "after_"))]
 
-    def means(index: Any) -> dict[str, float]:
-        return {c: float(np.nanmean(frame[c].to_numpy()[index])) for c in names}
+    def summary(sub: pd.DataFrame) -> dict[str, Any]:
+        def means(index: Any) -> dict[str, float]:
+            return {c: float(np.nanmean(sub[c].to_numpy()[index])) for c in names}
 
+        return {"n_images": len(sub), **bootstrap(means, sub["lesion_id"].to_numpy(), args.bootstrap, 0)}
+
+    held_out = frame[frame["segnet_held_out"]].reset_index(drop=True)
     result = {
+        # the images the U-Net did not train on either (its split is stratified by diagnosis)
+        "segnet_held_out": summary(held_out) if len(held_out) else {"n_images": 0},
         "dermnet": args.dermnet,
         "segnet": args.segnet,
         "data": args.data,
-        "n_images": len(frame),
         "n_lesions": int(frame["lesion_id"].nunique()),
         "region_rule": {"threshold": MASK_THRESHOLD, "max_share_of_lesion": REGION_MAX_SHARE},
-        **bootstrap(means, frame["lesion_id"].to_numpy(), args.bootstrap, 0),
+        **summary(frame),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +152,7 @@ def _gallery(path: Path, examples: list[tuple[str, Any, Any, Any, Any]]) -> None
             ax.imshow(np.where(drawn, 1.0, np.nan), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
             ax.set_title(f"{image_id} {title}", fontsize=8)
             ax.axis("off")
-    fig.suptitle("BCC region (orange) and the reference lesion outline (white)", fontsize=10)
+    fig.suptitle("BCC region drawn (yellow) and the reference lesion outline (white)", fontsize=10)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 

@@ -31,6 +31,7 @@ from model.checkpoint import atomic_write_bytes, weights_version
 from model.network import file_sha256
 from model.provenance import MIN_AUROC, MIN_POSITIVES, Provenance, record
 
+ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE = 15 * 1024 * 1024
 MAX_TOTAL = 40 * 1024 * 1024
 LICENCE = (
@@ -208,6 +209,41 @@ Intervals: 95%, bootstrap over lesions (1,000 replicates).
 """
 
 
+def reference_outputs(
+    folder: Path, entries: list[dict[str, Any]], images: Path, n: int
+) -> list[dict[str, Any]]:
+    """The released files' outputs on the first ``n`` images of ``images`` (BCC first), through the serving
+    code: DermNet's calibrated probabilities, the U-Net's lesion share, the dual classifier's classes."""
+    import pandas as pd
+    from PIL import Image
+
+    from backend.lesion import LesionHolder, run_lesion
+    from backend.predictor import load_served, run_batch
+
+    torch.set_num_threads(1)
+    files = {e["kind"]: folder / e["file"] for e in entries}
+    labels = pd.read_csv(images / "labels.csv", dtype={"image_id": str}).sort_values("bcc", ascending=False)
+    served = load_served(files["dermnet"])
+    pair = (files["segnet"], files["dual"]) if "segnet" in files and "dual" in files else None
+    system = LesionHolder(folder / "none", pair).get() if pair else None
+    checks = []
+    for image_id in labels["image_id"].head(n):
+        path = next(p for p in (images / "images").glob(f"{image_id}.*"))
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        (output,) = run_batch(served, [image])
+        check: dict[str, Any] = {
+            "image": str(path.resolve().relative_to(ROOT)),  # the shipped sample, from the repository root
+            "dermnet": {k: round(v, 6) for k, v in output.probs.items()},
+        }
+        if system is not None:
+            (lesion,) = run_lesion(system, [image], [{}])
+            check["lesion_share"] = round(float(lesion.mask.mean()), 6)
+            check["diagnosis"] = {k: round(v, 6) for k, v in lesion.probs.items()}
+        checks.append(check)
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dual", type=Path, default=None)
     parser.add_argument("--dual-eval", type=Path, default=None)
     parser.add_argument("--recipe", type=Path, required=True, help="JSON: per kind, command, time, figures")
+    parser.add_argument(
+        "--check-images",
+        type=Path,
+        default=None,
+        help="a dataset folder (the shipped sample): record the released models' outputs on its first "
+        "images, which tests/test_release_models.py recomputes",
+    )
+    parser.add_argument("--check-n", type=int, default=8)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if total > MAX_TOTAL:
         raise SystemExit(f"the release is {total / 1e6:.1f} MB, over the 40 MB limit")
     manifest = {"format": 1, "release": args.name, "licence": LICENCE, "models": entries}
+    if args.check_images:
+        manifest["checks"] = reference_outputs(out, entries, args.check_images, args.check_n)
     (out / "release.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     for entry in entries:
         print(f"{entry['file']}\t{entry['bytes'] / 1e6:.1f} MB\t{entry['version']}\t{entry['sha256'][:16]}")
