@@ -453,3 +453,23 @@ def test_a_bad_allowed_host_fails_at_start_with_the_setting_named(settings, sess
 
     with pytest.raises(SettingsError, match="ALLOWED_IMAGE_HOSTS"):
         create_app(with_settings(settings, allowed_image_hosts=("http://bad/host",)), sessions=sessions)
+
+
+def test_a_dermatologists_outline_and_bcc_region_are_stored_under_their_keys():
+    import numpy as np
+
+    from backend.ls_annotations import parse_result
+    from backend.ls_predictions import brush_item
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    result = [
+        {"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": ["BCC"]}},
+        brush_item("regions", "image", "Lesion", mask),
+        brush_item("regions", "image", "BCC", mask),
+    ]
+    from labeling_config import parse_config
+
+    parsed = parse_result(result, parse_config(load_config("bcc_lesion")))
+    assert parsed.labels["bcc"] == 1
+    assert sorted(r["label"] for r in parsed.regions) == ["bcc", "lesion"]

@@ -214,3 +214,12 @@ def test_a_subset_of_ham_classes_is_the_seven_class_diagnosis_not_the_bcc_one():
     cfg = parse_config(xml)
     assert cfg.diagnosis is None
     assert cfg.ham_diagnosis.values == {"bcc": "BCC", "mel": "Melanoma"}
+
+
+def test_bcc_lesion_config_adds_the_outline_to_the_regions_control():
+    cfg = parse_config(load_config("bcc_lesion"))
+    assert cfg.lesion is not None and cfg.regions is not None
+    assert cfg.lesion.name == cfg.regions.name == "regions"  # one brush control, two roles
+    assert dict(cfg.lesion.values) == {"lesion": "Lesion"}
+    assert tuple(cfg.regions.values) == ("bcc", *PATTERN_KEYS)
+    assert cfg.diagnosis is not None and cfg.ham_diagnosis is None
