@@ -94,11 +94,27 @@ def _version(paths: tuple[Path, Path]) -> str:
 
 
 def pair_provenance(seg_raw: Mapping[str, Any], dual_raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The pair's outputs (``lesion``: the mask, ``diagnosis``: the seven classes) and where they come from,
-    as the checkpoints record it (the release tool writes it; a pair trained here records none: untrained
-    as far as a dermatologist is concerned, until validated)."""
+    """The pair's outputs (``lesion``: the mask, ``diagnosis``: the seven classes) and where they come from:
+    as the checkpoints record it (the release tool writes it), else judged from their validation figures
+    (the U-Net's Dice at ``MIN_DICE``, the classifier's macro AUROC at ``MIN_AUROC``, on >= 100 real
+    images); a checkpoint with neither counts as untrained."""
+    from model.provenance import MIN_AUROC, MIN_DICE, from_figure
+
     seg = dict(seg_raw.get("provenance") or {})
     dual = dict(dual_raw.get("provenance") or {})
+    meta = seg_raw.get("meta", {})
+    extra = meta.get("extra", {})
+    if LESION_OUTPUT not in seg and "val_dice" in meta.get("metrics", {}):
+        seg[LESION_OUTPUT] = from_figure(
+            "dice", float(meta["metrics"]["val_dice"]), int(extra.get("n_val", 0)), MIN_DICE,
+            bool(extra.get("synthetic")), "the U-Net's own validation split",
+        )  # fmt: skip
+    metrics = dual_raw.get("metrics") or {}
+    if DIAGNOSIS_OUTPUT not in dual and "auroc_macro" in metrics:
+        dual[DIAGNOSIS_OUTPUT] = from_figure(
+            "auroc_macro", float(metrics["auroc_macro"]), int(dual_raw.get("n_val", 0)), MIN_AUROC,
+            bool(dual_raw.get("synthetic")), "the classifier's own validation split",
+        )  # fmt: skip
     return {LESION_OUTPUT: seg.get(LESION_OUTPUT, {}), DIAGNOSIS_OUTPUT: dual.get(DIAGNOSIS_OUTPUT, {})}
 
 

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 MIN_POSITIVES = 20
 MIN_AUROC = 0.80
+MIN_DICE = 0.85  # a lesion outline a dermatologist can start from
 
 
 class Provenance(StrEnum):
@@ -133,3 +134,17 @@ def status_of(provenance: Mapping[str, Mapping[str, Any]] | None, key: str) -> P
 def shown(provenance: Mapping[str, Mapping[str, Any]] | None, key: str, show_all: bool = False) -> bool:
     """Whether an output may be shown to a dermatologist as a pre-annotation."""
     return show_all or status_of(provenance, key) is Provenance.VALIDATED
+
+
+def from_figure(
+    metric: str, value: float, n_images: int, bar: float, synthetic: bool, data: str
+) -> dict[str, Any]:
+    """An output judged by one validation figure (a Dice, a macro AUROC): validated when real, at
+    least 100 images and the figure at least ``bar``."""
+    if synthetic:
+        status = Provenance.SYNTHETIC
+    elif n_images >= 100 and value >= bar:
+        status = Provenance.VALIDATED
+    else:
+        status = Provenance.UNVALIDATED
+    return record(status, metric=metric, value=value, n_images=n_images, data=data)

@@ -334,8 +334,9 @@ def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[st
                 out / "best.pt",
                 model,
                 config,
-                {"epoch": epoch, "metrics": found, "data_hash": table_hash(df)},
-            )
+                {"epoch": epoch, "metrics": found, "data_hash": table_hash(df), "n_val": len(val_df),
+                 "synthetic": bool(df["synthetic"].all()) if "synthetic" in df else False},
+            )  # fmt: skip
         else:
             stale += 1
         _save(out / "last.pt", model, config, {"epoch": epoch, "metrics": found, "data_hash": table_hash(df)})

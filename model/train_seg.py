@@ -251,6 +251,7 @@ def train_seg(config: SegTrainConfig, table: pd.DataFrame | None = None) -> SegT
             "n_train": len(train_ds),
             "n_val": len(val_ds),
             "threshold_rule": THRESHOLD_RULE,
+            "synthetic": bool(table["synthetic"].all()) if "synthetic" in table else False,
         },
     )
     best_meta, best_dice, bad_epochs, stopped_early = base_meta, -math.inf, 0, False

@@ -58,3 +58,18 @@ def test_lesion_xml_gets_a_mask_of_the_image_size_and_one_of_seven_diagnoses(
         for brush in brushes:
             assert (brush["original_width"], brush["original_height"]) == (w, h)
             assert np.asarray(decode_rle(brush["value"]["rle"])).reshape(h, w, 4)[..., 3].any()
+
+
+def test_the_pairs_provenance_comes_from_the_release_or_from_its_own_validation():
+    from backend.lesion import pair_provenance
+
+    assert pair_provenance({}, {}) == {"lesion": {}, "diagnosis": {}}  # nothing recorded: untrained
+    seg = {"meta": {"metrics": {"val_dice": 0.93}, "extra": {"n_val": 807, "synthetic": False}}}
+    dual = {"metrics": {"auroc_macro": 0.95}, "n_val": 807, "synthetic": True}
+    found = pair_provenance(seg, dual)
+    assert found["lesion"]["status"] == "validated" and found["lesion"]["value"] == 0.93
+    assert found["diagnosis"]["status"] == "synthetic"
+    small = {"meta": {"metrics": {"val_dice": 0.93}, "extra": {"n_val": 40}}}
+    assert pair_provenance(small, {})["lesion"]["status"] == "unvalidated"  # too few images to say
+    released = {"provenance": {"lesion": {"status": "validated", "metric": "dice", "value": 0.94}}}
+    assert pair_provenance(released, {})["lesion"]["value"] == 0.94  # the release's own record wins
