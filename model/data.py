@@ -177,8 +177,9 @@ def split_sources(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """:func:`split_by_lesion` within each source folder, so a folder's split does not depend on the others.
 
-    Each folder is stratified by ``stratify`` where that column has both classes there (derm-dev: BCC),
-    else by the first pattern column that has (ISIC 2018's attributes: pigment network), else not at all.
+    Each folder is stratified by ``stratify`` where both its classes have at least one image per fold there
+    (derm-dev: BCC), else by the first pattern column that has (ISIC 2018's attributes: pigment network),
+    else by ``stratify`` as it is.
     A folder whose ``stratify`` column has both classes gets exactly ``split_by_lesion(df, val_fraction,
     seed, stratify)``, so earlier runs' splits stay as they were.
     """
@@ -187,9 +188,15 @@ def split_sources(
     for source in sorted(set(sources)):
         rows = np.flatnonzero(sources == source)
         local = df.iloc[rows].reset_index(drop=True)
-        column = next(
-            (c for c in (stratify, *PATTERN_KEYS) if c in local and local[c].dropna().nunique() > 1), None
-        )
+        folds = max(2, round(1.0 / val_fraction))
+
+        def usable(c: str, local: pd.DataFrame = local, folds: int = folds) -> bool:
+            counts = local[c].dropna().value_counts() if c in local else pd.Series(dtype=int)
+            return len(counts) > 1 and int(counts.min()) >= folds
+
+        column = next((c for c in (stratify, *PATTERN_KEYS) if usable(c)), None)
+        if column is None and stratify in local:
+            column = stratify  # as split_by_lesion always did, even with one class
         if column is None:
             local = local.assign(_all="all")
             column = "_all"
