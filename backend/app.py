@@ -617,6 +617,7 @@ def create_app(
                     "version": j.version,
                     "promoted": j.promoted,
                     "error": j.error,
+                    "log": (j.log or "").splitlines()[-4:],  # the last lines: why it was (not) promoted
                 }
                 for j in rows
             ]

@@ -86,6 +86,15 @@ def _port(preferred: int) -> int:
             return free_port()
 
 
+def _model_version(backend_url: str, xml: str) -> str:
+    """The model version that fills this config's predictions (both systems' joined by + where both do)."""
+    request = urllib.request.Request(
+        f"{backend_url}/setup", json.dumps({"schema": xml}).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # loopback only
+        return str(json.loads(response.read())["model_version"])
+
+
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:  # loopback only
         return json.loads(response.read())
@@ -265,11 +274,15 @@ def run(config: DemoConfig) -> int:
             "the training job",
             every=2.0,
         )
-        version = _get(f"{backend_url}/health")["model_version"]
+        version = _model_version(backend_url, xml)
         if job["status"] == "succeeded":
-            outcome = (
-                "promoted" if job["promoted"] else "kept the previous model (the new one was not better)"
+            why = next((line for line in job.get("log", []) if "not promoted" in line), "")
+            why = (
+                why.split("not promoted: ", 1)[-1]
+                if why
+                else "the new one was not better on the validation split"
             )
+            outcome = "promoted" if job["promoted"] else f"kept the previous model ({why})"
             _say(f"retraining {outcome}; serving {version}")
             ls_study.retrieve_predictions(client, project, rest)
         else:

@@ -84,6 +84,8 @@ def serve_env(tmp_path: Path, database: str, workers: int) -> dict[str, str]:
         **os.environ,
         "DATABASE_URL": database,
         "MODEL_DIR": str(tmp_path / "models"),
+        "RELEASE_DIR": "none",  # these tests serve their own tiny model
+        "SHOW_OUTPUTS": "all",  # which validated nothing: show every output
         "LOG_LEVEL": "WARNING",
         "WORKERS": str(workers),
     }

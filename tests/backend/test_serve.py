@@ -47,6 +47,8 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
         **os.environ,
         "DATABASE_URL": database,
         "MODEL_DIR": str(tmp_path / "models"),
+        "RELEASE_DIR": "none",  # these tests serve their own tiny model
+        "SHOW_OUTPUTS": "all",  # which validated nothing: show every output
         "LOG_LEVEL": "WARNING",
         "WORKERS": "2" if database.startswith("postgresql") else "1",  # SQLite: one writer process
     }

@@ -69,6 +69,8 @@ def backend(
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "DATABASE_URL": f"sqlite:///{root / 'store.sqlite'}",
         "MODEL_DIR": str(root / "models"),
+        "RELEASE_DIR": "none",  # these tests serve their own tiny model
+        "SHOW_OUTPUTS": "all",  # which validated nothing: show every output
         "TRAIN_EPOCHS": "3",
         "LOG_LEVEL": "INFO",
     }
