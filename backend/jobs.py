@@ -411,8 +411,8 @@ def stamp_provenance(checkpoint: Path, provenance: dict[str, dict[str, Any]]) ->
 
 def _why(provenance: dict[str, dict[str, Any]], keys: list[str]) -> str:
     return "; ".join(
-        f"{k}: {provenance.get(k, {}).get('n_positive', 0)} positives, "
-        f"{provenance.get(k, {}).get('note') or provenance.get(k, {}).get('status')}"
+        f"{k} has {provenance.get(k, {}).get('n_positive', 0)} positives "
+        f"({provenance.get(k, {}).get('note') or provenance.get(k, {}).get('status')})"
         for k in keys
     )
 
@@ -545,8 +545,8 @@ def train_dermnet(
         if lost:
             better = False
             note(
-                f"not promoted: the served model's {', '.join(lost)} would no longer be validated "
-                f"(this project's validation split: {_why(provenance, lost)})"
+                f"not promoted: the served model's {', '.join(lost)} would no longer be validated; "
+                f"this project's validation split: {_why(provenance, lost)}"
             )
     with sessions() as session:
         version = registry.register(
