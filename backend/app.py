@@ -566,7 +566,7 @@ def create_app(
         if outcome.queued:
             return jsonify(status="queued", action=outcome.action), 202
         answer: dict[str, Any] = {"status": "ignored" if outcome.ignored else "ok", **outcome.as_dict()}
-        if body["action"] == TRAIN_EVENT:
+        if outcome.train:
             job, created = state.queue_training(TRAIN_EVENT)
             answer["job"] = {"id": job.id, "status": job.status.value, "coalesced": not created}
         elif outcome.created or outcome.changed:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -133,17 +132,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among ``names`` the user gave (their defaults are None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _train_from_db(args: argparse.Namespace) -> int:
     from backend import jobs
     from consensus.db import init_db
 
     settings = _settings(args)
     _, sessions = init_db(settings.database_url)
-    params: dict[str, object] = {
-        "epochs": args.epochs,
-        "image_size": args.image_size,
-        "patience": args.patience,
-    }
+    # Only what was asked for: the rest are the job's own defaults, the same whatever triggers it.
+    params: dict[str, object] = dict(_given(args, "epochs", "batch_size", "image_size", "patience"))
     if args.images:
         params["images"] = str(Path(args.images).resolve())
     if args.weights:
@@ -468,16 +469,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data[0] if len(args.data) == 1 else list(args.data),
         out=args.out,
         weights=args.weights,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
+        **{
+            k: getattr(args, k)
+            for k in ("epochs", "batch_size", "image_size", "patience")
+            if getattr(args, k)
+        },
         lr=args.lr,
-        image_size=args.image_size,
         output_stride=args.output_stride,
         cam_loss=args.cam_loss,
         select=args.select,
         val_fraction=args.val_fraction,
         seed=args.seed,
-        patience=args.patience,
         threads=args.threads,
         workers=args.workers,
         target_sensitivity=args.target_sensitivity,
@@ -516,9 +518,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    from consensus.db import DEFAULT_URL
+    from backend.settings import Settings
 
-    return str(args.db or os.environ.get("DATABASE_URL") or DEFAULT_URL)
+    return str(args.db or Settings.from_env().database_url)
 
 
 def cmd_import_ratings(args: argparse.Namespace) -> int:
@@ -618,8 +620,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand; defaults (log level, threads) from the settings."""
+    from backend.settings import Settings
+
+    env = env if env is not None else Settings()
     parser = argparse.ArgumentParser(
         prog="dermassist",
         description="Label Studio ML backend for dermoscopy studies: pre-annotation, "
@@ -628,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        default=env.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging level (default: %(default)s; env LOG_LEVEL)",
     )
@@ -661,10 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="'imagenet' (local torchvision cache; see make weights) or a checkpoint",
     )
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--epochs", type=int, default=None, help="default: 10; with --from-db: TRAIN_EPOCHS")
+    tr.add_argument("--batch-size", type=int, default=None, help="default: 32; with --from-db: 16")
     tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--image-size", type=int, default=224)
+    tr.add_argument(
+        "--image-size", type=int, default=None, help="default: 224; with --from-db: the served model's"
+    )
     tr.add_argument(
         "--cam-loss",
         type=float,
@@ -688,11 +695,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--patience", type=int, default=4, help="epochs without improvement before stopping")
+    tr.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="epochs without improvement before stopping (default: 4; with --from-db: 3)",
+    )
     tr.add_argument(
         "--threads",
         type=int,
-        default=int(os.environ.get("THREADS", "1")),
+        default=env.threads,
         help="torch threads (default: THREADS or 1; more is slower on a busy small machine)",
     )
     tr.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -792,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bcc", "dx"],
         help="split stratified by BCC (default) or by the seven diagnoses (the dual-encoder's split)",
     )
-    ts.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    ts.add_argument("--threads", type=int, default=env.threads)
     ts.set_defaults(func=cmd_train_seg)
 
     es = sub.add_parser("evaluate-seg", help=cmd_evaluate_seg.__doc__, description=cmd_evaluate_seg.__doc__)
@@ -816,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--epochs", type=int, default=8)
     td.add_argument("--batch-size", type=int, default=32)
     td.add_argument("--patience", type=int, default=3)
-    td.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    td.add_argument("--threads", type=int, default=env.threads)
     td.set_defaults(func=cmd_train_dual)
 
     ed = sub.add_parser(
@@ -827,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--out", required=True, help="report folder (metrics.json, per_image.csv, report.html)")
     ed.add_argument("--split", choices=["val", "all"], default="val")
     ed.add_argument("--segnet", default=None, help="crop lesions with this segmentation checkpoint's masks")
-    ed.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    ed.add_argument("--threads", type=int, default=env.threads)
     ed.set_defaults(func=cmd_evaluate_dual)
 
     serve = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
@@ -893,7 +905,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dermassist`` console script."""
-    parser = build_parser()
+    from backend.settings import Settings, SettingsError
+
+    try:
+        env = Settings.from_env()  # the environment, read once; its values are the options' defaults
+    except SettingsError as exc:
+        print(f"dermassist: error: {exc}", file=sys.stderr)
+        return 2
+    parser = build_parser(env)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -155,12 +155,9 @@ class Outcome:
     train: bool = False
     ignored: bool = False
     queued: bool = False
-    items: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            k: v for k, v in self.__dict__.items() if k not in ("items",) and v not in (0, False, None)
-        } | {"action": self.action}
+        return {k: v for k, v in self.__dict__.items() if v not in (0, False, None)} | {"action": self.action}
 
 
 def project_id(payload: Mapping[str, Any]) -> int | None:
@@ -243,7 +240,6 @@ def apply_annotation(
         updated_at=timestamp(annotation.get("updated_at")),
     )
     outcome.created, outcome.changed = int(result.created), int(result.changed and not result.created)
-    outcome.items.append(item.id)
     return outcome
 
 

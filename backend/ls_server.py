@@ -42,7 +42,10 @@ class LabelStudioUnavailableError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DERMASSIST_CACHE", Path.home() / ".cache" / "dermassist"))
+    """``DERMASSIST_CACHE`` (the settings read it): Label Studio's venv and template live there."""
+    from backend.settings import Settings
+
+    return Settings.from_env().cache_dir
 
 
 def venv_dir() -> Path:

@@ -98,6 +98,8 @@ class Settings:
             ``none``: no release).
         show_outputs: ``SHOW_OUTPUTS``: ``validated`` (default) pre-annotates only outputs validated
             on real images; ``all`` shows every output (a synthetic study, a model under test).
+        cache_dir: ``DERMASSIST_CACHE``, where Label Studio's venv and its migrated template live for
+            the demo and the end-to-end tests (default ``~/.cache/dermassist``; the Makefile's too).
     """
 
     label_studio_url: str | None = None
@@ -123,6 +125,7 @@ class Settings:
     sync_interval: float = 0.0
     release_dir: Path | None = DEFAULT_RELEASE_DIR
     show_outputs: str = "validated"
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dermassist")
 
     def __post_init__(self) -> None:
         if self.show_outputs not in SHOW_OUTPUTS:
@@ -180,6 +183,7 @@ class Settings:
             sync_interval=_float(env, "SYNC_INTERVAL", 0.0, 0.0, 7 * 24 * 3600.0),
             release_dir=_release_dir(text("RELEASE_DIR")),
             show_outputs=(text("SHOW_OUTPUTS") or "validated").lower(),
+            cache_dir=Path(text("DERMASSIST_CACHE") or Path.home() / ".cache" / "dermassist"),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -202,6 +206,7 @@ class Settings:
             "SYNC_INTERVAL": str(self.sync_interval),
             "RELEASE_DIR": str(self.release_dir) if self.release_dir is not None else "none",
             "SHOW_OUTPUTS": self.show_outputs,
+            "DERMASSIST_CACHE": str(self.cache_dir),
         }
         optional = {
             "LABEL_STUDIO_URL": self.label_studio_url,

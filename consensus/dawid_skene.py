@@ -606,7 +606,3 @@ class MultiLabelConsensus:
             return pd.DataFrame()
         out = pd.concat(frames, ignore_index=True)
         return out[["label_key", *[c for c in out.columns if c != "label_key"]]]
-
-
-#: The name STYLE.md §6 uses for the per-pattern wrapper.
-PatternConsensus = MultiLabelConsensus

@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 0
     patience: int = 4
-    threads: int = field(default_factory=lambda: int(os.environ.get("THREADS", "1")))
+    threads: int = 1  # the CLI passes THREADS from the settings
     workers: int = 0
     dropout: float = 0.2
     width_mult: float = 1.0

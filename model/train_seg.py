@@ -20,9 +20,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +103,7 @@ class SegTrainConfig:
     stratify: str = "bcc"
     seed: int = 0
     patience: int = 6
-    threads: int = field(default_factory=lambda: int(os.environ.get("THREADS", "1")))
+    threads: int = 1  # the CLI passes THREADS from the settings
     workers: int = 0
     max_steps_per_epoch: int | None = None
     amp: bool = True

@@ -33,3 +33,54 @@ def test_package_imports_point_one_way(package):
     for path in files:
         bad = _imports(path) & FORBIDDEN[package]
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+# The one module that reads settings from the environment, and the launcher protocol that is not a
+# setting: torchrun hands each process its rank in WORLD_SIZE / LOCAL_RANK.
+SETTINGS_MODULE = "backend/settings.py"
+LAUNCHER_VARIABLES = {("model/train.py", "WORLD_SIZE"), ("model/train.py", "LOCAL_RANK")}
+
+
+def _environment_reads(source: str) -> list[tuple[int, str]]:
+    """``os.environ.get(NAME)``, ``os.environ[NAME]``, ``os.getenv(NAME)``: (line, NAME or '?')."""
+
+    def is_os_environ(node: ast.AST) -> bool:
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr == "environ"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
+
+    def name_of(node: ast.AST | None) -> str:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "?"
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target, method = node.func.value, node.func.attr
+            if (is_os_environ(target) and method == "get") or (
+                method == "getenv" and isinstance(target, ast.Name) and target.id == "os"
+            ):
+                found.append((node.lineno, name_of(node.args[0] if node.args else None)))
+        elif isinstance(node, ast.Subscript) and is_os_environ(node.value) and isinstance(node.ctx, ast.Load):
+            found.append((node.lineno, name_of(node.slice)))
+    return found
+
+
+def test_settings_are_read_from_the_environment_in_one_place():
+    """Copying the environment for a child process is fine; reading a setting out of it is not."""
+    offenders = []
+    for package in FORBIDDEN:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = str(path.relative_to(ROOT))
+            if relative == SETTINGS_MODULE:
+                continue
+            for line, name in _environment_reads(path.read_text()):
+                if (relative, name) not in LAUNCHER_VARIABLES:
+                    offenders.append(f"{relative}:{line} reads {name}")
+    assert not offenders, "read these through backend.settings.Settings: " + "; ".join(offenders)
+    planted = (
+        'import os\na = os.environ.get("A")\nb = os.environ["B"]\nc = os.getenv("C")\nd = {**os.environ}\n'
+    )
+    assert [name for _, name in _environment_reads(planted)] == ["A", "B", "C"]  # the check can fail

@@ -211,3 +211,27 @@ def test_train_seg_then_evaluate_seg_from_the_command_line(small_study, tmp_path
     from model.segmentation import load_segnet
 
     assert load_segnet(run / "best.pt")[1].extra["train_config"]["stratify"] == "dx"
+
+
+def test_a_retraining_job_gets_the_same_defaults_from_the_cli_as_from_the_train_button():
+    """`train --from-db` passes only what the user typed; the job fills the rest (TRAIN_EPOCHS, ...),
+    as it does for a webhook's START_TRAINING, which carries no parameters at all."""
+    from backend.cli import _given, build_parser
+
+    names = ("epochs", "batch_size", "image_size", "patience")
+    plain = build_parser().parse_args(["train", "--from-db"])
+    assert _given(plain, *names) == {}
+    typed = build_parser().parse_args(["train", "--from-db", "--epochs", "2"])
+    assert _given(typed, *names) == {"epochs": 2}
+
+
+def test_cli_defaults_come_from_the_settings(monkeypatch, capsys):
+    from backend.cli import build_parser, main
+    from backend.settings import Settings
+
+    parser = build_parser(Settings(threads=3, log_level="DEBUG"))
+    args = parser.parse_args(["train", "data"])
+    assert args.threads == 3 and args.log_level == "DEBUG"
+    monkeypatch.setenv("WORKERS", "many")
+    assert main(["models"]) == 2
+    assert "WORKERS must be an integer" in capsys.readouterr().err
