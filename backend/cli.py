@@ -390,8 +390,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     study (a model trained on drawings); --no-label-studio the headless part of it: study, store,
     consensus, report."""
     if not args.no_label_studio:
-        from backend.demo import DemoConfig, run
-        from backend.ls_server import LabelStudioUnavailableError
+        from backend.demo.label_studio import LabelStudioUnavailableError
+        from backend.demo.run import DemoConfig, run
 
         try:
             return run(

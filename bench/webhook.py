@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.processes import free_port, start_serve, stop  # noqa: E402
+from backend.demo.processes import free_port, start_serve, stop  # noqa: E402
 from labeling_config import load_config  # noqa: E402
 
 BCC_XML = load_config("bcc")

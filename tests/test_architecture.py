@@ -84,3 +84,16 @@ def test_settings_are_read_from_the_environment_in_one_place():
         'import os\na = os.environ.get("A")\nb = os.environ["B"]\nc = os.getenv("C")\nd = {**os.environ}\n'
     )
     assert [name for _, name in _environment_reads(planted)] == ["A", "B", "C"]  # the check can fail
+
+
+def test_serve_imports_neither_the_demo_nor_the_synthetic_generator():
+    """What `dermassist serve` loads: the service, not the demo, its Label Studio launcher or drawings."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import backend.server, backend.app, backend.cli, backend.jobs; "
+        "print(sorted(m for m in sys.modules if m.startswith(('backend.demo', 'model.synthetic'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

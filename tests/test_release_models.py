@@ -87,7 +87,7 @@ from pathlib import Path
 
 if os.environ.get("UNSHARED") == "1":  # a network namespace of our own: loopback only
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-from backend.processes import free_port, start_serve, stop
+from backend.demo.processes import free_port, start_serve, stop
 from labeling_config import load_config
 
 tmp, sample = Path(sys.argv[1]), Path(sys.argv[2])

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from backend.ls_study import lesion_ratings, lesion_result, rater_result
+from backend.demo.study import lesion_ratings, lesion_result, rater_result
 from labeling_config import load_config
 
 BCC_XML = load_config("bcc")

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from backend.processes import free_port, start_serve, stop
+from backend.demo.processes import free_port, start_serve, stop
 from consensus.db import init_db
 from consensus.models import Annotation, AnnotationEvent, Item, Rater
 from labeling_config import load_config

@@ -12,7 +12,7 @@ import time
 
 from sqlalchemy import func, select
 
-from backend.processes import free_port, start_serve, stop
+from backend.demo.processes import free_port, start_serve, stop
 from backend.sync import sync_project
 from consensus.db import init_db
 from consensus.models import Annotation, AnnotationEvent

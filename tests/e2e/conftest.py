@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import ls_server, processes
+from backend.demo import label_studio as ls_server
+from backend.demo import processes
 
 DERMASSIST = processes.DERMASSIST
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from backend.demo.label_studio import ADMIN_EMAIL, ADMIN_PASSWORD, LabelStudioServer
 from backend.ls_client import LabelStudioClient
-from backend.ls_server import ADMIN_EMAIL, ADMIN_PASSWORD, LabelStudioServer
 from labeling_config import TARGETS, load_config
 
 CHROMIUM = Path("/usr/bin/chromium")

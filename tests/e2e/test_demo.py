@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
+from backend.demo.label_studio import ADMIN_TOKEN, LabelStudioServer
 from backend.ls_client import LabelStudioClient
-from backend.ls_server import ADMIN_TOKEN, LabelStudioServer
 from backend.release import read_release
 from backend.settings import DEFAULT_RELEASE_DIR
 from consensus.db import init_db

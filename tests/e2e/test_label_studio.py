@@ -20,10 +20,10 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from sqlalchemy import select
 
-from backend import ls_study
+from backend.demo import study as ls_study
+from backend.demo.label_studio import LabelStudioServer, free_port
+from backend.demo.study import wait_for
 from backend.ls_client import LabelStudioClient
-from backend.ls_server import LabelStudioServer, free_port
-from backend.ls_study import wait_for
 from consensus.db import init_db
 from consensus.models import Annotation, Item
 from labeling_config import TARGETS, load_config

@@ -12,11 +12,11 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from backend import ls_study
+from backend.demo import study as ls_study
+from backend.demo.label_studio import LabelStudioServer, free_port
+from backend.demo.study import wait_for
 from backend.lesion import LesionHolder, run_lesion
 from backend.ls_client import LabelStudioClient
-from backend.ls_server import LabelStudioServer, free_port
-from backend.ls_study import wait_for
 from labeling_config import HAM_CLASSES, load_config
 from tests.backend.conftest import png_bytes, tiny_lesion_pair
 from tests.e2e.conftest import DERMASSIST, start_backend

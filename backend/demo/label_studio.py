@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.processes import free_port
+from backend.demo.processes import free_port
 
 logger = logging.getLogger(__name__)
 

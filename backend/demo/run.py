@@ -34,15 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backend import ls_server, ls_study
+from backend.demo import label_studio as ls_server
+from backend.demo import study as ls_study
+from backend.demo.processes import DERMASSIST, free_port, start_serve, stop
 from backend.ls_client import LabelStudioClient
-from backend.processes import DERMASSIST, free_port, start_serve, stop
 from labeling_config import load_config
 
 PROJECT_TITLE = "BCC screening (dermassist demo)"
 
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample" / "ham10000"
+SAMPLE = Path(__file__).resolve().parents[2] / "sample" / "ham10000"
 #: The simulated dermatologists: (sensitivity, specificity) for BCC, as in reader studies of dermoscopy.
 RATERS = {
     "dermatologist_1": (0.95, 0.97),
