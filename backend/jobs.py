@@ -430,7 +430,7 @@ def validation_probs(checkpoint: str | Path, table: pd.DataFrame) -> NDArray[np.
         for path in table["image_path"].iloc[start : start + 32]:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
-        probs.extend([o.probs[k] for k in TARGETS] for o in run_batch(served, images))
+        probs.extend([o.probs[k] for k in TARGETS] for o in run_batch(served, images, maps=False))
     return np.asarray(probs, dtype=float).reshape(len(table), len(TARGETS))
 
 

@@ -15,8 +15,6 @@ model's "unknown"), then:
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from backend.ls_predictions import brush_item
 from backend.predictor import to_tensor
 from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
+from model.checkpoint import atomic_copy
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
@@ -77,12 +76,7 @@ def promote_lesion(model_dir: Path, segnet: str | Path, dual: str | Path) -> str
     target = lesion_dir(model_dir)
     target.mkdir(parents=True, exist_ok=True)
     for source, name in ((segnet, SEG_FILE), (dual, DUAL_FILE)):
-        with (
-            tempfile.NamedTemporaryFile(dir=target, prefix=f".{name}.", delete=False) as tmp,
-            Path(source).open("rb") as src,
-        ):
-            shutil.copyfileobj(src, tmp)
-        Path(tmp.name).replace(target / name)
+        atomic_copy(source, target / name)
     return _version((target / SEG_FILE, target / DUAL_FILE))
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.checkpoint import CheckpointMeta, load_checkpoint
+from model.checkpoint import CheckpointMeta
 from model.explain import explain
-from model.network import DermNet
+from model.network import DermNet, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def load_served(path: str | Path) -> ServedModel:
     """Load a checkpoint for serving.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`model.checkpoint.load_checkpoint`.
+        FileNotFoundError, ValueError: as :func:`model.network.load_checkpoint`.
     """
     network, meta = load_checkpoint(path)
     network.eval()
@@ -98,16 +98,26 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def run_batch(served: ServedModel, images: Sequence[Image.Image]) -> list[ImageOutput]:
-    """Probabilities and Grad-CAM maps for every image, one forward pass per chunk of images."""
+def run_batch(served: ServedModel, images: Sequence[Image.Image], maps: bool = True) -> list[ImageOutput]:
+    """Probabilities and Grad-CAM maps for every image, one forward pass per chunk of images.
+
+    Args:
+        maps: compute the maps (``False``: probabilities only, e.g. scoring a validation split; the
+            outputs' ``maps`` are then empty).
+    """
     meta = served.meta
     temperatures = [float(meta.temperatures.get(k, 1.0)) for k in meta.targets]
     outputs: list[ImageOutput] = []
     for start in range(0, len(images), BATCH_SIZE):
         chunk = torch.stack([to_tensor(im, meta.input_size) for im in images[start : start + BATCH_SIZE]])
-        explanation = explain(served.network, chunk, temperatures=temperatures, size=(1, 1))
-        probs = explanation.probs.detach().numpy()
-        raw = explanation.raw.detach()
+        if maps:
+            explanation = explain(served.network, chunk, temperatures=temperatures, size=(1, 1))
+            probs, raw = explanation.probs.detach().numpy(), explanation.raw.detach()
+        else:
+            with torch.no_grad():
+                logits = served.network(chunk)
+            probs = torch.sigmoid(logits / torch.tensor(temperatures)).numpy()
+            raw = torch.zeros(len(chunk), 0, 0, 0)
         for i in range(len(chunk)):
             outputs.append(
                 ImageOutput(

@@ -9,8 +9,6 @@ transaction: a job killed before it commits leaves the served model as it was.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
-from model.checkpoint import CheckpointMeta, read_checkpoint
+from model.checkpoint import CheckpointMeta, atomic_copy, read_checkpoint
 from model.provenance import Provenance, record, status_of
 
 
@@ -29,15 +27,6 @@ def versions_dir(model_dir: Path) -> Path:
 def promoted(session: Session) -> ModelVersion | None:
     """The served model version, if any."""
     return session.scalars(select(ModelVersion).where(ModelVersion.status == ModelStatus.PROMOTED)).first()
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
-        with source.open("rb") as src:
-            shutil.copyfileobj(src, tmp)
-        tmp.flush()
-    Path(tmp.name).replace(target)
 
 
 def register(
@@ -71,7 +60,7 @@ def register(
     recorded = provenance if provenance is not None else meta.provenance
     target = versions_dir(model_dir) / f"{meta.version}.pt"
     if not target.exists():
-        _copy_atomic(Path(checkpoint), target)
+        atomic_copy(checkpoint, target)
     version = ModelVersion(
         version=meta.version,
         path=str(target),

@@ -17,17 +17,16 @@ import dataclasses
 import hashlib
 import io
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO
 
 import torch
 
 from labeling_config import TARGET_NAMES, TARGETS
-
-if TYPE_CHECKING:
-    from model.network import DermNet
 
 FORMAT = 1
 ARCH = "dermnet-mobilenet_v2"
@@ -102,15 +101,27 @@ def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
     return f"dermnet-{digest.hexdigest()[:12]}"
 
 
+def atomic_copy(source: str | Path, target: str | Path) -> None:
+    """Copy a file so that readers of ``target`` see the old file or the whole new one (fsynced)."""
+    with Path(source).open("rb") as src:
+        _atomic_write(Path(target), lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
+    _atomic_write(Path(path), lambda f: f.write(payload))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """The one atomic writer: a temporary file beside ``path``, fsynced, renamed over it, folder fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared model file from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -179,35 +190,3 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or "meta" not in raw:
         raise ValueError(f"{path} is not a dermassist checkpoint (format {FORMAT})")
     return raw
-
-
-def load_checkpoint(path: str | Path) -> tuple[DermNet, CheckpointMeta]:
-    """Load a checkpoint's network (in eval mode) and its metadata.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a dermassist checkpoint, another architecture, or targets that differ
-            from this version's schema.
-    """
-    from model.network import DermNet  # imported here: network imports this module
-
-    raw = read_checkpoint(path)
-    meta = CheckpointMeta.from_dict(raw["meta"])
-    if meta.arch != ARCH:
-        raise ValueError(f"{path} holds a {meta.arch!r} model; this loader reads {ARCH!r}")
-    if list(meta.targets) != list(TARGETS):
-        raise ValueError(
-            f"{path} was trained for the targets {meta.targets}, but the schema now has {list(TARGETS)}; "
-            "retrain it (the schema lives in labeling_config/schema.py)"
-        )
-    model = DermNet(
-        num_patterns=len(meta.targets) - 1,
-        dropout=meta.dropout,
-        width_mult=meta.width_mult,
-        output_stride=meta.output_stride,
-        mean=tuple(meta.mean),  # type: ignore[arg-type]
-        std=tuple(meta.std),  # type: ignore[arg-type]
-    )
-    model.load_state_dict(raw["state_dict"])
-    model.eval()
-    return model, meta

@@ -38,9 +38,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from torch.utils.data import DataLoader
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
-from model.checkpoint import CheckpointMeta, load_checkpoint
+from model.checkpoint import CheckpointMeta
 from model.data import DermDataset, load_table, split_sources, table_hash
 from model.explain import LIBRARY_METHODS, cam_to_mask, explain, library_cams, scale_maps
+from model.network import load_checkpoint
 from model.train import transforms
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from labeling_config import PATTERN_KEYS, TARGETS
+from model.checkpoint import ARCH, CheckpointMeta, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ def build_model(
         model = DermNet(dropout=dropout, width_mult=width_mult, output_stride=output_stride)
         load_imagenet_features(model)
         return model
-    from model.checkpoint import load_checkpoint
-
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
@@ -217,3 +216,33 @@ def build_model(
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TARGETS", "DermNet", "build_model", "imagenet_weights_path"]
+
+
+def load_checkpoint(path: str | Path) -> tuple[DermNet, CheckpointMeta]:
+    """Load a checkpoint's network (in eval mode) and its metadata.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a dermassist checkpoint, another architecture, or targets that differ
+            from this version's schema.
+    """
+    raw = read_checkpoint(path)
+    meta = CheckpointMeta.from_dict(raw["meta"])
+    if meta.arch != ARCH:
+        raise ValueError(f"{path} holds a {meta.arch!r} model; this loader reads {ARCH!r}")
+    if list(meta.targets) != list(TARGETS):
+        raise ValueError(
+            f"{path} was trained for the targets {meta.targets}, but the schema now has {list(TARGETS)}; "
+            "retrain it (the schema lives in labeling_config/schema.py)"
+        )
+    model = DermNet(
+        num_patterns=len(meta.targets) - 1,
+        dropout=meta.dropout,
+        width_mult=meta.width_mult,
+        output_stride=meta.output_stride,
+        mean=tuple(meta.mean),  # type: ignore[arg-type]
+        std=tuple(meta.std),  # type: ignore[arg-type]
+    )
+    model.load_state_dict(raw["state_dict"])
+    model.eval()
+    return model, meta

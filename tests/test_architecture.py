@@ -97,3 +97,29 @@ def test_serve_imports_neither_the_demo_nor_the_synthetic_generator():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_model_modules_import_no_circle():
+    """Inside model/, module imports (lazy ones included) form no cycle."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "model").glob("*.py")):
+        name = f"model.{path.stem}"
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("model."):
+                graph[name].add(node.module)
+            elif isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name.startswith("model."))
+
+    def cycle_from(start: str, node: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                return (*seen, nxt)
+            if nxt not in seen:
+                found = cycle_from(start, nxt, (*seen, nxt))
+                if found:
+                    return found
+        return None
+
+    cycles = [c for name in graph if (c := cycle_from(name, name, (name,)))]
+    assert not cycles, cycles[0]

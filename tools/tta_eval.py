@@ -19,9 +19,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from labeling_config import TARGETS
-from model.checkpoint import load_checkpoint
 from model.data import DermDataset, load_table, split_sources
 from model.evaluate import bootstrap
+from model.network import load_checkpoint
 from model.train import transforms
 
 

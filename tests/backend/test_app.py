@@ -473,3 +473,17 @@ def test_a_dermatologists_outline_and_bcc_region_are_stored_under_their_keys():
     parsed = parse_result(result, parse_config(load_config("bcc_lesion")))
     assert parsed.labels["bcc"] == 1
     assert sorted(r["label"] for r in parsed.regions) == ["bcc", "lesion"]
+
+
+def test_scoring_without_maps_gives_the_same_probabilities(tiny_checkpoint):
+    """A retraining job scores its validation split with maps=False: same numbers, no Grad-CAM."""
+    from PIL import Image as PILImage
+
+    from backend.predictor import load_served, run_batch
+
+    served = load_served(tiny_checkpoint)
+    images = [PILImage.new("RGB", (40 + 8 * k, 30), (30 * k, 90, 120)) for k in range(3)]
+    with_maps, without = run_batch(served, images), run_batch(served, images, maps=False)
+    for a, b in zip(with_maps, without, strict=True):
+        assert a.probs == pytest.approx(b.probs, abs=1e-6)
+        assert a.maps.numel() > 0 and b.maps.numel() == 0

@@ -8,12 +8,11 @@ import torch
 from labeling_config import TARGETS
 from model.checkpoint import (
     CheckpointMeta,
-    load_checkpoint,
     read_checkpoint,
     save_checkpoint,
     weights_version,
 )
-from model.network import DermNet
+from model.network import DermNet, load_checkpoint
 
 
 def _model(seed: int = 0) -> DermNet:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, read_checkpoint
+from model.checkpoint import read_checkpoint
+from model.network import load_checkpoint
 from model.segmentation import (
     DualAttentionGate,
     SegNet,

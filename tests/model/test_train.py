@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from labeling_config import TARGETS
-from model.checkpoint import load_checkpoint, read_checkpoint
+from model.checkpoint import read_checkpoint
 from model.data import load_table
+from model.network import load_checkpoint
 from model.train import TrainConfig, masked_bce, train
 
 ROOT = Path(__file__).resolve().parents[2]
