@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from backend import jobs, registry
@@ -48,7 +47,8 @@ from backend.predictor import ModelHolder, ServedModel, run_batch
 from backend.release import Release, ReleaseError, install, lesion_pair, read_release
 from backend.settings import Settings, SettingsError
 from backend.spool import EventSpool
-from consensus.models import Annotation, AnnotationEvent, ModelVersion, TrainingJob
+from consensus.models import TrainingJob
+from consensus.repository import items_changed_since_last_job, model_versions, recent_jobs, store_counts
 from labeling_config import load_config
 from labeling_config.parse import ConfigError, ProjectConfig, Role, parse_config
 
@@ -202,15 +202,9 @@ class Backend:
     def _check_policy(self, n: int) -> None:
         try:
             with self.sessions() as session:
-                since = session.scalar(select(func.max(TrainingJob.created_at)))
-                query = select(func.count(func.distinct(Annotation.item_id))).where(
-                    Annotation.deleted.is_(False)
-                )
-                if since is not None:
-                    query = query.where(Annotation.updated_at > since)
-                changed = session.scalar(query) or 0
-            if changed >= n:
-                self.queue_training("updates", {"items": int(changed)})
+                changed = items_changed_since_last_job(session)
+            if jobs.should_retrain(changed, n):
+                self.queue_training("updates", {"items": changed})
         except Exception:
             logger.exception("the retraining policy check failed")
         finally:
@@ -576,9 +570,7 @@ def create_app(
     @app.get("/versions")
     def versions() -> Response:
         with state.sessions() as session:
-            rows = session.scalars(
-                select(ModelVersion).order_by(ModelVersion.id).options(selectinload(ModelVersion.outputs))
-            ).all()
+            rows = model_versions(session)
             listed = [v.version for v in rows]
             models = [
                 {
@@ -607,7 +599,7 @@ def create_app(
     @app.get("/jobs")
     def list_jobs() -> Response:
         with state.sessions() as session:
-            rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(50)).all()
+            rows = recent_jobs(session)
             listed = [
                 {
                     "id": j.id,
@@ -626,13 +618,7 @@ def create_app(
     @app.get("/metrics")
     def metrics() -> Response:
         with state.sessions() as session:
-            events = session.scalar(select(func.count()).select_from(AnnotationEvent)) or 0
-            live = (
-                session.scalar(
-                    select(func.count()).select_from(Annotation).where(Annotation.deleted.is_(False))
-                )
-                or 0
-            )
+            store = store_counts(session)
         latency = {}
         with state._lock:
             for name, values in state.timings.items():
@@ -647,7 +633,7 @@ def create_app(
             model_version=state.version(),
             requests=counters,
             latency=latency,
-            store={"events": events, "annotations": live},
+            store=store,
         )
 
     return app

@@ -417,6 +417,12 @@ def _why(provenance: dict[str, dict[str, Any]], keys: list[str]) -> str:
     )
 
 
+def should_retrain(changed_items: int, every_n: int) -> bool:
+    """The retraining policy: a job once ``every_n`` items gained or changed annotations since the last
+    job (``START_TRAINING_EACH_N_UPDATES``; 0 turns it off)."""
+    return every_n > 0 and changed_items >= every_n
+
+
 def validation_probs(checkpoint: str | Path, table: pd.DataFrame) -> NDArray[np.float64]:
     """A model's calibrated probabilities ``(N, K)`` on the rows' images, in ``TARGETS`` order."""
     from PIL import Image

@@ -123,3 +123,16 @@ def test_model_modules_import_no_circle():
 
     cycles = [c for name in graph if (c := cycle_from(name, name, (name,)))]
     assert not cycles, cycles[0]
+
+
+def test_the_routes_run_no_sql():
+    """backend/app.py calls repositories (consensus/repository.py) and services; it builds no query."""
+    tree = ast.parse((ROOT / "backend" / "app.py").read_text())
+    builders = {"select", "insert", "update", "delete", "func", "text"}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "sqlalchemy"
+        for alias in node.names
+    }
+    assert not imported & builders, sorted(imported & builders)

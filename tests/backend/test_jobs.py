@@ -233,3 +233,11 @@ def test_a_retrained_model_that_loses_a_validated_output_is_not_promoted(
         {"a": record("validated"), "b": record("untrained")}, {"a": record("unvalidated")}
     ) == ["a"]
     assert jobs.lost_outputs({"a": record("validated")}, {"a": record("validated")}) == []
+
+
+@pytest.mark.parametrize(
+    ("changed", "every_n", "expected"),
+    [(0, 5, False), (4, 5, False), (5, 5, True), (50, 5, True), (50, 0, False)],
+)
+def test_the_retraining_policy_is_a_pure_rule(changed, every_n, expected):
+    assert jobs.should_retrain(changed, every_n) is expected
