@@ -8,7 +8,6 @@ CSV files, one JSON document, and a self-contained HTML report with plots.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -396,6 +396,14 @@ def _table_html(frame: pd.DataFrame, digits: int = 3) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="-", border=0)
 
 
+def render(template: str, **values: Any) -> str:
+    """A page from ``consensus/templates`` (Jinja2, autoescaped: values are text unless ``Markup``)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    environment = Environment(loader=PackageLoader("consensus"), autoescape=select_autoescape(["html"]))
+    return environment.get_template(template).render(**values)
+
+
 def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = None) -> Path:
     """A self-contained HTML page: the run, agreement, reliability, criterion consistency, plots.
 
@@ -409,44 +417,37 @@ def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = No
 
     matplotlib.use("Agg")
     figures = [f for f in (_reliability_plot(study), _agreement_plot(study), _prevalence_plot(study)) if f]
-    calibration_html = ""
+    calibration_html = None
     if truth is not None:
         table = calibration(study, truth)
         if not table.empty:
             figures.append(_calibration_plot(table))
-            calibration_html = "<h2>Posterior calibration against the given truth</h2>" + _table_html(table)
-    criterion = ""
+            calibration_html = _table_html(table)
+    criterion = None
     if "criterion_agrees" in study.consensus.columns:
         agrees = study.consensus["criterion_agrees"]
         by_dx = study.consensus.groupby(DIAGNOSIS_KEY)["criterion_agrees"].mean()
-        criterion = (
-            f"<p>The consensus diagnosis follows the dermatologists' criterion (pigment network absent and at "
-            f"least one of {', '.join(BCC_PATTERNS)} present; {EXCLUSION_PATTERN} excludes) on "
-            f"<b>{agrees.mean():.1%}</b> of {len(agrees)} images (BCC: {by_dx.get(1, float('nan')):.1%}, "
-            f"non-BCC: {by_dx.get(0, float('nan')):.1%}).</p>"
-        )
-    run = study.run
-    notes = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in study.notes)
-    images = "".join(f'<p><img src="data:image/png;base64,{f}" style="max-width:100%"></p>' for f in figures)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermassist consensus run {run["id"]}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0;font-size:90%}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body>
-<h1>Consensus of the dermatologists: run {run["id"]}</h1>
-<p>{html.escape(run["method"])} on {run["n_answers"]} answers of {run["n_raters"]} raters about {run["n_items"]} images,
-{html.escape(run["created_at"])}; parameters <code>{html.escape(json.dumps(run["params"]))}</code>;
-answers hash <code>{run["data_hash"][:16]}</code>.</p>{notes}
-<h2>Agreement between raters</h2>{_table_html(study.agreement)}
-<h2>Criterion consistency</h2>{criterion or "<p>needs the diagnosis and all seven patterns</p>"}
-<h2>Rater reliability (Dawid-Skene)</h2>{_table_html(study.reliability)}
-<h2>Each rater against the consensus</h2>{_table_html(study.vs_consensus)}
-{calibration_html}
-<h2>The models and where each output comes from</h2>
-<p>Only outputs <b>validated</b> on real images (at least 20 positives and AUROC 0.80 on a validation split
-of real images: the release's on HAM10000 / ISIC 2018, a retrained model's on this project's consensus)
-are pre-annotated for the dermatologists.</p>
-{_table_html(study.models) if not study.models.empty else "<p>no model is registered in this store</p>"}
-<h2>Plots</h2>{images}
-</body></html>"""
+        criterion = {
+            "patterns": ", ".join(BCC_PATTERNS),
+            "exclusion": EXCLUSION_PATTERN,
+            "all": f"{agrees.mean():.1%}",
+            "n": len(agrees),
+            "bcc": f"{by_dx.get(1, float('nan')):.1%}",
+            "non_bcc": f"{by_dx.get(0, float('nan')):.1%}",
+        }
+    page = render(
+        "report.html",
+        run=study.run,
+        params=json.dumps(study.run["params"]),
+        notes=study.notes,
+        agreement=Markup(_table_html(study.agreement)),
+        criterion=criterion,
+        reliability=Markup(_table_html(study.reliability)),
+        vs_consensus=Markup(_table_html(study.vs_consensus)),
+        calibration=Markup(calibration_html) if calibration_html else None,
+        models=Markup(_table_html(study.models)) if not study.models.empty else None,
+        figures=figures,
+    )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

@@ -19,7 +19,6 @@ one lesion are resampled together, as they are not independent):
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -412,12 +411,12 @@ def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
     return _png(fig)
 
 
-def _fmt(entry: Any) -> str:
-    if isinstance(entry, dict) and "value" in entry:
-        return f"{entry['value']:.3f} <small>[{entry['low']:.3f}, {entry['high']:.3f}]</small>"
-    if isinstance(entry, float):
-        return f"{entry:.3f}"
-    return html.escape(str(entry))
+def render(template: str, **values: Any) -> str:
+    """A page from ``model/templates`` (Jinja2, autoescaped)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    environment = Environment(loader=PackageLoader("model"), autoescape=select_autoescape(["html"]))
+    return environment.get_template(template).render(**values)
 
 
 def write_report(
@@ -428,47 +427,29 @@ def write_report(
 
     matplotlib.use("Agg")
     cls = metrics["classification"]
-    bcc_rows = "".join(
-        f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in cls["bcc"].items() if isinstance(v, dict)
-    )
-    pattern_rows = "".join(
-        f"<tr><td>{html.escape(PATTERNS[PATTERN_KEYS.index(key)].display)}</td><td>{v['prevalence']:.2f}</td>"
-        f"<td>{_fmt(v['auroc'])}</td><td>{_fmt(v['ap'])}</td><td>{_fmt(v['f1'])}</td><td>{v['threshold']:.2f}</td></tr>"
-        for key, v in cls["patterns"].items()
-    )
-    crit = cls["criteria"]
     expl = metrics["explanations"]
-    expl_rows = "".join(
-        f"<tr><td>{'BCC map vs lesion' if key == DIAGNOSIS_KEY else html.escape(PATTERNS[PATTERN_KEYS.index(key)].display)}</td>"
-        f"<td>{v['n']}</td><td>{v['energy_inside']:.3f}</td><td>{v['area']:.3f}</td><td>{v['iou']:.3f}</td>"
-        f"<td>{v['pointing']:.3f}</td></tr>"
-        for key, v in expl.items()
-        if isinstance(v, dict)
-    )
+
+    def display(key: str) -> str:
+        return "BCC map vs lesion" if key == DIAGNOSIS_KEY else PATTERNS[PATTERN_KEYS.index(key)].display
+
     figures = [_curves(pred), _confusion(pred), _gallery(pred, gallery, seed)]
     pattern_fig = _pattern_gallery(pred, seed)
     if pattern_fig:
         figures.append(pattern_fig)
-    images = "".join(f'<p><img src="data:image/png;base64,{f}" style="max-width:100%"></p>' for f in figures)
-    meta = pred.meta
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermassist evaluation {meta.version}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
-small{{color:#777}}</style></head><body>
-<h1>dermassist evaluation</h1>
-<p>Model <b>{html.escape(meta.version)}</b> ({html.escape(meta.arch)}, input {meta.input_size} px, thresholds: {html.escape(meta.threshold_rule)}).
-Data: {html.escape(str(metrics["data"]))} ({cls["n_images"]} images, {cls["n_bcc"]} BCC; split: {html.escape(metrics["split"])}).
-Intervals: 95% bootstrap over lesions ({metrics["n_bootstrap"]} replicates).</p>
-<h2>BCC</h2><table><tr><th>metric</th><th>value [95% CI]</th></tr>{bcc_rows}</table>
-<h2>Dermoscopic patterns</h2><table><tr><th>pattern</th><th>prevalence</th><th>AUROC</th><th>AP</th><th>F1</th><th>threshold</th></tr>{pattern_rows or "<tr><td colspan=6>no pattern labels in this data</td></tr>"}</table>
-<h2>Clinical criteria</h2><table><tr><th>criterion</th><th>model</th><th>paper</th></tr>
-<tr><td>BCC images with at least one BCC pattern detected</td><td>{_fmt(crit["bcc_with_a_bcc_pattern_detected"])}</td><td>0.99</td></tr>
-<tr><td>non-BCC images with pigment network detected</td><td>{_fmt(crit["non_bcc_with_pigment_network_detected"])}</td><td>0.95</td></tr></table>
-<h2>Explanations</h2><p>Energy inside: share of the Grad-CAM map's mass inside the reference mask (a uniform map scores the mask's area share).
-IoU: map thresholded at {expl["threshold"]} vs mask. Pointing: the map's maximum lies in the mask.</p>
-<table><tr><th>map</th><th>images</th><th>energy inside</th><th>mask area</th><th>IoU</th><th>pointing</th></tr>{expl_rows or "<tr><td colspan=6>no masks</td></tr>"}</table>
-<h2>Plots</h2>{images}
-</body></html>"""
+    page = render(
+        "evaluation.html",
+        meta=pred.meta,
+        data=str(metrics["data"]),
+        split=metrics["split"],
+        n_bootstrap=metrics["n_bootstrap"],
+        cls=cls,
+        bcc=[(k, v) for k, v in cls["bcc"].items() if isinstance(v, dict)],
+        patterns=[(display(k), v) for k, v in cls["patterns"].items()],
+        criteria=cls["criteria"],
+        threshold=expl["threshold"],
+        explanations=[(display(k), v) for k, v in expl.items() if isinstance(v, dict)],
+        figures=figures,
+    )
     path.write_text(page, encoding="utf-8")
 
 

@@ -102,3 +102,12 @@ def test_the_report_says_where_each_models_output_comes_from(study_db, tmp_path)
     ]
     html = write_report(study, tmp_path / "report.html").read_text()
     assert "where each output comes from" in html and "auroc 0.970" in html and "2026.12/dermnet-bcc" in html
+
+
+def test_the_report_escapes_what_it_is_given(study_db, tmp_path):
+    with study_db() as session:
+        study = build_study(session)
+    study.notes.append('<script>alert("x")</script>')
+    page = write_report(study, tmp_path / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<table" in page  # the tables themselves are markup, not text
