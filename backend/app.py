@@ -1,7 +1,7 @@
 """The Label Studio ML backend: Flask app speaking Label Studio 1.23's protocol (docs/label-studio.md).
 
 Routes: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /versions``,
-``GET /metrics`` (and ``GET /jobs``, the recent training jobs). Every route but ``/health`` asks for
+``GET /metrics`` (Prometheus text, :mod:`backend.metrics`) and ``GET /jobs`` (the recent training jobs). Every route but ``/health`` asks for
 basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error is JSON
 ``{"error": code, "message": sentence}`` with its 4xx / 5xx status; a traceback never reaches a client
 (it goes to the log, without the API key).
@@ -26,7 +26,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,9 +37,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from backend import jobs, registry
+from backend import jobs, metrics, registry
 from backend.images import ImageError, ImageFetcher
-from backend.ingest import MAX_ID, TRAIN_EVENT, ingest_webhook, record_refused
+from backend.ingest import KNOWN_ACTIONS, MAX_ID, TRAIN_EVENT, ingest_webhook, record_refused
 from backend.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion, segment
 from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
 from backend.predictor import ModelHolder, ServedModel, run_batch
@@ -96,8 +95,6 @@ class Backend:
     runner: Any = None  # JobRunner or RQQueue
     configs: dict[str, ProjectConfig] = field(default_factory=dict)  # by config hash
     projects: dict[int, ProjectConfig] = field(default_factory=dict)  # from /setup
-    counters: Counter[str] = field(default_factory=Counter)
-    timings: dict[str, list[float]] = field(default_factory=dict)
     _promoted: tuple[float, str | None, str | None] = (0.0, None, None)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _policy: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "dermassist-policy"))
@@ -223,14 +220,6 @@ class Backend:
         if outcome.train:
             self.queue_training(TRAIN_EVENT)
         return True
-
-    # -- metrics
-    def observe(self, name: str, seconds: float) -> None:
-        with self._lock:
-            values = self.timings.setdefault(name, [])
-            values.append(seconds)
-            if len(values) > 10_000:
-                del values[: len(values) - 10_000]
 
 
 def backend() -> Backend:
@@ -370,10 +359,11 @@ def create_app(
 
     @app.after_request
     def _after(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else metrics.UNMATCHED
         t0 = request.environ.get("dermassist.t0")
         if t0 is not None:
-            state.observe(request.path, time.perf_counter() - t0)
-        state.counters[f"{request.path} {response.status_code}"] += 1
+            metrics.LATENCY.labels(route).observe(time.perf_counter() - t0)
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
         return response
 
     @app.errorhandler(ApiError)
@@ -475,7 +465,7 @@ def create_app(
                     reason = str(exc)
             task_id = task.get("id") if isinstance(task, dict) else None
             logger.warning("task %s: no prediction: %s", task_id, reason)
-            state.counters["predict task errors"] += 1
+            metrics.PREDICT_TASKS.labels("no image").inc()
             predictions[i] = empty_prediction(version, reason)
         if good:
             images = [loaded.image for _, loaded in good]
@@ -514,7 +504,9 @@ def create_app(
                     if prediction["score"] is None:
                         prediction["score"] = score
                 predictions[i] = prediction
-        state.counters["predict tasks"] += len(tasks)
+        metrics.PREDICT_TASKS.labels("predicted").inc(
+            len(tasks) - sum(p is None or "error" in p for p in predictions)
+        )
         return jsonify(results=predictions, model_version=version)
 
     def _keep_refused(payload: Any, reason: str) -> int | None:
@@ -554,7 +546,7 @@ def create_app(
             raise ApiError(
                 503, "store_unavailable", "the store and the event spool are both unavailable; try again"
             ) from None
-        state.counters[f"webhook {outcome.action}"] += 1
+        metrics.WEBHOOK_EVENTS.labels(outcome.action if outcome.action in KNOWN_ACTIONS else "other").inc()
         if reason is not None:
             return jsonify(error="invalid_event", message=reason, event_id=outcome.event_id), 422
         if outcome.queued:
@@ -616,24 +608,14 @@ def create_app(
         return jsonify(jobs=listed)
 
     @app.get("/metrics")
-    def metrics() -> Response:
-        with state.sessions() as session:
-            store = store_counts(session)
-        latency = {}
-        with state._lock:
-            for name, values in state.timings.items():
-                ordered = sorted(values)
-                latency[name] = {
-                    "n": len(ordered),
-                    "p50_ms": round(1000 * ordered[len(ordered) // 2], 3),
-                    "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
-                }
-            counters = dict(state.counters)
-        return jsonify(
-            model_version=state.version(),
-            requests=counters,
-            latency=latency,
-            store=store,
+    def metrics_route() -> Response:
+        def store() -> dict[str, float]:
+            with state.sessions() as session:
+                return {k: float(v) for k, v in store_counts(session).items()}
+
+        body = metrics.exposition(settings.metrics_dir, store, state.version())
+        return Response(
+            body, mimetype=metrics.CONTENT_TYPE_LATEST.split(";")[0], content_type=metrics.CONTENT_TYPE_LATEST
         )
 
     return app

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENT = "ANNOTATIONS_DELETED"
 TRAIN_EVENT = "START_TRAINING"
+KNOWN_ACTIONS = (*ANNOTATION_EVENTS, DELETE_EVENT, TRAIN_EVENT)  # the webhook metric's label values
 
 #: Resolves the labeling config of a project: (project id, the project object if the event had one).
 ConfigResolver = Callable[[int | None, Mapping[str, Any] | None], ProjectConfig]

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from backend.settings import Settings
@@ -84,7 +86,12 @@ def run_worker(settings: Settings, sock: socket.socket, threads: int) -> None:
 
 def supervise(settings: Settings, sock: socket.socket, threads: int) -> int:
     """Run ``settings.workers`` worker processes on ``sock``; restart any that dies; stop on a signal."""
-    env = {**os.environ, **settings.to_env()}
+    # The workers' counters meet in one folder (prometheus-client's multiprocess mode), emptied now so a
+    # restart starts from zero; each worker reads PROMETHEUS_MULTIPROC_DIR before importing the client.
+    metrics_dir = Path(settings.model_dir) / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env = {**os.environ, **settings.to_env(), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     command = [
         sys.executable,
         "-m",

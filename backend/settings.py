@@ -56,6 +56,10 @@ def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     return tuple(int(p) for p in raw)
 
 
+def _path(raw: str | None) -> Path | None:
+    return Path(raw) if raw else None
+
+
 def _release_dir(raw: str | None) -> Path | None:
     if raw is not None and raw.lower() in ("none", "off", "0", "false"):
         return None
@@ -98,6 +102,8 @@ class Settings:
             ``none``: no release).
         show_outputs: ``SHOW_OUTPUTS``: ``validated`` (default) pre-annotates only outputs validated
             on real images; ``all`` shows every output (a synthetic study, a model under test).
+        metrics_dir: ``PROMETHEUS_MULTIPROC_DIR``, where the workers' counters meet (``serve`` sets it for
+            its workers when ``WORKERS`` > 1; see ``backend.metrics``).
         cache_dir: ``DERMASSIST_CACHE``, where Label Studio's venv and its migrated template live for
             the demo and the end-to-end tests (default ``~/.cache/dermassist``; the Makefile's too).
     """
@@ -125,6 +131,7 @@ class Settings:
     sync_interval: float = 0.0
     release_dir: Path | None = DEFAULT_RELEASE_DIR
     show_outputs: str = "validated"
+    metrics_dir: Path | None = None
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dermassist")
 
     def __post_init__(self) -> None:
@@ -183,6 +190,7 @@ class Settings:
             sync_interval=_float(env, "SYNC_INTERVAL", 0.0, 0.0, 7 * 24 * 3600.0),
             release_dir=_release_dir(text("RELEASE_DIR")),
             show_outputs=(text("SHOW_OUTPUTS") or "validated").lower(),
+            metrics_dir=_path(text("PROMETHEUS_MULTIPROC_DIR")),
             cache_dir=Path(text("DERMASSIST_CACHE") or Path.home() / ".cache" / "dermassist"),
         )
 
@@ -214,6 +222,7 @@ class Settings:
             "BASIC_AUTH_USER": self.basic_auth_user,
             "BASIC_AUTH_PASS": self.basic_auth_pass,
             "REDIS_URL": self.redis_url,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir) if self.metrics_dir is not None else None,
             "MODEL_SCORE_THRESHOLD": None
             if self.model_score_threshold is None
             else str(self.model_score_threshold),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import zlib
 from typing import Any
@@ -426,10 +425,17 @@ def test_versions_and_metrics(client, promoted):
     # a checkpoint that records no provenance: every output counts as untrained
     assert {o["status"] for o in model["outputs"].values()} == {"untrained"} and len(model["outputs"]) == 8
     assert listed["lesion"] is None and listed["show_outputs"] == "all"
+    from tests.backend.test_serve import _count
+
+    before = _count(client.get("/metrics").get_data(as_text=True), "/health")
     client.get("/health")
-    metrics = client.get("/metrics").get_json()
-    assert metrics["model_version"] == promoted and metrics["requests"]["/health 200"] == 1
-    assert json.dumps(metrics)  # plain JSON
+    client.get("/no/such/route")
+    page = client.get("/metrics")
+    assert page.content_type.startswith("text/plain")  # Prometheus's text format
+    text = page.get_data(as_text=True)
+    assert _count(text, "/health") == before + 1
+    assert f'dermassist_model_info{{version="{promoted}"}} 1.0' in text
+    assert 'route="<unmatched>",status="404"' in text and "/no/such/route" not in text
 
 
 def test_internal_errors_are_json_without_traceback(client, image_server, monkeypatch):

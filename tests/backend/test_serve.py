@@ -99,3 +99,46 @@ def test_sigkill_under_load_then_restart_and_sync_loses_nothing(tmp_path, small_
     assert rows == len(events)
     once = set(acknowledged)
     assert sorted(once) == sorted(i for i in logged if i in once), "an acknowledged event was logged twice"
+
+
+def _count(text: str, route: str) -> float:
+    """The requests counter of ``route`` (status 200) in a Prometheus exposition."""
+    import re
+
+    found = re.search(
+        r'^dermassist_http_requests_total\{route="' + re.escape(route) + r'",status="200"\} (\S+)$',
+        text,
+        re.M,
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_count_every_request_once_across_workers(tmp_path, pg_url):
+    """WORKERS=2: each request lands on one worker; every scrape, whichever worker answers it, adds both."""
+    import urllib.request
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg_url,
+        "MODEL_DIR": str(tmp_path / "models"),
+        "RELEASE_DIR": "none",
+        "LOG_LEVEL": "WARNING",
+        "WORKERS": "2",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    port = free_port()
+    server = start_serve(env, port, tmp_path / "serve.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        before = _count(urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode(), "/health")
+        n = 60
+        for _ in range(n):  # a new connection each: the kernel spreads them over both workers
+            with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+                assert response.status == 200
+        scrapes = [urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode() for _ in range(6)]
+    finally:
+        stop(server)
+    assert {_count(text, "/health") - before for text in scrapes} == {float(n)}
+    files = sorted(p.name for p in (tmp_path / "models" / "prometheus").iterdir())
+    assert len({f.rsplit("_", 1)[-1] for f in files if f.startswith("counter_")}) == 2  # both workers counted
+    assert 'dermassist_store_rows{table="events"}' in scrapes[0]
