@@ -1,10 +1,10 @@
 """The Label Studio ML backend: Flask app speaking Label Studio 1.23's protocol (docs/label-studio.md).
 
 Routes: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /versions``,
-``GET /metrics`` (Prometheus text, :mod:`backend.metrics`) and ``GET /jobs`` (the recent training jobs). Every route but ``/health`` asks for
-basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error is JSON
-``{"error": code, "message": sentence}`` with its 4xx / 5xx status; a traceback never reaches a client
-(it goes to the log, without the API key).
+``GET /metrics`` (Prometheus text, :mod:`backend.metrics`) and ``GET /jobs`` (recent training jobs).
+Every route but ``/health`` asks for basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set.
+Every error is JSON ``{"error": code, "message": sentence}`` with its 4xx / 5xx status; a traceback
+never reaches a client (it goes to the log, without the API key).
 
 ``/webhook`` answers within milliseconds (Label Studio waits 1 s and never retries): it stores the raw
 event and what it says in one small transaction; anything slow (the retraining policy's count, a
