@@ -3,10 +3,11 @@
 ``models/release.json`` lists each released file with its SHA-256, its version and each output's
 provenance (:mod:`model.provenance`); a model card (``<name>.md``) stands beside each file. At start,
 ``serve`` (every worker) verifies the files and registers the released DermNet in the store's
-``model_versions`` (with its outputs in ``model_outputs``), promoting it only when no version is
-promoted yet: a fresh deployment serves it with no promote step, and a promoted or retrained model
-replaces it (``dermassist models promote release`` returns to it). The released lesion pair (U-Net +
-dual classifier) is served for ``lesion.xml`` projects until a pair is promoted into ``MODEL_DIR/lesion``.
+``model_versions`` (with its outputs in ``model_outputs``), promoting it when no version is promoted
+yet or an earlier release is: a fresh deployment serves it with no promote step, an upgraded checkout
+serves its new release, and a model someone promotes or a retraining job produces replaces it for
+good (``dermassist models promote release`` returns to it). The released lesion pair (U-Net + dual
+classifier) is served for ``lesion.xml`` projects until a pair is promoted into ``MODEL_DIR/lesion``.
 
 ``RELEASE_DIR`` points at the folder (default: ``models/`` of this checkout; the Docker image sets it);
 ``RELEASE_DIR=none`` turns the release off.
@@ -113,7 +114,8 @@ def read_release(folder: str | Path | None) -> Release | None:
 
 
 def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) -> str | None:
-    """Register the released DermNet in the store, promoted if no version is; its version (or None).
+    """Register the released DermNet in the store, promoted if no version is (or an earlier release is);
+    its version (or None).
 
     Safe from any number of workers at once: a version or a promotion another one recorded first is
     kept as it is.
@@ -132,7 +134,10 @@ def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) 
                     release=release.label("dermnet"),
                     provenance=model.outputs,
                 )
-                if registry.promoted(session) is None:
+                current = registry.promoted(session)
+                # Served when nothing is, or when an earlier release is (an upgrade of the checkout):
+                # a model someone promoted or a retraining job produced is never replaced here.
+                if current is None or (current.release is not None and current.version != version.version):
                     registry.promote(session, version)
                     logger.info(
                         "serving the released model %s (%s)", version.version, release.label("dermnet")

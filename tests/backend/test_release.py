@@ -194,3 +194,41 @@ def test_a_damaged_release_stops_the_backend_with_the_reason(release_settings, r
 def test_release_dir_none_turns_the_release_off():
     assert Settings.from_env({"RELEASE_DIR": "none"}).release_dir is None
     assert Settings.from_env({}).release_dir == Path(__file__).resolve().parents[2] / "models"
+
+
+def test_an_upgraded_release_replaces_an_earlier_one_but_never_a_promoted_model(
+    release_settings, release_dir, tmp_path, tiny_checkpoint
+):
+    from tools.release import main
+
+    client = _client(release_settings)
+    first = client.get("/health").get_json()["model_version"]
+    # the next release: other weights, another name, in another folder
+    other = tmp_path / "other.pt"
+    _retrained(other)
+    dirs = _eval_dirs(tmp_path / "evals2")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"dermnet": {"what": "next", "command": "-", "data": "-"}}))
+    args = [
+        "--name",
+        "test.2",
+        "--out",
+        str(tmp_path / "models2"),
+        "--dermnet",
+        str(other),
+        "--recipe",
+        str(recipe),
+    ]
+    main([*args, "--dermnet-eval", str(dirs["dermdev"]), "--pn-eval", str(dirs["isic"])])
+    upgraded = dataclasses.replace(release_settings, release_dir=tmp_path / "models2")
+    second = _client(upgraded).get("/health").get_json()
+    assert second["release"] == "test.2/dermnet-bcc" and second["model_version"] != first
+    # a model someone promoted stays, whatever release the checkout brings
+    from backend import registry
+
+    with _client(upgraded).application.extensions["dermassist"].sessions() as session:
+        mine = registry.register(session, tiny_checkpoint, release_settings.model_dir)
+        registry.promote(session, mine)
+        session.commit()
+        mine_version = mine.version
+    assert _client(release_settings).get("/health").get_json()["model_version"] == mine_version
