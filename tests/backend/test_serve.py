@@ -116,6 +116,7 @@ def _count(text: str, route: str) -> float:
 def test_metrics_count_every_request_once_across_workers(tmp_path, pg_url):
     """WORKERS=2: each request lands on one worker; every scrape, whichever worker answers it, adds both."""
     import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
     env = {
         **os.environ,
@@ -126,19 +127,28 @@ def test_metrics_count_every_request_once_across_workers(tmp_path, pg_url):
         "WORKERS": "2",
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    folder = tmp_path / "models" / "prometheus"
     port = free_port()
     server = start_serve(env, port, tmp_path / "serve.log")
+
+    def health(_: int) -> int:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:  # a new connection each
+            return response.status
+
+    def workers_counted() -> int:
+        return len({path.stem.rsplit("_", 1)[-1] for path in folder.glob("counter_*.db")})
+
     try:
         base = f"http://127.0.0.1:{port}"
         before = _count(urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode(), "/health")
-        n = 60
-        for _ in range(n):  # a new connection each: the kernel spreads them over both workers
-            with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-                assert response.status == 200
+        sent, deadline = 0, time.monotonic() + 30
+        with ThreadPoolExecutor(16) as pool:  # concurrent connections: the kernel hands them to both
+            while workers_counted() < 2 and time.monotonic() < deadline:
+                assert set(pool.map(health, range(64))) == {200}
+                sent += 64
         scrapes = [urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode() for _ in range(6)]
     finally:
         stop(server)
-    assert {_count(text, "/health") - before for text in scrapes} == {float(n)}
-    files = sorted(p.name for p in (tmp_path / "models" / "prometheus").iterdir())
-    assert len({f.rsplit("_", 1)[-1] for f in files if f.startswith("counter_")}) == 2  # both workers counted
+    assert workers_counted() == 2, "in 30 s the kernel gave every connection to one worker"
+    assert {_count(text, "/health") - before for text in scrapes} == {float(sent)}
     assert 'dermassist_store_rows{table="events"}' in scrapes[0]
