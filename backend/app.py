@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,13 +393,9 @@ def create_app(
     @app.get("/health")
     def health() -> Response:
         served = state.served()
-        release = state.release
-        released = (
-            release.label("dermnet")
-            if release is not None and served is not None and "dermnet" in release.models
-            and release.models["dermnet"].version == served.version
-            else None
-        )  # fmt: skip
+        dermnet = state.release.models.get("dermnet") if state.release is not None else None
+        is_release = dermnet is not None and served is not None and dermnet.version == served.version
+        released = state.release.label("dermnet") if is_release and state.release is not None else None
         return jsonify(status="UP", model_class="DermNet", model_version=state.version(), release=released)
 
     @app.post("/setup")
@@ -475,11 +471,20 @@ def create_app(
                 if system is not None
                 else [None] * len(good)
             )
-            # Regions are drawn inside the lesion: the U-Net's mask, where a lesion model is served.
-            outlines: list[Any] = [o.mask if o is not None else None for o in lesions]
-            outliner = state.lesion.get() if served is not None and config.regions is not None else None
-            if system is None and outliner is not None:
-                outlines = [segment(outliner, image)[0] for image in images]
+            # Regions are drawn inside the lesion: the U-Net's mask, where a lesion model is served
+            # (the one run_lesion made, else segmented only for a task that draws a region).
+            outliner = system or (
+                state.lesion.get() if served is not None and config.regions is not None else None
+            )
+
+            def outline_of(found: Any, image: Any) -> Callable[[], Any] | None:
+                if found is not None:
+                    return lambda: found.mask
+                if outliner is not None:
+                    return lambda: segment(outliner, image)[0]
+                return None
+
+            outlines = [outline_of(o, image) for o, image in zip(lesions, images, strict=True)]
             for (i, loaded), output, lesion_output, outline in zip(
                 good, outputs, lesions, outlines, strict=True
             ):
@@ -494,7 +499,7 @@ def create_app(
                         served.meta.thresholds,
                         settings.model_score_threshold,
                         provenance=None if show_all else served.meta.provenance,
-                        lesion=outline,
+                        outline=outline,
                     )
                 if system is not None and lesion_output is not None:
                     items, score = lesion_prediction(

@@ -25,7 +25,7 @@ One prediction per task (``{"result": [...], "score": float, "model_version": st
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -64,14 +64,15 @@ def task_prediction(
     thresholds: dict[str, float],
     override: float | None = None,
     provenance: Mapping[str, Mapping[str, Any]] | None = None,
-    lesion: NDArray[np.bool_] | None = None,
+    outline: Callable[[], NDArray[np.bool_] | None] | None = None,
 ) -> dict[str, Any]:
     """The Label Studio prediction of one task.
 
     Args:
         provenance: where each output comes from (``model.provenance``); when given, only outputs
             validated on real images are pre-annotated, the others are left out (None: every output).
-        lesion: the lesion mask at the image's size (the U-Net's), inside which regions are drawn.
+        outline: gives the lesion mask at the image's size (the U-Net's), inside which regions are
+            drawn; called only when a region is (segmenting costs more than the BCC model's pass).
     """
 
     def offered(key: str) -> bool:
@@ -82,10 +83,9 @@ def task_prediction(
     diagnosis = config.diagnosis
     t_bcc = threshold_for(DIAGNOSIS_KEY, thresholds, diagnosis.threshold if diagnosis else None, override)
     is_bcc = p_bcc >= t_bcc
-    confidence: float | None = p_bcc if is_bcc else 1.0 - p_bcc
-    if not offered(DIAGNOSIS_KEY):
-        confidence = None
-    elif diagnosis is not None and confidence is not None:
+    confidence = p_bcc if is_bcc else 1.0 - p_bcc
+    diagnosed = offered(DIAGNOSIS_KEY)  # else no diagnosis, no BCC region and no task score
+    if diagnosed and diagnosis is not None:
         key = DIAGNOSIS_KEY if is_bcc else NON_BCC_KEY
         if key in diagnosis.values:
             result.append(
@@ -125,10 +125,10 @@ def task_prediction(
             )
     if regions is not None:
         index = {k: i for i, k in enumerate(TARGETS)}
-        drawn = [DIAGNOSIS_KEY] if is_bcc and confidence is not None else []
-        for key in drawn + predicted:
-            if key not in regions.values:
-                continue
+        drawn = [DIAGNOSIS_KEY] if is_bcc and diagnosed else []
+        drawn = [key for key in drawn + predicted if key in regions.values]
+        lesion = outline() if drawn and outline is not None else None
+        for key in drawn:
             mask = compact_region(
                 output.maps[index[key]], width, height, lesion, MASK_THRESHOLD, REGION_MAX_SHARE
             )
@@ -137,7 +137,7 @@ def task_prediction(
             result.append(
                 brush_item(regions.name, regions.to_name, regions.values[key], mask, output.probs[key])
             )
-    score = None if confidence is None else round(confidence, 6)
+    score = round(confidence, 6) if diagnosed else None
     return {"result": result, "score": score, "model_version": model_version}
 
 

@@ -97,27 +97,32 @@ def assess(
         y = val_targets[rows, k] >= 0.5
         n_pos = int(y.sum())
         auroc = float(roc_auc_score(y, val_scores[rows, k])) if 0 < n_pos < int(rows.sum()) else math.nan
-        if synthetic:
-            status, note = Provenance.SYNTHETIC, "synthetic drawings only"
-        elif n_pos >= MIN_POSITIVES and auroc >= MIN_AUROC:
-            status, note = Provenance.VALIDATED, None
-        elif n_pos < MIN_POSITIVES:
-            status, note = (
-                Provenance.UNVALIDATED,
-                f"fewer than {MIN_POSITIVES} positives in the validation split",
-            )
-        else:
-            status, note = Provenance.UNVALIDATED, f"validation AUROC below {MIN_AUROC}"
-        out[key] = record(
-            status,
-            metric="auroc",
-            value=auroc,
-            n_images=int(rows.sum()),
-            n_positive=n_pos,
-            data=data,
-            note=note,
-        )
+        out[key] = from_auroc(auroc, int(rows.sum()), n_pos, data, synthetic=synthetic)
     return out
+
+
+def from_auroc(
+    auroc: float,
+    n_images: int,
+    n_positive: int,
+    data: str,
+    interval: Sequence[float] | None = None,
+    synthetic: bool = False,
+) -> dict[str, Any]:
+    """An output judged by its validation AUROC: validated on real images with at least
+    ``MIN_POSITIVES`` positives and AUROC at least ``MIN_AUROC``; the record says why not otherwise."""
+    if synthetic:
+        status, note = Provenance.SYNTHETIC, "synthetic drawings only"
+    elif n_positive >= MIN_POSITIVES and auroc >= MIN_AUROC:
+        status, note = Provenance.VALIDATED, None
+    elif n_positive < MIN_POSITIVES:
+        status, note = Provenance.UNVALIDATED, f"fewer than {MIN_POSITIVES} positives in the validation split"
+    else:
+        status, note = Provenance.UNVALIDATED, f"validation AUROC below {MIN_AUROC}"
+    return record(
+        status, metric="auroc", value=auroc, interval=interval, n_images=n_images, n_positive=n_positive,
+        data=data, note=note,
+    )  # fmt: skip
 
 
 def status_of(provenance: Mapping[str, Mapping[str, Any]] | None, key: str) -> Provenance:

@@ -29,7 +29,7 @@ import torch
 from labeling_config import PATTERN_KEYS, TARGET_NAMES
 from model.checkpoint import atomic_write_bytes, weights_version
 from model.network import file_sha256
-from model.provenance import MIN_AUROC, MIN_DICE, MIN_POSITIVES, Provenance, record
+from model.provenance import MIN_AUROC, MIN_DICE, Provenance, from_auroc, record
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE = 15 * 1024 * 1024
@@ -63,17 +63,9 @@ def _iv(entry: dict[str, Any]) -> tuple[float, list[float]]:
 def dermnet_provenance(dermdev: dict[str, Any], isic: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     cls = dermdev["classification"]
     value, interval = _iv(cls["bcc"]["auroc"])
-    n, n_pos = int(cls["n_images"]), int(cls["n_bcc"])
-    status = Provenance.VALIDATED if n_pos >= MIN_POSITIVES and value >= MIN_AUROC else Provenance.UNVALIDATED
     out = {
-        "bcc": record(
-            status,
-            metric="auroc",
-            value=value,
-            interval=interval,
-            n_images=n,
-            n_positive=n_pos,
-            data=f"{HAM}: validation split",
+        "bcc": from_auroc(
+            value, int(cls["n_images"]), int(cls["n_bcc"]), f"{HAM}: validation split", interval=interval
         )
     }
     for key in PATTERN_KEYS:
@@ -86,18 +78,9 @@ def dermnet_provenance(dermdev: dict[str, Any], isic: dict[str, Any] | None) -> 
             )
             continue
         n = int(isic["classification"]["n_images"])  # type: ignore[index]
-        n_pos = round(float(entry["prevalence"]) * n)
         value, interval = _iv(entry["auroc"])
-        ok = n_pos >= MIN_POSITIVES and value >= MIN_AUROC
-        out[key] = record(
-            Provenance.VALIDATED if ok else Provenance.UNVALIDATED,
-            metric="auroc",
-            value=value,
-            interval=interval,
-            n_images=n,
-            n_positive=n_pos,
-            data=f"{ISIC}: validation split",
-        )
+        n_pos = round(float(entry["prevalence"]) * n)
+        out[key] = from_auroc(value, n, n_pos, f"{ISIC}: validation split", interval=interval)
     return out
 
 
@@ -134,13 +117,12 @@ def convert(source: Path, target: Path, kind: str, provenance: dict[str, dict[st
     keep = {k: v for k, v in raw.items() if k not in ("optimizer", "scheduler", "state", "state_dict")}
     keep["state_dict"] = state
     keep["provenance"] = provenance
-    version = f"{kind}-{weights_version(state).split('-', 1)[1]}"
-    if "meta" in keep:  # dermnet and segnet carry a meta dict with their version
+    digest = weights_version(state).split("-", 1)[1]
+    version = f"{kind}-{digest}"
+    if "meta" in keep:  # dermnet and segnet carry a meta dict with their version (prefix kept)
         meta = dict(keep["meta"])
-        meta.setdefault("extra", {})
-        meta["extra"] = {**meta["extra"], "fp32_version": meta.get("version"), "release": name}
-        prefix = str(meta.get("version", kind)).split("-", 1)[0]
-        version = f"{prefix}-{weights_version(state).split('-', 1)[1]}"
+        meta["extra"] = {**meta.get("extra", {}), "fp32_version": meta.get("version"), "release": name}
+        version = f"{str(meta.get('version', kind)).split('-', 1)[0]}-{digest}"
         meta["version"] = version
         if kind == "dermnet":
             meta["provenance"] = provenance

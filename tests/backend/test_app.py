@@ -493,3 +493,30 @@ def test_scoring_without_maps_gives_the_same_probabilities(tiny_checkpoint):
     for a, b in zip(with_maps, without, strict=True):
         assert a.probs == pytest.approx(b.probs, abs=1e-6)
         assert a.maps.numel() > 0 and b.maps.numel() == 0
+
+
+def test_the_lesion_outline_is_computed_only_for_a_task_that_draws_a_region():
+    """Segmenting costs more than the BCC model's pass: /predict asks for the outline lazily."""
+    import torch
+
+    from backend.ls_predictions import task_prediction
+    from backend.predictor import ImageOutput
+    from labeling_config import TARGETS, parse_config
+
+    config = parse_config(BCC_XML)
+    calls: list[int] = []
+
+    def outline() -> np.ndarray:
+        calls.append(1)
+        return np.ones((30, 40), bool)
+
+    maps = torch.rand(len(TARGETS), 4, 4)
+    validated = {"bcc": {"status": "validated"}}
+    thresholds = dict.fromkeys(TARGETS, 0.5)
+    non_bcc = ImageOutput(probs=dict.fromkeys(TARGETS, 0.1), maps=maps)
+    task_prediction(non_bcc, config, "v", 40, 30, thresholds, provenance=validated, outline=outline)
+    assert calls == []  # nothing drawn, nothing segmented
+    bcc = ImageOutput(probs=dict.fromkeys(TARGETS, 0.9), maps=maps)
+    found = task_prediction(bcc, config, "v", 40, 30, thresholds, provenance=validated, outline=outline)
+    assert calls == [1]  # once, for the BCC region (the patterns are not validated)
+    assert [i["value"]["brushlabels"] for i in found["result"] if i["type"] == "brushlabels"] == [["BCC"]]
