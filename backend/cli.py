@@ -138,7 +138,7 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 
 def _train_from_db(args: argparse.Namespace) -> int:
-    from backend import jobs
+    from backend.training import jobs
     from consensus.db import init_db
 
     settings = _settings(args)
@@ -168,7 +168,7 @@ def _train_from_db(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the Label Studio ML backend (waitress; --dev: Flask's development server)."""
-    from backend.app import create_app
+    from backend.api.app import create_app
     from consensus.db import init_db
 
     settings = _settings(args)
@@ -185,8 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Reconcile the store with a Label Studio project's export (what missed webhooks left out)."""
-    from backend.ls_client import LabelStudioError
-    from backend.sync import sync_from_label_studio, sync_project
+    from backend.label_studio.client import LabelStudioError
+    from backend.label_studio.sync import sync_from_label_studio, sync_project
     from consensus.db import init_db
     from labeling_config.parse import parse_config
 
@@ -219,7 +219,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from redis import Redis
     from rq import Queue, Worker
 
-    from backend.jobs import RQQueue
+    from backend.training.jobs import RQQueue
 
     settings = _settings(args)
     if not settings.redis_url:
@@ -232,7 +232,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the model versions, or promote a checkpoint to be served."""
-    from backend import registry
+    from backend.serving import registry
     from consensus.db import init_db
     from consensus.models import ModelVersion
 
@@ -240,7 +240,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     _, sessions = init_db(settings.database_url)
     with sessions() as session:
         if args.action == "promote-lesion":
-            from backend.lesion import promote_lesion
+            from backend.serving.lesion import promote_lesion
 
             if not args.checkpoint or not args.dual:
                 raise ValueError("dermassist models promote-lesion SEGNET_CHECKPOINT DUAL_CHECKPOINT")
@@ -268,8 +268,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _find_version(session: Any, sessions: Any, settings: Settings, name: str) -> Any:
     """A checkpoint file (registered now), a registered version id, or ``release`` (the released model)."""
-    from backend import registry
-    from backend.release import install, read_release
+    from backend.serving import registry
+    from backend.serving.release import install, read_release
 
     if Path(name).is_file():
         return registry.register(session, name, Path(settings.model_dir))
@@ -290,7 +290,7 @@ def _find_version(session: Any, sessions: Any, settings: Settings, name: str) ->
 
 def cmd_train_seg(args: argparse.Namespace) -> int:
     """Train the lesion segmentation U-Net (dual attention gates, ASPP) on a folder with lesion masks."""
-    from model.train_seg import SegTrainConfig, train_seg
+    from model.lesion.train_seg import SegTrainConfig, train_seg
 
     result = train_seg(
         SegTrainConfig(
@@ -314,7 +314,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 
 def cmd_evaluate_seg(args: argparse.Namespace) -> int:
     """Dice, IoU and boundary F-score (bootstrap intervals) of a segmentation checkpoint, with a gallery."""
-    from model.train_seg import evaluate_seg
+    from model.lesion.train_seg import evaluate_seg
 
     found = evaluate_seg(args.checkpoint, args.data, args.out, split=args.split)
     parts = [
@@ -328,7 +328,7 @@ def cmd_evaluate_seg(args: argparse.Namespace) -> int:
 
 def cmd_train_dual(args: argparse.Namespace) -> int:
     """Train the dual-encoder classifier (image + lesion + metadata; HAM10000 diagnoses and BCC)."""
-    from model.train_dual import DualConfig, train_dual
+    from model.lesion.train_dual import DualConfig, train_dual
 
     result = train_dual(
         DualConfig(
@@ -361,7 +361,7 @@ def cmd_evaluate_dual(args: argparse.Namespace) -> int:
     """Diagnosis metrics (bootstrap intervals) and Grad-CAM energy in the lesion, of a dual-encoder model."""
     import torch
 
-    from model.evaluate_dual import evaluate_dual
+    from model.lesion.evaluate_dual import evaluate_dual
 
     torch.set_num_threads(args.threads)
     found = evaluate_dual(args.checkpoint, args.data, args.out, split=args.split, segnet=args.segnet)
@@ -459,7 +459,7 @@ def _headless_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the MobileNet-V2 multitask model (BCC + seven patterns) on a dataset folder, or (--from-db)
     run a retraining job on the store's consensus, promoted only if not worse."""
-    from model.train import TrainConfig, train
+    from model.multitask.train import TrainConfig, train
 
     if args.from_db:
         return _train_from_db(args)
@@ -498,7 +498,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint: metrics.json, predictions.csv and report.html with plots."""
-    from model.evaluate import evaluate
+    from model.multitask.evaluate import evaluate
 
     metrics = evaluate(
         args.checkpoint,
@@ -607,7 +607,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         write_report(study, out, truth)
         print(f"consensus run {study.run['id']}: report -> {out}")
     else:
-        from backend.ls_export import ls_import_tasks
+        from backend.label_studio.export import ls_import_tasks
         from labeling_config import parse_config
 
         config = parse_config(Path(args.config).read_text(encoding="utf-8"))
@@ -917,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     func: Callable[[argparse.Namespace], int] = args.func
-    from backend.ls_client import LabelStudioError
+    from backend.label_studio.client import LabelStudioError
 
     try:
         return func(args)

@@ -93,7 +93,7 @@ from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from backend.ls_client import ACCESS_TOKEN_LIFETIME_S, is_personal_access_token
+from backend.label_studio.client import ACCESS_TOKEN_LIFETIME_S, is_personal_access_token
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -76,7 +76,7 @@ def run_worker(settings: Settings, sock: socket.socket, threads: int) -> None:
     """Serve the app on ``sock`` in this process until it is stopped."""
     import waitress
 
-    from backend.app import create_app
+    from backend.api.app import create_app
     from consensus.db import make_engine, make_sessionmaker
 
     sessions = make_sessionmaker(make_engine(settings.database_url))

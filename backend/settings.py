@@ -15,7 +15,7 @@ from consensus.db import DEFAULT_URL
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SHOW_OUTPUTS = ("validated", "all")
-# The released models of this checkout (backend/release.py); the Docker image sets RELEASE_DIR.
+# The released models of this checkout (backend/serving/release.py); the Docker image sets RELEASE_DIR.
 DEFAULT_RELEASE_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
@@ -103,7 +103,7 @@ class Settings:
         show_outputs: ``SHOW_OUTPUTS``: ``validated`` (default) pre-annotates only outputs validated
             on real images; ``all`` shows every output (a synthetic study, a model under test).
         metrics_dir: ``PROMETHEUS_MULTIPROC_DIR``, where the workers' counters meet (``serve`` sets it for
-            its workers when ``WORKERS`` > 1; see ``backend.metrics``).
+            its workers when ``WORKERS`` > 1; see ``backend.api.metrics``).
         cache_dir: ``DERMASSIST_CACHE``, where Label Studio's venv and its migrated template live for
             the demo and the end-to-end tests (default ``~/.cache/dermassist``; the Makefile's too).
     """

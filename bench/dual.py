@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.dual import DualNet, encode_metadata, lesion_crop
-from model.network import DermNet
-from model.segmentation import SegNet
+from model.lesion.dual import DualNet, encode_metadata, lesion_crop
+from model.lesion.segmentation import SegNet
+from model.multitask.network import DermNet
 
 
 def main() -> int:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from model.explain import explain, library_cams
-from model.network import build_model
+from model.common.explain import explain, library_cams
+from model.multitask.network import build_model
 
 
 def per_image_ms(fn: Callable[[torch.Tensor], object], images: torch.Tensor) -> float:

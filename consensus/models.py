@@ -270,7 +270,8 @@ class ModelVersion(Base):
 
 
 class ModelOutput(Base):
-    """Where one output of one model version comes from (``model.provenance``): validated on real images
+    """Where one output of one model version comes from (``model.common.provenance``): validated on real
+    images
     (with the figure, its size and its data), unvalidated, synthetic or untrained. The backend shows a
     dermatologist only validated outputs."""
 

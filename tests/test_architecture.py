@@ -38,7 +38,7 @@ def test_package_imports_point_one_way(package):
 # The one module that reads settings from the environment, and the launcher protocol that is not a
 # setting: torchrun hands each process its rank in WORLD_SIZE / LOCAL_RANK.
 SETTINGS_MODULE = "backend/settings.py"
-LAUNCHER_VARIABLES = {("model/train.py", "WORLD_SIZE"), ("model/train.py", "LOCAL_RANK")}
+LAUNCHER_VARIABLES = {("model/multitask/train.py", "WORLD_SIZE"), ("model/multitask/train.py", "LOCAL_RANK")}
 
 
 def _environment_reads(source: str) -> list[tuple[int, str]]:
@@ -92,7 +92,7 @@ def test_serve_imports_neither_the_demo_nor_the_synthetic_generator():
     import sys
 
     probe = (
-        "import sys; import backend.server, backend.app, backend.cli, backend.jobs; "
+        "import sys; import backend.server, backend.api.app, backend.cli, backend.training.jobs; "
         "print(sorted(m for m in sys.modules if m.startswith(('backend.demo', 'model.synthetic'))))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -126,7 +126,7 @@ def test_model_modules_import_no_circle():
 
 
 def test_the_routes_run_no_sql():
-    """backend/app.py calls repositories (consensus/repository.py) and services; it builds no query."""
+    """backend/api/app.py calls repositories (consensus/repository.py) and services; it builds no query."""
     tree = ast.parse((ROOT / "backend" / "app.py").read_text())
     builders = {"select", "insert", "update", "delete", "func", "text"}
     imported = {

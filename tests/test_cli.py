@@ -208,7 +208,7 @@ def test_train_seg_then_evaluate_seg_from_the_command_line(small_study, tmp_path
     )
     out = capsys.readouterr().out
     assert "dice" in out and (tmp_path / "ev" / "metrics.json").is_file()
-    from model.segmentation import load_segnet
+    from model.lesion.segmentation import load_segnet
 
     assert load_segnet(run / "best.pt")[1].extra["train_config"]["stratify"] == "dx"
 

@@ -313,7 +313,7 @@ def test_dockerignore_keeps_environments_outputs_and_caches_out():
         assert not _excluded(source.rstrip("/")), f"the Dockerfile copies {source}, which .dockerignore drops"
     assert not _excluded("models/dermnet-bcc.pt") and not _excluded("models/release.json")
     for path in (
-        "backend/app.py",
+        "backend/api/app.py",
         "consensus/migrations/versions/0001_initial_schema.py",
         "labeling_config/bcc.xml",
     ):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.release import read_release
+from backend.serving.release import read_release
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -57,8 +57,8 @@ def test_outputs_without_real_validation_are_not_marked_validated():
 
 
 def test_real_sample_images_get_the_recorded_outputs():
-    from backend.lesion import LesionHolder, run_lesion
-    from backend.predictor import load_served, run_batch
+    from backend.serving.lesion import LesionHolder, run_lesion
+    from backend.serving.multitask import load_served, run_batch
 
     torch.set_num_threads(1)
     release = read_release(MODELS)

@@ -1,7 +1,7 @@
 """The most energy a Grad-CAM map of a given output stride can put inside each reference mask.
 
-The evaluation (:func:`model.evaluate.map_agreement`) scales a feature-resolution map to the mask's
-size as pytorch-grad-cam does (:func:`model.explain.scale_maps`: min-max, bilinear resize, ReLU,
+The evaluation (:func:`model.multitask.evaluate.map_agreement`) scales a feature-resolution map to the mask's
+size as pytorch-grad-cam does (:func:`model.common.explain.scale_maps`: min-max, bilinear resize, ReLU,
 min-max) and measures the share of its energy inside the mask. Bilinear resizing spreads one feature
 cell over a tent two cells wide, so a mask smaller than that tent cannot hold all of any map's energy.
 Where the resized map has a zero pixel (a one-hot map has), the scaling is linear up to a factor, and
@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS
-from model.data import load_table
-from model.explain import scale_maps
+from model.common.data import load_table
+from model.common.explain import scale_maps
 
 
 def grid_side(image_size: int, stride: int) -> int:

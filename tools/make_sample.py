@@ -5,7 +5,7 @@ images at their stored size with their lesion masks and labels, unchanged (the S
 equals derm-dev's), and the attribution / licence beside them (HAM10000 is CC BY-NC 4.0).
 
 Selection, deterministic: only lesions in the validation split of *both* default lesion-grouped
-splits (``model.data.split_by_lesion`` with val_fraction 0.2, seed 0, stratified by ``bcc`` as
+splits (``model.common.data.split_by_lesion`` with val_fraction 0.2, seed 0, stratified by ``bcc`` as
 DermNet's training and by ``dx`` as the second system's), so a model trained with the default splits
 has never seen a sample image; one image per lesion (the first by image id); per diagnosis up to
 ``QUOTA`` images, the lesions taken in the order of a seeded shuffle.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.data import load_table, split_by_lesion
+from model.common.data import load_table, split_by_lesion
 
 #: Most lesions per diagnosis; every held-out lesion of the rarer ones (bcc 8, mel 10, bkl 13,
 #: akiec 2, vasc 1; no df lesion is held out by both splits) and 30 of the 98 naevi.

@@ -9,8 +9,8 @@ masks; intervals: 95% bootstrap over lesions::
 
 Per image and rule: the map's energy inside the reference lesion, the drawn region's area as a share of
 the lesion's, the share of the drawn region inside the lesion, and the pointing game (the map's peak in
-the lesion). ``before``: :func:`model.explain.cam_to_mask` on the whole image (what was drawn until
-now); ``after``: :func:`model.explain.compact_region` with the U-Net's mask (what the backend draws).
+the lesion). ``before``: :func:`model.common.explain.cam_to_mask` on the whole image (what was drawn until
+now); ``after``: :func:`model.common.explain.compact_region` with the U-Net's mask (what the backend draws).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from backend.ls_predictions import MASK_THRESHOLD, REGION_MAX_SHARE
-from backend.predictor import load_served, run_batch
-from model.data import load_table, split_by_lesion, split_sources
-from model.evaluate import bootstrap
-from model.explain import cam_to_mask, compact_region, scale_maps
-from model.segmentation import load_segnet
-from model.train_seg import predict_masks
+from backend.label_studio.predictions import MASK_THRESHOLD, REGION_MAX_SHARE
+from backend.serving.multitask import load_served, run_batch
+from model.common.data import load_table, split_by_lesion, split_sources
+from model.common.explain import cam_to_mask, compact_region, scale_maps
+from model.lesion.segmentation import load_segnet
+from model.lesion.train_seg import predict_masks
+from model.multitask.evaluate import bootstrap
 
 
 def _measure(cam: Any, drawn: Any, lesion: Any) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Build the release folder (``models/``) from trained checkpoints and their evaluations.
 
 For each model: the weights in fp16 (the loaders cast them back to fp32), each output's provenance
-(``model.provenance``) written into the checkpoint from the evaluation's figures, a model card beside
-it, and one ``release.json`` listing every file with its SHA-256 (``backend.release`` checks them)::
+(``model.common.provenance``) written into the checkpoint from the evaluation's figures, a model card beside
+it, and one ``release.json`` listing every file with its SHA-256 (``backend.serving.release`` checks them)::
 
     python tools/release.py --name 2026.12 --out models \\
         --dermnet runs/i13-bcc-pn/best.pt --dermnet-eval runs/i13-bcc-pn/eval-dermdev \\
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from labeling_config import PATTERN_KEYS, TARGET_NAMES
-from model.checkpoint import atomic_write_bytes, weights_version
-from model.network import file_sha256
-from model.provenance import MIN_AUROC, MIN_DICE, Provenance, from_auroc, record
+from model.common.checkpoint import atomic_write_bytes, weights_version
+from model.common.provenance import MIN_AUROC, MIN_DICE, Provenance, from_auroc, record
+from model.multitask.network import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE = 15 * 1024 * 1024
@@ -158,7 +158,7 @@ def card(name: str, release: str, kind: str, facts: dict[str, Any]) -> str:
 | | |
 |---|---|
 | file | `{facts["file"]}` ({facts["bytes"] / 1e6:.1f} MB, fp16 weights; loaded as fp32) |
-| SHA-256 | `{facts["sha256"]}` (checked by `backend/release.py` before anything is served) |
+| SHA-256 | `{facts["sha256"]}` (checked by `backend/serving/release.py` before anything is served) |
 | version | `{facts["version"]}` (fp32 original `{facts.get("fp32_version") or "n/a"}`) |
 | licence | {LICENCE} |
 
@@ -204,8 +204,8 @@ def reference_outputs(
     import pandas as pd
     from PIL import Image
 
-    from backend.lesion import LesionHolder, run_lesion
-    from backend.predictor import load_served, run_batch
+    from backend.serving.lesion import LesionHolder, run_lesion
+    from backend.serving.multitask import load_served, run_batch
 
     torch.set_num_threads(1)
     files = {e["kind"]: folder / e["file"] for e in entries}

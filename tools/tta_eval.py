@@ -19,10 +19,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from labeling_config import TARGETS
-from model.data import DermDataset, load_table, split_sources
-from model.evaluate import bootstrap
-from model.network import load_checkpoint
-from model.train import transforms
+from model.common.data import DermDataset, load_table, split_sources
+from model.multitask.evaluate import bootstrap
+from model.multitask.network import load_checkpoint
+from model.multitask.train import transforms
 
 
 @torch.no_grad()

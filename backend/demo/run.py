@@ -37,7 +37,7 @@ from typing import Any
 from backend.demo import label_studio as ls_server
 from backend.demo import study as ls_study
 from backend.demo.processes import DERMASSIST, free_port, start_serve, stop
-from backend.ls_client import LabelStudioClient
+from backend.label_studio.client import LabelStudioClient
 from labeling_config import load_config
 
 PROJECT_TITLE = "BCC screening (dermassist demo)"
@@ -102,8 +102,8 @@ def _get(url: str) -> Any:
 
 
 def _train(config: DemoConfig, study: Path) -> Path:
-    from model.network import imagenet_weights_path
-    from model.train import TrainConfig, train
+    from model.multitask.network import imagenet_weights_path
+    from model.multitask.train import TrainConfig, train
 
     weights = "imagenet" if imagenet_weights_path().is_file() else None
     _say(

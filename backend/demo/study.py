@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from backend.ls_client import LabelStudioClient
+from backend.label_studio.client import LabelStudioClient
 from labeling_config import HAM_CLASSES, LESION_LABEL, PATTERNS
 
 DISPLAY = {p.key: p.display for p in PATTERNS}
@@ -70,7 +70,7 @@ def rater_result(
     study: Path, rater: str, image_id: str, values: dict[str, int], size: int
 ) -> list[dict[str, Any]]:
     """One simulated dermatologist's annotation of an image: diagnosis, patterns, their painted regions."""
-    from backend.ls_predictions import brush_item
+    from backend.label_studio.predictions import brush_item
 
     result: list[dict[str, Any]] = [
         {
@@ -104,7 +104,7 @@ def rater_result(
 
 def lesion_result(diagnosis: str, mask: np.ndarray[Any, Any] | None) -> list[dict[str, Any]]:
     """One rater's ``lesion.xml`` annotation: the HAM10000 diagnosis and the lesion outline (if any)."""
-    from backend.ls_predictions import brush_item
+    from backend.label_studio.predictions import brush_item
 
     result: list[dict[str, Any]] = [
         {"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": [diagnosis]}}

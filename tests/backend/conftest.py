@@ -32,8 +32,8 @@ def png_bytes(width: int = 96, height: int = 72, seed: int = 0) -> bytes:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small DermNet with non-trivial weights; pattern thresholds 0 so every pattern is predicted."""
     from labeling_config import PATTERN_KEYS, TARGETS
-    from model.checkpoint import CheckpointMeta, save_checkpoint
-    from model.network import DermNet
+    from model.common.checkpoint import CheckpointMeta, save_checkpoint
+    from model.multitask.network import DermNet
 
     torch.manual_seed(0)
     model = DermNet(width_mult=0.35)
@@ -48,9 +48,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
     """A small segmentation U-Net (biased so its mask is not empty) and dual-encoder classifier, saved."""
-    from model.dual import DualNet
-    from model.segmentation import SegMeta, SegNet, save_segnet
-    from model.train_dual import DualConfig, _save
+    from model.lesion.dual import DualNet
+    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
+    from model.lesion.train_dual import DualConfig, _save
 
     torch.manual_seed(0)
     segnet = SegNet(width_mult=0.35, input_size=64)
@@ -142,7 +142,7 @@ def sessions(settings: Settings) -> Any:
 
 @pytest.fixture
 def promoted(sessions: Any, settings: Settings, tiny_checkpoint: Path) -> str:
-    from backend import registry
+    from backend.serving import registry
 
     with sessions() as session:
         version = registry.register(session, tiny_checkpoint, settings.model_dir)
@@ -153,7 +153,7 @@ def promoted(sessions: Any, settings: Settings, tiny_checkpoint: Path) -> str:
 
 @pytest.fixture
 def app(settings: Settings, sessions: Any, promoted: str) -> Any:
-    from backend.app import create_app
+    from backend.api.app import create_app
 
     application = create_app(settings, sessions=sessions)
     application.config["TESTING"] = True

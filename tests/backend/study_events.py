@@ -17,7 +17,7 @@ LESION_XML = load_config("lesion")
 
 def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = None) -> list[dict[str, Any]]:
     """Label Studio's JSON export of the study: one task per image, one annotation per rater (the
-    simulated dermatologist's diagnosis, patterns and painted regions, as :mod:`backend.ls_study` sends them).
+    simulated dermatologist's diagnosis, patterns and painted regions, as :mod:`backend.demo.study` sends them).
 
     Images are put on the test server as ``/data/upload/<project>/<file name>``.
     """
@@ -55,7 +55,7 @@ def study_tasks(study: Path, files: Any, project: int = 1, limit: int | None = N
 
 def lesion_tasks(study: Path, files: Any, project: int = 2, n_raters: int = 3) -> list[dict[str, Any]]:
     """The study as a ``lesion.xml`` project's export: age / sex / site in the task data, one annotation
-    (HAM10000 diagnosis + lesion outline) per simulated rater (:func:`backend.ls_study.lesion_ratings`)."""
+    (HAM10000 diagnosis + lesion outline) per simulated rater (:func:`backend.demo.study.lesion_ratings`)."""
     labels = pd.read_csv(study / "labels.csv", dtype={"image_id": str}).set_index("image_id")
     by_image: dict[str, list[tuple[str, str, Any]]] = {}
     for image_id, rater, said, mask in lesion_ratings(study, n_raters):

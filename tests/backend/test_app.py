@@ -13,7 +13,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from sqlalchemy import func, select
 
-from backend.app import create_app
+from backend.api.app import create_app
 from consensus.models import Annotation, AnnotationEvent, TrainingJob
 from labeling_config import load_config
 from tests.backend.conftest import png_bytes, with_settings
@@ -439,7 +439,7 @@ def test_versions_and_metrics(client, promoted):
 
 
 def test_internal_errors_are_json_without_traceback(client, image_server, monkeypatch):
-    import backend.app as app_module
+    import backend.api.app as app_module
 
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internals")
@@ -464,8 +464,8 @@ def test_a_bad_allowed_host_fails_at_start_with_the_setting_named(settings, sess
 def test_a_dermatologists_outline_and_bcc_region_are_stored_under_their_keys():
     import numpy as np
 
-    from backend.ls_annotations import parse_result
-    from backend.ls_predictions import brush_item
+    from backend.label_studio.annotations import parse_result
+    from backend.label_studio.predictions import brush_item
 
     mask = np.zeros((8, 8), bool)
     mask[2:5, 2:5] = True
@@ -485,7 +485,7 @@ def test_scoring_without_maps_gives_the_same_probabilities(tiny_checkpoint):
     """A retraining job scores its validation split with maps=False: same numbers, no Grad-CAM."""
     from PIL import Image as PILImage
 
-    from backend.predictor import load_served, run_batch
+    from backend.serving.multitask import load_served, run_batch
 
     served = load_served(tiny_checkpoint)
     images = [PILImage.new("RGB", (40 + 8 * k, 30), (30 * k, 90, 120)) for k in range(3)]
@@ -499,8 +499,8 @@ def test_the_lesion_outline_is_computed_only_for_a_task_that_draws_a_region():
     """Segmenting costs more than the BCC model's pass: /predict asks for the outline lazily."""
     import torch
 
-    from backend.ls_predictions import task_prediction
-    from backend.predictor import ImageOutput
+    from backend.label_studio.predictions import task_prediction
+    from backend.serving.multitask import ImageOutput
     from labeling_config import TARGETS, parse_config
 
     config = parse_config(BCC_XML)

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.ingest import apply_event
+from backend.collection.ingest import apply_event
 from consensus.db import init_db
 from consensus.models import Annotation, AnnotationDeletion, Item, Rater, Source
 from labeling_config import load_config
@@ -108,7 +108,7 @@ def test_a_delete_covers_the_version_it_deleted_even_if_label_studios_clock_is_a
 
 
 def test_sync_follows_the_same_rule(sessions):
-    from backend.sync import sync_project
+    from backend.label_studio.sync import sync_project
 
     apply(sessions, CREATED)
     apply(sessions, DELETED, DELETE_AT)

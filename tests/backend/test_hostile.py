@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from backend.app import MAX_EVENT_BYTES, MAX_JSON_DEPTH, create_app
+from backend.api.app import MAX_EVENT_BYTES, MAX_JSON_DEPTH, create_app
 from consensus.models import Annotation, AnnotationEvent, Item, Rater
 from labeling_config import load_config
 from tests.backend.conftest import LS_TOKEN, png_bytes, with_settings

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-import backend.app as app_module
-from backend import jobs, registry
+import backend.api.app as app_module
+from backend.serving import registry
+from backend.training import jobs
 from consensus.models import Annotation, JobStatus, ModelStatus, ModelVersion, TrainingJob
 from tests.backend.conftest import with_settings
 from tests.backend.study_events import BCC_XML, study_tasks, webhook_events
@@ -131,7 +132,7 @@ def test_validation_split_is_fixed():
 
 
 def test_n_new_annotated_items_queue_a_job(settings, sessions, promoted, small_study):
-    from backend.app import create_app
+    from backend.api.app import create_app
 
     client = create_app(
         with_settings(settings, start_training_each_n_updates=3), sessions=sessions
@@ -157,7 +158,7 @@ def test_with_redis_jobs_go_to_the_rq_queue(settings, sessions, promoted):
     redis = pytest.importorskip("redis")
     from rq import Queue
 
-    from backend.app import create_app
+    from backend.api.app import create_app
 
     url = "redis://127.0.0.1:6379/15"
     connection = redis.Redis.from_url(url)
@@ -173,7 +174,7 @@ def test_with_redis_jobs_go_to_the_rq_queue(settings, sessions, promoted):
         client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})  # coalesced
         assert queue.count == 1
         (rq_job,) = queue.jobs
-        assert rq_job.args == (body["job"]["id"],) and rq_job.func_name == "backend.jobs.rq_entry"
+        assert rq_job.args == (body["job"]["id"],) and rq_job.func_name == "backend.training.jobs.rq_entry"
     finally:
         queue.empty()
         connection.close()
@@ -207,7 +208,7 @@ def test_a_retrained_model_that_loses_a_validated_output_is_not_promoted(
     """The served model's BCC output is validated (as the release's is); the 40-image study's fixed
     validation split has far fewer than 20 BCC positives, so the candidate cannot validate it and must
     not replace the served model, whatever its loss. Its own provenance is recorded in the store."""
-    from model.provenance import record
+    from model.common.provenance import record
 
     with sessions() as session:
         served = registry.promoted(session)

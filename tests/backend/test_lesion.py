@@ -9,8 +9,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.app import create_app
-from backend.lesion import promote_lesion
+from backend.api.app import create_app
+from backend.serving.lesion import promote_lesion
 from labeling_config import HAM_CLASSES, load_config
 from tests.backend.conftest import png_bytes, tiny_lesion_pair
 
@@ -61,7 +61,7 @@ def test_lesion_xml_gets_a_mask_of_the_image_size_and_one_of_seven_diagnoses(
 
 
 def test_the_pairs_provenance_comes_from_the_release_or_from_its_own_validation():
-    from backend.lesion import pair_provenance
+    from backend.serving.lesion import pair_provenance
 
     assert pair_provenance({}, {}) == {"lesion": {}, "diagnosis": {}}  # nothing recorded: untrained
     seg = {"meta": {"metrics": {"val_dice": 0.93}, "extra": {"n_val": 807, "synthetic": False}}}

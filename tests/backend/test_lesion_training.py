@@ -9,10 +9,10 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from sqlalchemy import func, select
 
-from backend import jobs
-from backend.app import create_app
-from backend.lesion import LesionHolder, promote_lesion
-from backend.lesion_training import consensus_mask, decode_region, ham_code, lesion_reference
+from backend.api.app import create_app
+from backend.serving.lesion import LesionHolder, promote_lesion
+from backend.training import jobs
+from backend.training.lesion import consensus_mask, decode_region, ham_code, lesion_reference
 from consensus.models import JobStatus, ModelVersion, Source, TrainingJob
 from consensus.repository import get_or_create_item, get_or_create_rater, upsert_annotation
 from tests.backend.conftest import tiny_lesion_pair, with_settings

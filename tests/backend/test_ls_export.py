@@ -3,7 +3,7 @@
 import pandas as pd
 from label_studio_sdk.label_interface.interface import LabelInterface
 
-from backend.ls_export import ls_import_tasks
+from backend.label_studio.export import ls_import_tasks
 from labeling_config import PATTERN_KEYS, load_config, parse_config
 
 CONSENSUS = pd.DataFrame(

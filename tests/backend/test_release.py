@@ -63,7 +63,7 @@ def release_settings(settings: Settings, release_dir: Path) -> Settings:
 
 
 def _client(settings: Settings) -> Any:
-    from backend.app import create_app
+    from backend.api.app import create_app
 
     return create_app(settings).test_client()
 
@@ -94,7 +94,7 @@ def test_the_release_tool_writes_fp16_weights_a_card_and_their_sha256(release_di
 
 
 def test_a_fresh_backend_serves_the_release_with_no_promote_step(release_settings, release_dir):
-    from backend.release import read_release
+    from backend.serving.release import read_release
 
     client = _client(release_settings)
     version = read_release(release_dir).models["dermnet"].version  # type: ignore[union-attr]
@@ -164,8 +164,8 @@ def test_a_promoted_model_replaces_the_release_and_promote_release_returns(
 def _retrained(path: Path) -> None:
     import torch
 
-    from model.checkpoint import CheckpointMeta, save_checkpoint
-    from model.network import DermNet
+    from model.common.checkpoint import CheckpointMeta, save_checkpoint
+    from model.multitask.network import DermNet
 
     torch.manual_seed(5)
     save_checkpoint(path, DermNet(width_mult=0.35), CheckpointMeta(input_size=64, width_mult=0.35))
@@ -224,7 +224,7 @@ def test_an_upgraded_release_replaces_an_earlier_one_but_never_a_promoted_model(
     second = _client(upgraded).get("/health").get_json()
     assert second["release"] == "test.2/dermnet-bcc" and second["model_version"] != first
     # a model someone promoted stays, whatever release the checkout brings
-    from backend import registry
+    from backend.serving import registry
 
     with _client(upgraded).application.extensions["dermassist"].sessions() as session:
         mine = registry.register(session, tiny_checkpoint, release_settings.model_dir)

@@ -13,7 +13,7 @@ import time
 from sqlalchemy import func, select
 
 from backend.demo.processes import free_port, start_serve, stop
-from backend.sync import sync_project
+from backend.label_studio.sync import sync_project
 from consensus.db import init_db
 from consensus.models import Annotation, AnnotationEvent
 from labeling_config.parse import parse_config
@@ -131,8 +131,8 @@ def test_metrics_count_every_request_once_across_workers(tmp_path, pg_url):
     port = free_port()
     server = start_serve(env, port, tmp_path / "serve.log")
 
-    def health(_: int) -> int:
-        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:  # a new connection each
+    def versions(_: int) -> int:  # a route nothing else calls (start_serve polls /health)
+        with urllib.request.urlopen(f"{base}/versions", timeout=10) as response:  # a new connection each
             return response.status
 
     def workers_counted() -> int:
@@ -140,15 +140,15 @@ def test_metrics_count_every_request_once_across_workers(tmp_path, pg_url):
 
     try:
         base = f"http://127.0.0.1:{port}"
-        before = _count(urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode(), "/health")
+        before = _count(urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode(), "/versions")
         sent, deadline = 0, time.monotonic() + 30
         with ThreadPoolExecutor(16) as pool:  # concurrent connections: the kernel hands them to both
             while workers_counted() < 2 and time.monotonic() < deadline:
-                assert set(pool.map(health, range(64))) == {200}
+                assert set(pool.map(versions, range(64))) == {200}
                 sent += 64
         scrapes = [urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode() for _ in range(6)]
     finally:
         stop(server)
     assert workers_counted() == 2, "in 30 s the kernel gave every connection to one worker"
-    assert {_count(text, "/health") - before for text in scrapes} == {float(sent)}
+    assert {_count(text, "/versions") - before for text in scrapes} == {float(sent)}
     assert 'dermassist_store_rows{table="events"}' in scrapes[0]

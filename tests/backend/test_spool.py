@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from backend.spool import SUFFIX, EventSpool
+from backend.collection.spool import SUFFIX, EventSpool
 from consensus.models import Annotation, AnnotationEvent
 from tests.backend.test_app import annotation_event
 

@@ -8,7 +8,7 @@ import json
 from sqlalchemy import select
 
 from backend.cli import main
-from backend.sync import sync_project
+from backend.label_studio.sync import sync_project
 from consensus.models import Annotation, AnnotationEvent
 from labeling_config.parse import parse_config
 from tests.backend.conftest import LS_TOKEN
@@ -91,7 +91,7 @@ def test_sync_command_reads_the_export_through_the_label_studio_api(
 def test_serve_syncs_periodically(settings, sessions, image_server, small_study):
     import time
 
-    from backend.sync import PeriodicSync
+    from backend.label_studio.sync import PeriodicSync
     from tests.backend.conftest import with_settings
 
     _, files = image_server

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from backend.demo.label_studio import ADMIN_EMAIL, ADMIN_PASSWORD, LabelStudioServer
-from backend.ls_client import LabelStudioClient
+from backend.label_studio.client import LabelStudioClient
 from labeling_config import TARGETS, load_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,12 +31,12 @@ def _prediction(image: Path, tmp_path: Path) -> dict[str, Any]:
 
     import torch
 
-    from backend import registry
-    from backend.app import create_app
+    from backend.api.app import create_app
+    from backend.serving import registry
     from backend.settings import Settings
     from consensus.db import init_db
-    from model.checkpoint import CheckpointMeta, save_checkpoint
-    from model.network import DermNet
+    from model.common.checkpoint import CheckpointMeta, save_checkpoint
+    from model.multitask.network import DermNet
 
     torch.manual_seed(1)
     checkpoint = tmp_path / "tiny.pt"

@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import func, select
 
 from backend.demo.label_studio import ADMIN_TOKEN, LabelStudioServer
-from backend.ls_client import LabelStudioClient
-from backend.release import read_release
+from backend.label_studio.client import LabelStudioClient
+from backend.serving.release import read_release
 from backend.settings import DEFAULT_RELEASE_DIR
 from consensus.db import init_db
 from consensus.models import Annotation, ModelVersion, TrainingJob

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from backend.demo import study as ls_study
 from backend.demo.label_studio import LabelStudioServer, free_port
 from backend.demo.study import wait_for
-from backend.ls_client import LabelStudioClient
+from backend.label_studio.client import LabelStudioClient
 from consensus.db import init_db
 from consensus.models import Annotation, Item
 from labeling_config import TARGETS, load_config
@@ -46,8 +46,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from model.checkpoint import CheckpointMeta, save_checkpoint
-    from model.network import DermNet
+    from model.common.checkpoint import CheckpointMeta, save_checkpoint
+    from model.multitask.network import DermNet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("e2e-model") / "tiny.pt"

@@ -15,8 +15,8 @@ from PIL import Image
 from backend.demo import study as ls_study
 from backend.demo.label_studio import LabelStudioServer, free_port
 from backend.demo.study import wait_for
-from backend.lesion import LesionHolder, run_lesion
-from backend.ls_client import LabelStudioClient
+from backend.label_studio.client import LabelStudioClient
+from backend.serving.lesion import LesionHolder, run_lesion
 from labeling_config import HAM_CLASSES, load_config
 from tests.backend.conftest import png_bytes, tiny_lesion_pair
 from tests.e2e.conftest import DERMASSIST, start_backend
@@ -37,8 +37,8 @@ def lesion_pair_with_partial_masks(root: Path, images: list[Image.Image]) -> tup
     masks that are neither empty nor full, so a transposed or flipped mask cannot pass."""
     import torch
 
-    from backend.predictor import to_tensor
-    from model.segmentation import load_segnet, save_segnet
+    from backend.serving.multitask import to_tensor
+    from model.lesion.segmentation import load_segnet, save_segnet
 
     seg, dual = tiny_lesion_pair(root)
     segnet, meta = load_segnet(seg)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from model.calibrate import calibrate, choose_threshold, fit_temperature
+from model.multitask.calibrate import calibrate, choose_threshold, fit_temperature
 
 
 @pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])

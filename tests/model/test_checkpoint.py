@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from labeling_config import TARGETS
-from model.checkpoint import (
+from model.common.checkpoint import (
     CheckpointMeta,
     read_checkpoint,
     save_checkpoint,
     weights_version,
 )
-from model.network import DermNet, load_checkpoint
+from model.multitask.network import DermNet, load_checkpoint
 
 
 def _model(seed: int = 0) -> DermNet:

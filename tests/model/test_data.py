@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from labeling_config import PATTERN_KEYS, TARGETS
-from model.data import (
+from model.common.data import (
     DataError,
     DermDataset,
     load_table,

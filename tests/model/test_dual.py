@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from labeling_config import HAM_CLASSES, SEXES, SITES
-from model.dual import (
+from model.common.explain import explain
+from model.lesion.dual import (
     DualNet,
     ImageBranch,
     build_dual,
@@ -18,7 +19,6 @@ from model.dual import (
     lesion_crop,
     split_logits,
 )
-from model.explain import explain
 
 ROWS = [
     {"age": 55.0, "sex": "female", "localization": "trunk"},
@@ -101,7 +101,7 @@ def test_grad_cam_of_every_output_through_the_explain_module():
 
 
 def test_imagenet_start_loads_both_encoders_or_says_where_the_file_goes(monkeypatch, tmp_path):
-    import model.network as network
+    import model.multitask.network as network
 
     monkeypatch.setattr(network, "imagenet_weights_path", lambda: tmp_path / "absent.pth")
     with pytest.raises(FileNotFoundError, match=r"make weights"):

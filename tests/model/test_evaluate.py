@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from labeling_config import PATTERN_KEYS
-from model.checkpoint import CheckpointMeta, save_checkpoint
-from model.evaluate import bootstrap, evaluate, map_agreement, threshold_metrics
-from model.network import DermNet
+from model.common.checkpoint import CheckpointMeta, save_checkpoint
+from model.multitask.evaluate import bootstrap, evaluate, map_agreement, threshold_metrics
+from model.multitask.network import DermNet
 
 
 def test_threshold_metrics_on_a_known_confusion_matrix():
@@ -95,7 +95,7 @@ def test_evaluate_writes_metrics_predictions_and_a_self_contained_report(small_s
 
 
 def test_evaluate_on_the_training_table_uses_the_validation_split(small_study, tmp_path):
-    from model.train import TrainConfig, train
+    from model.multitask.train import TrainConfig, train
 
     result = train(TrainConfig(data=str(small_study), out=str(tmp_path / "run"), epochs=1, batch_size=8,
                                image_size=64, width_mult=0.35, max_steps_per_epoch=1, progress=False))  # fmt: skip

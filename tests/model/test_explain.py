@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from labeling_config import TARGETS
-from model.explain import cam_to_mask, compact_region, explain, library_cams
-from model.network import DermNet
+from model.common.explain import cam_to_mask, compact_region, explain, library_cams
+from model.multitask.network import DermNet
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from labeling_config import TARGETS
-from model.network import IMAGENET_FILE, DermNet, build_model, imagenet_weights_path
+from model.multitask.network import IMAGENET_FILE, DermNet, build_model, imagenet_weights_path
 
 
 def test_outputs_one_logit_per_target_in_schema_order():

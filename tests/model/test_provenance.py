@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.provenance import MIN_POSITIVES, Provenance, assess, shown, status_of
+from model.common.provenance import MIN_POSITIVES, Provenance, assess, shown, status_of
 
 KEYS = ("good", "few", "weak", "never", "all_positive")
 

@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from model.checkpoint import read_checkpoint
-from model.network import load_checkpoint
-from model.segmentation import (
+from model.common.checkpoint import read_checkpoint
+from model.lesion.segmentation import (
     DualAttentionGate,
     SegNet,
     aspp_rates_for,
@@ -23,7 +22,8 @@ from model.segmentation import (
     iou,
     load_segnet,
 )
-from model.train_seg import SegTrainConfig, bootstrap_means, evaluate_seg, train_seg
+from model.lesion.train_seg import SegTrainConfig, bootstrap_means, evaluate_seg, train_seg
+from model.multitask.network import load_checkpoint
 
 
 def tiny_net(**kwargs) -> SegNet:
@@ -260,7 +260,7 @@ def test_train_seg_writes_checkpoints_and_history_and_skips_rows_without_masks(s
         data=str(seg_study), out=str(out), epochs=1, batch_size=4, image_size=64, width_mult=0.35,
         val_fraction=0.5, max_steps_per_epoch=1, progress=False, threads=1,
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="model.train_seg"):
+    with caplog.at_level(logging.INFO, logger="model.lesion.train_seg"):
         result = train_seg(config)
     assert "skipping 1 of 8 rows without a lesion mask" in caplog.text
     assert result.best.is_file() and result.last.is_file() and (out / "history.csv").is_file()

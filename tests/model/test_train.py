@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from labeling_config import TARGETS
-from model.checkpoint import read_checkpoint
-from model.data import load_table
-from model.network import load_checkpoint
-from model.train import TrainConfig, masked_bce, train
+from model.common.checkpoint import read_checkpoint
+from model.common.data import load_table
+from model.multitask.network import load_checkpoint
+from model.multitask.train import TrainConfig, masked_bce, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +97,7 @@ def test_bad_training_settings_are_rejected(field, value, message):
 def test_killing_training_mid_epoch_leaves_a_resumable_checkpoint(small_study, tmp_path):
     out = tmp_path / "run"
     script = textwrap.dedent(f"""
-        from model.train import TrainConfig, train
+        from model.multitask.train import TrainConfig, train
         train(TrainConfig(data={str(small_study)!r}, out={str(out)!r}, epochs=200, batch_size=4, image_size=64,
                           width_mult=0.35, warmup_steps=1, progress=False, threads=1))
     """)
@@ -127,7 +127,7 @@ def test_the_same_code_runs_under_torchrun_with_two_cpu_processes(small_study, t
     script = tmp_path / "train_ddp.py"
     script.write_text(
         textwrap.dedent(f"""
-        from model.train import TrainConfig, train
+        from model.multitask.train import TrainConfig, train
         train(TrainConfig(data={str(small_study)!r}, out={str(tmp_path / "run")!r}, epochs=1, batch_size=4,
                           image_size=64, width_mult=0.35, max_steps_per_epoch=2, progress=False, threads=1))
     """)
@@ -144,7 +144,7 @@ def test_the_same_code_runs_under_torchrun_with_two_cpu_processes(small_study, t
 
 
 def test_localisation_loss_rewards_maps_inside_the_region():
-    from model.train import localisation_loss
+    from model.multitask.train import localisation_loss
 
     weights = torch.eye(2)  # target k reads channel k
     features = torch.zeros(1, 2, 4, 4)

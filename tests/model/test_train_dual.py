@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from labeling_config import HAM_CLASSES
-from model.data import load_table
-from model.train_dual import DualConfig, DualDataset, class_weights, collate, load_dual, metrics, train_dual
+from model.common.data import load_table
+from model.lesion.train_dual import (
+    DualConfig,
+    DualDataset,
+    class_weights,
+    collate,
+    load_dual,
+    metrics,
+    train_dual,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +86,8 @@ def test_load_dual_refuses_other_checkpoints(tmp_path):
 
 
 def test_evaluate_dual_scores_the_validation_split_with_maps(ham_like, tmp_path):
-    from model.evaluate_dual import evaluate_dual
-    from model.train_dual import split_rows
+    from model.lesion.evaluate_dual import evaluate_dual
+    from model.lesion.train_dual import split_rows
 
     config = DualConfig(data="unused", out=str(tmp_path / "run"), width_mult=0.35, image_size=64,
                         lesion_size=48, epochs=1, batch_size=8, max_steps_per_epoch=2, val_fraction=0.25,
@@ -109,8 +117,8 @@ def test_evaluate_dual_scores_the_validation_split_with_maps(ham_like, tmp_path)
 
 
 def test_evaluate_dual_crops_with_a_segmentation_networks_masks(ham_like, tmp_path):
-    from model.evaluate_dual import evaluate_dual
-    from model.segmentation import SegMeta, SegNet, save_segnet
+    from model.lesion.evaluate_dual import evaluate_dual
+    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
 
     config = DualConfig(data="unused", out=str(tmp_path / "run"), width_mult=0.35, image_size=64,
                         lesion_size=48, epochs=1, batch_size=8, max_steps_per_epoch=1, val_fraction=0.25,
@@ -127,16 +135,16 @@ def test_evaluate_dual_crops_with_a_segmentation_networks_masks(ham_like, tmp_pa
 
 
 def test_evaluate_dual_refuses_an_unknown_split(tmp_path):
-    from model.evaluate_dual import evaluate_dual
+    from model.lesion.evaluate_dual import evaluate_dual
 
     with pytest.raises(ValueError, match="split must be"):
         evaluate_dual(tmp_path / "x.pt", "unused", tmp_path / "eval", split="test")
 
 
 def test_a_unet_split_by_diagnosis_validates_on_the_dual_encoders_images(ham_like):
-    from model.data import split_by_lesion
-    from model.train_dual import split_rows
-    from model.train_seg import rows_with_masks
+    from model.common.data import split_by_lesion
+    from model.lesion.train_dual import split_rows
+    from model.lesion.train_seg import rows_with_masks
 
     dual_val = split_rows(ham_like, DualConfig(data="-", val_fraction=0.25))[1]
     seg_rows = rows_with_masks(ham_like)

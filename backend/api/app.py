@@ -1,7 +1,7 @@
 """The Label Studio ML backend: Flask app speaking Label Studio 1.23's protocol (docs/label-studio.md).
 
 Routes: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /versions``,
-``GET /metrics`` (Prometheus text, :mod:`backend.metrics`) and ``GET /jobs`` (recent training jobs).
+``GET /metrics`` (Prometheus text, :mod:`backend.api.metrics`) and ``GET /jobs`` (recent training jobs).
 Every route but ``/health`` asks for basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set.
 Every error is JSON ``{"error": code, "message": sentence}`` with its 4xx / 5xx status; a traceback
 never reaches a client (it goes to the log, without the API key).
@@ -9,7 +9,7 @@ never reaches a client (it goes to the log, without the API key).
 ``/webhook`` answers within milliseconds (Label Studio waits 1 s and never retries): it stores the raw
 event and what it says in one small transaction; anything slow (the retraining policy's count, a
 training job) happens on other threads or processes. When the store is away past a bounded retry,
-the event is spooled to disk and answered ``202`` (:mod:`backend.spool`); every refused event is
+the event is spooled to disk and answered ``202`` (:mod:`backend.collection.spool`); every refused event is
 kept in the raw log with its reason.
 
 Nothing a client sends yields a 5xx: bodies are bounded in size (``MAX_BODY_BYTES``; an event in
@@ -37,15 +37,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from backend import jobs, metrics, registry
+from backend.api import metrics
+from backend.collection.ingest import KNOWN_ACTIONS, MAX_ID, TRAIN_EVENT, ingest_webhook, record_refused
+from backend.collection.spool import EventSpool
 from backend.images import ImageError, ImageFetcher
-from backend.ingest import KNOWN_ACTIONS, MAX_ID, TRAIN_EVENT, ingest_webhook, record_refused
-from backend.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion, segment
-from backend.ls_predictions import MODEL_ROLES, empty_prediction, task_prediction
-from backend.predictor import ModelHolder, ServedModel, run_batch
-from backend.release import Release, ReleaseError, install, lesion_pair, read_release
+from backend.label_studio.predictions import MODEL_ROLES, empty_prediction, task_prediction
+from backend.serving import registry
+from backend.serving.lesion import LesionHolder, lesion_prediction, metadata_row, run_lesion, segment
+from backend.serving.multitask import ModelHolder, ServedModel, run_batch
+from backend.serving.release import Release, ReleaseError, install, lesion_pair, read_release
 from backend.settings import Settings, SettingsError
-from backend.spool import EventSpool
+from backend.training import jobs
 from consensus.models import TrainingJob
 from consensus.repository import items_changed_since_last_job, model_versions, recent_jobs, store_counts
 from labeling_config import load_config
@@ -101,7 +103,7 @@ class Backend:
     _policy_pending: threading.Event = field(default_factory=threading.Event)
     write_lock: Any = None  # SQLite: one writer thread at a time in this process
     spool: EventSpool | None = None  # events waiting for the store
-    release: Release | None = None  # the released models (backend/release.py)
+    release: Release | None = None  # the released models (backend/serving/release.py)
 
     # -- configs
     def parse(self, xml: str) -> ProjectConfig:
@@ -147,7 +149,7 @@ class Backend:
             try:
                 return self.parse(xml)
             except ApiError as exc:
-                from backend.ingest import EventError
+                from backend.collection.ingest import EventError
 
                 raise EventError(exc.message) from None
         if project is not None and project in self.projects:
@@ -209,7 +211,7 @@ class Backend:
 
     # -- events
     def apply_spooled(self, payload: Any, received_at: Any) -> bool:
-        """Apply one spooled event (see :mod:`backend.spool`); False while the store is still away."""
+        """Apply one spooled event (:mod:`backend.collection.spool`); False while the store is still away."""
         try:
             outcome, _ = ingest_webhook(
                 self.sessions, payload, self.resolve, self.write_lock, received_at=received_at, budget_s=0
@@ -347,7 +349,7 @@ def create_app(
     elif start_runner:
         state.runner = jobs.JobRunner(settings, sessions).start()
     if start_runner and settings.sync_interval > 0 and settings.sync_projects:
-        from backend.sync import PeriodicSync
+        from backend.label_studio.sync import PeriodicSync
 
         PeriodicSync(settings, sessions).start()
     app.extensions["dermassist"] = state

@@ -10,7 +10,7 @@ one lesion are resampled together, as they are not independent):
   detected (paper: 99%), and the share of non-BCC images in which pigment network is detected, so
   the exclusion criterion holds (paper: 95%).
 - Explanation agreement where reference masks exist: the share of a map's energy inside the mask,
-  the IoU of the thresholded map (:func:`model.explain.cam_to_mask`) with the mask, and the pointing
+  the IoU of the thresholded map (:func:`model.common.explain.cam_to_mask`) with the mask, and the pointing
   game (is the map's maximum inside the mask?); per pattern against its mask, and for the diagnosis
   map against the lesion mask (the second paper's claim that decisions rest on the lesion). The
   mask's own area share is reported beside the energy share: it is what a uniform map would score.
@@ -37,11 +37,11 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from torch.utils.data import DataLoader
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
-from model.checkpoint import CheckpointMeta
-from model.data import DermDataset, load_table, split_sources, table_hash
-from model.explain import LIBRARY_METHODS, cam_to_mask, explain, library_cams, scale_maps
-from model.network import load_checkpoint
-from model.train import transforms
+from model.common.checkpoint import CheckpointMeta
+from model.common.data import DermDataset, load_table, split_sources, table_hash
+from model.common.explain import LIBRARY_METHODS, cam_to_mask, explain, library_cams, scale_maps
+from model.multitask.network import load_checkpoint
+from model.multitask.train import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def predict(
     """Probabilities and Grad-CAM maps of every row, from one pass per batch.
 
     ``cam_method`` other than ``"gradcam"`` takes the maps from pytorch-grad-cam (one call per output,
-    see :data:`model.explain.LIBRARY_METHODS`); they are kept at a quarter of the input size.
+    see :data:`model.common.explain.LIBRARY_METHODS`); they are kept at a quarter of the input size.
     """
     if cam_method != "gradcam" and cam_method not in LIBRARY_METHODS:
         raise ValueError(f"unknown CAM method {cam_method!r}; choose one of {list(LIBRARY_METHODS)}")
@@ -412,10 +412,10 @@ def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
 
 
 def render(template: str, **values: Any) -> str:
-    """A page from ``model/templates`` (Jinja2, autoescaped)."""
+    """A page from ``model/multitask/templates`` (Jinja2, autoescaped)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    environment = Environment(loader=PackageLoader("model"), autoescape=select_autoescape(["html"]))
+    environment = Environment(loader=PackageLoader("model.multitask"), autoescape=select_autoescape(["html"]))
     return environment.get_template(template).render(**values)
 
 

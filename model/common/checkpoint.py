@@ -45,7 +45,7 @@ class CheckpointMeta:
         mean: normalisation mean (applied inside the network).
         std: normalisation std.
         width_mult: MobileNet-V2 width multiplier.
-        output_stride: 32 or 16 (see ``model.network.DermNet``).
+        output_stride: 32 or 16 (see ``model.multitask.network.DermNet``).
         dropout: dropout before the heads.
         thresholds: per-output decision threshold on the calibrated probability.
         temperatures: per-output temperature (logit / T before the sigmoid).
@@ -54,7 +54,7 @@ class CheckpointMeta:
         metrics: validation metrics.
         epoch: epochs completed.
         parent: version this one was trained from, if any.
-        provenance: per output key, where it comes from (:mod:`model.provenance`: validated on real
+        provenance: per output key, where it comes from (:mod:`model.common.provenance`: validated on real
             images with the figure and its data, unvalidated, synthetic or untrained).
         extra: anything else worth keeping (training configuration, ...).
     """

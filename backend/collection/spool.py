@@ -1,7 +1,7 @@
 """Events that could not reach the store wait on disk and are applied once it is back.
 
 A webhook arrives once (Label Studio never retries). When the store cannot take it, even after the
-bounded retries of :func:`backend.ingest.ingest_webhook` (a PostgreSQL restart, a failover, a full
+bounded retries of :func:`backend.collection.ingest.ingest_webhook` (a PostgreSQL restart, a failover, a full
 disk), the event is written here, fsynced, and acknowledged: the spool is part of the raw log.
 Every ``serve`` worker replays the spool in the background (every few seconds, and at start), through
 the same ingestion as a live event, with the time it was received, so ordering rules (older versions

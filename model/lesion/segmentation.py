@@ -3,7 +3,7 @@
 The second published system segments the lesion first (its "Deep-UNet" with Dual Attention Gates and
 an Atrous Spatial Pyramid Pooling bottleneck) and feeds the segmented lesion to its classifier. This
 module holds that segmentation network, its loss, its metrics and its checkpoints; training and
-evaluation live in :mod:`model.train_seg`.
+evaluation live in :mod:`model.lesion.train_seg`.
 
 Architecture (input ``(B, 3, H, W)`` in [0, 1], any ``H`` and ``W``; output one logit per pixel)::
 
@@ -15,7 +15,7 @@ Architecture (input ``(B, 3, H, W)`` in [0, 1], any ``H`` and ``W``; output one 
 - **Encoders** are torchvision feature extractors cut after the last stride-32 block, chosen by name
   (:data:`ENCODERS`): ``mobilenet_v2`` (default: the backbone of DermNet and of the first system, its
   ImageNet file is the one already in the local cache), ``efficientnet_b3`` (the paper's encoder) and
-  ``resnet34``. Normalisation is inside the network, as in ``model.network.DermNet``.
+  ``resnet34``. Normalisation is inside the network, as in ``model.multitask.network.DermNet``.
 - **ASPP** (Chen et al. 2017, DeepLabV3): rates 6, 12, 18 were chosen for a 33 x 33 map (513 px at
   stride 16). Here the bottleneck is at stride 32 and images are small (6 x 6 at 192 px), where those
   rates would sample mostly zero padding and each dilated branch would collapse to a 1x1 convolution.
@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from model.checkpoint import FORMAT, atomic_write_bytes, read_checkpoint, weights_version
-from model.network import IMAGENET_MEAN, IMAGENET_STD, file_sha256
+from model.common.checkpoint import FORMAT, atomic_write_bytes, read_checkpoint, weights_version
+from model.multitask.network import IMAGENET_MEAN, IMAGENET_STD, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def encoder_weights_path(encoder: str = "mobilenet_v2") -> Path:
 def load_imagenet_encoder(model: SegNet) -> None:
     """Copy torchvision's ImageNet weights into ``model.encoder``, from the local cache only.
 
-    For ``mobilenet_v2`` this is the file DermNet uses (``model.network.imagenet_weights_path``).
+    For ``mobilenet_v2`` this is the file DermNet uses (``model.multitask.network.imagenet_weights_path``).
 
     Raises:
         FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
@@ -455,7 +455,7 @@ class SegMeta:
         mean: normalisation mean (applied inside the network).
         std: normalisation std.
         threshold: probability at and above which a pixel is lesion.
-        data_hash: ``model.data.table_hash`` of the rows trained on.
+        data_hash: ``model.common.data.table_hash`` of the rows trained on.
         metrics: validation metrics.
         epoch: epochs completed.
         parent: version this one was trained from, if any.
@@ -499,8 +499,8 @@ def save_segnet(
 ) -> SegMeta:
     """Save weights and metadata (and, for resuming, optimizer and scheduler state) atomically.
 
-    The file has ``model.checkpoint``'s layout (``format``, ``meta``, ``state_dict``, ...), so
-    ``model.checkpoint.read_checkpoint`` reads it. The architecture fields of ``meta`` are taken from
+    The file has ``model.common.checkpoint``'s layout (``format``, ``meta``, ``state_dict``, ...), so
+    ``model.common.checkpoint.read_checkpoint`` reads it. The architecture fields of ``meta`` are taken from
     ``model``, so they cannot disagree with the weights.
 
     Returns:

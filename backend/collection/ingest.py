@@ -9,7 +9,7 @@ fail: ids are integers within SQL's 64-bit range, no string holds a NUL byte (Po
 e-mails and values fit their columns. A refused event is still kept, made storable (NUL bytes
 replaced, a huge payload truncated). Transient store errors (a restart, a failover, a serialization
 failure, a busy SQLite) are retried with a bounded back-off inside Label Studio's 1 s budget; an
-event the store still cannot take goes to the on-disk spool (:mod:`backend.spool`) and is applied
+event the store still cannot take goes to the on-disk spool (:mod:`backend.collection.spool`) and is applied
 when the store is back.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.ls_annotations import AnnotationError, parse_result, timestamp, user_id
-from backend.spool import EventSpool
+from backend.collection.spool import EventSpool
+from backend.label_studio.annotations import AnnotationError, parse_result, timestamp, user_id
 from consensus.models import Source, utcnow
 from consensus.repository import (
     get_or_create_item,

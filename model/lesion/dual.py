@@ -12,7 +12,7 @@ The backbone is selectable: MobileNet-V2 by default (trains on a CPU), DenseNet-
 ``use_lesion`` / ``use_metadata`` switch the branches off for the ablation (same heads, same budget).
 
 Grad-CAM: :class:`ImageBranch` presents the image encoder as ``forward_features`` / ``forward_heads``
-(the lesion and metadata inputs held fixed), so :func:`model.explain.explain` gives the maps of every
+(the lesion and metadata inputs held fixed), so :func:`model.common.explain.explain` gives the maps of every
 output for the image branch through its autograd path.
 """
 
@@ -232,7 +232,7 @@ class DualNet(nn.Module):
 
 class ImageBranch(nn.Module):
     """A :class:`DualNet` seen as ``forward_features`` / ``forward_heads`` of its image, the lesion crop
-    and metadata held fixed: what :func:`model.explain.explain` needs for Grad-CAM of every output."""
+    and metadata held fixed: what :func:`model.common.explain.explain` needs for Grad-CAM of every output."""
 
     def __init__(self, model: DualNet, lesion: torch.Tensor | None, meta: Metadata | None) -> None:
         super().__init__()
@@ -270,7 +270,7 @@ def build_dual(weights: str | None = None, **kwargs: Any) -> DualNet:
         )
     if model.backbone != "mobilenet_v2" or kwargs.get("width_mult", 1.0) != 1.0:
         raise ValueError("local ImageNet weights exist for MobileNet-V2 at width 1.0 only")
-    from model.network import imagenet_features_state
+    from model.multitask.network import imagenet_features_state
 
     state = imagenet_features_state()
     model.image_encoder.load_state_dict(state)

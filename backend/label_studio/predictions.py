@@ -12,9 +12,9 @@ One prediction per task (``{"result": [...], "score": float, "model_version": st
   brush mask from that output's Grad-CAM map at the image's original size: the map inside the lesion
   mask (the U-Net's, where the lesion model is available), rescaled to its maximum there, kept where it
   is at least half that maximum, only the piece holding the maximum, at most ``REGION_MAX_SHARE`` of the
-  lesion (:func:`model.explain.compact_region`), in Label Studio's RLE with ``original_width`` /
+  lesion (:func:`model.common.explain.compact_region`), in Label Studio's RLE with ``original_width`` /
   ``original_height``; its ``score`` is the output's probability;
-- only outputs validated on real images are pre-annotated (``model.provenance``; ``SHOW_OUTPUTS=all``
+- only outputs validated on real images are pre-annotated (``model.common.provenance``; ``SHOW_OUTPUTS=all``
   shows every output): a head that never saw a labelled dermoscopic image is left out rather than shown
   to a dermatologist as if it knew, because Label Studio draws every prediction item alike;
 - the task ``score`` is the model's **confidence in its diagnosis**: the calibrated probability of the
@@ -32,11 +32,11 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 from numpy.typing import NDArray
 
-from backend.predictor import ImageOutput
+from backend.serving.multitask import ImageOutput
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
 from labeling_config.parse import NON_BCC_KEY, ProjectConfig, Role
-from model.explain import compact_region
-from model.provenance import shown
+from model.common.explain import compact_region
+from model.common.provenance import shown
 
 #: Roles the BCC model fills.
 MODEL_ROLES = (Role.DIAGNOSIS, Role.PATTERNS, Role.REGIONS)
@@ -69,7 +69,7 @@ def task_prediction(
     """The Label Studio prediction of one task.
 
     Args:
-        provenance: where each output comes from (``model.provenance``); when given, only outputs
+        provenance: where each output comes from (``model.common.provenance``); when given, only outputs
             validated on real images are pre-annotated, the others are left out (None: every output).
         outline: gives the lesion mask at the image's size (the U-Net's), inside which regions are
             drawn; called only when a region is (segmenting costs more than the BCC model's pass).

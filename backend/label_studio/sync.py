@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.ingest import EventError, apply_annotation
-from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.collection.ingest import EventError, apply_annotation
+from backend.label_studio.client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 from consensus.models import Annotation, Item, Source
 from consensus.repository import record_event, soft_delete_annotations

@@ -3,7 +3,7 @@
 A model's outputs differ in what backs them. The release model's BCC head was trained and validated on
 real dermoscopy (HAM10000); its pigment-network head on ISIC 2018's attribute masks; its six BCC-pattern
 heads never saw a labelled image. The backend shows a dermatologist only what was validated on real
-images (see ``backend.ls_predictions``), so every checkpoint records, per output, one of:
+images (see ``backend.label_studio.predictions``), so every checkpoint records, per output, one of:
 
 - ``validated``: trained on real images and, on a held-out validation split of real images with at
   least :data:`MIN_POSITIVES` positives, AUROC at least :data:`MIN_AUROC`. The figure, its data and
@@ -13,7 +13,8 @@ images (see ``backend.ls_predictions``), so every checkpoint records, per output
 - ``synthetic``: trained (and validated, if at all) on synthetic drawings only.
 - ``untrained``: no labelled example of this output was ever seen; the head is its initialisation.
 
-Pure functions over arrays: :mod:`model.train` calls :func:`assess` at its best epoch, the release tool
+Pure functions over arrays: :mod:`model.multitask.train` calls :func:`assess` at its best epoch, the release
+tool
 overrides it with the figures of the final evaluation.
 """
 

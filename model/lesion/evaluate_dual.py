@@ -1,11 +1,12 @@
-"""Evaluation of a dual-encoder checkpoint (:mod:`model.train_dual`): diagnosis metrics and Grad-CAM.
+"""Evaluation of a dual-encoder checkpoint (:mod:`model.lesion.train_dual`): diagnosis metrics and Grad-CAM.
 
 On the checkpoint's own lesion-grouped validation split (or every row):
 
 - the seven-class diagnosis: balanced accuracy, macro AUROC and per-class AUROC (one vs rest), BCC
   AUROC, each with a 95% interval from a bootstrap over lesions (an image's siblings move together);
 - where does the image encoder look: the Grad-CAM map of the predicted diagnosis, from the one
-  forward pass (:func:`model.explain.explain` through :class:`model.dual.ImageBranch`), resized to
+  forward pass (:func:`model.common.explain.explain` through :class:`model.lesion.dual.ImageBranch`),
+  resized to
   the image's own size; the share of its energy inside the reference lesion mask, beside the mask's
   area share (what a uniform map scores) and the pointing game (the map's peak inside the lesion).
 
@@ -33,11 +34,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from labeling_config import HAM_CLASSES
-from model.data import load_table, table_hash
-from model.dual import ImageBranch
-from model.evaluate import _overlay, _read_mask, bootstrap, map_agreement
-from model.explain import explain
-from model.train_dual import DualDataset, collate, load_dual, metrics, validation_rows
+from model.common.data import load_table, table_hash
+from model.common.explain import explain
+from model.lesion.dual import ImageBranch
+from model.lesion.train_dual import DualDataset, collate, load_dual, metrics, validation_rows
+from model.multitask.evaluate import _overlay, _read_mask, bootstrap, map_agreement
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ Array = NDArray[Any]
 def _predicted_masks(segnet_path: str | Path, rows: pd.DataFrame, out: Path) -> tuple[pd.Series, Array]:
     """The segmentation network's mask of every row, written as PNGs; their paths, and each mask's
     Dice against the reference mask (NaN where there is none)."""
-    from model.segmentation import dice, load_segnet
-    from model.train_seg import predict_row_masks
+    from model.lesion.segmentation import dice, load_segnet
+    from model.lesion.train_seg import predict_row_masks
 
     segnet, seg_meta = load_segnet(segnet_path)
     folder = out / "predicted-masks"
@@ -128,13 +129,13 @@ def evaluate_dual(
     """Evaluate a dual-encoder checkpoint; writes ``metrics.json``, ``per_image.csv`` and ``report.html``.
 
     Args:
-        checkpoint: a ``best.pt`` of :func:`model.train_dual.train_dual`.
+        checkpoint: a ``best.pt`` of :func:`model.lesion.train_dual.train_dual`.
         data: dataset folder (derm-dev layout).
         out: report folder.
         split: ``"val"`` (the checkpoint's own validation rows) or ``"all"``.
         segnet: a segmentation checkpoint whose masks make the lesion crops (default: reference masks).
         batch_size, n_boot, seed, gallery_size: as named.
-        table: the :func:`model.data.load_table` table to use instead of reading ``data``.
+        table: the :func:`model.common.data.load_table` table to use instead of reading ``data``.
 
     Returns:
         The content of ``metrics.json``.

@@ -6,7 +6,7 @@ The life of a job (``training_jobs``):
    so triggers that arrive while one is queued, from any process, coalesce into it (``triggers`` counts
    them). A trigger that arrives while a job runs queues the next one.
 2. A runner claims it (``queued`` -> ``running``; a second partial unique index allows one running job)
-   and runs :func:`run_job` in a child process (``python -m backend.jobs JOB_ID``): the in-process
+   and runs :func:`run_job` in a child process (``python -m backend.training.jobs JOB_ID``): the in-process
    :class:`JobRunner` thread of ``dermassist serve`` by default, or an RQ worker (``dermassist worker``)
    when ``REDIS_URL`` is set. Either way the supervisor marks the job failed when the child dies.
 3. The child re-runs the consensus, builds a training set of the items with consensus and an image,
@@ -43,14 +43,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from backend.collection.spool import pid_alive
 from backend.settings import Settings
-from backend.spool import pid_alive
 from consensus.models import Annotation, Item, JobStatus, ModelStatus, TrainingJob, utcnow
 from consensus.repository import consensus_table
 from consensus.service import run_consensus
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
-from model.data import IMAGE_SUFFIXES, is_synthetic
-from model.provenance import Provenance
+from model.common.data import IMAGE_SUFFIXES, is_synthetic
+from model.common.provenance import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def supervise(settings: Settings, job_id: int, sessions: sessionmaker[Session] |
             return job.status if job is not None else JobStatus.FAILED
     env = {**os.environ, **settings.to_env()}
     child = subprocess.Popen(
-        [sys.executable, "-m", "backend.jobs", str(job_id)], env=env, start_new_session=True
+        [sys.executable, "-m", "backend.training.jobs", str(job_id)], env=env, start_new_session=True
     )
     with sessions() as session:
         session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(pid=child.pid))
@@ -249,7 +249,7 @@ class RQQueue:
 class TrainingSet:
     """Items with consensus and an image, split into training and the fixed validation part."""
 
-    table: pd.DataFrame  # model.data.load_table's columns
+    table: pd.DataFrame  # model.common.data.load_table's columns
     targets: pd.DataFrame  # soft targets (posterior of 1), index image_id
     validation: pd.DataFrame
     validation_targets: pd.DataFrame
@@ -304,7 +304,7 @@ class ImageSource:
 def build_training_set(
     session: Session, run_id: int, settings: Settings, images: Path | None, log: list[str]
 ) -> TrainingSet:
-    """Consensus posteriors + images -> the tables :func:`model.train.train` reads.
+    """Consensus posteriors + images -> the tables :func:`model.multitask.train.train` reads.
 
     Images come from ``images`` (a study folder, the CLI's ``--images``) when given, else from Label
     Studio through the same guarded fetcher as ``/predict``, kept under ``MODEL_DIR/cache/images``
@@ -365,8 +365,9 @@ def project_provenance(
     data: TrainingSet, probs: NDArray[np.float64], synthetic: bool, run_id: int
 ) -> dict[str, dict[str, Any]]:
     """Each output's provenance for a model trained on a project's consensus, judged on the project's
-    fixed validation split (``model.provenance``: validated with at least 20 positives and AUROC 0.80)."""
-    from model.provenance import assess
+    fixed validation split (``model.common.provenance``: validated with at least 20 positives and AUROC
+    0.80)."""
+    from model.common.provenance import assess
 
     train = data.targets.reindex(index=data.table["image_id"], columns=list(TARGETS)).to_numpy(dtype=float)
     known = ~np.isnan(train)
@@ -400,7 +401,7 @@ def stamp_provenance(checkpoint: Path, provenance: dict[str, dict[str, Any]]) ->
 
     import torch
 
-    from model.checkpoint import atomic_write_bytes, read_checkpoint
+    from model.common.checkpoint import atomic_write_bytes, read_checkpoint
 
     raw = read_checkpoint(checkpoint)
     raw["meta"]["provenance"] = provenance
@@ -427,7 +428,7 @@ def validation_probs(checkpoint: str | Path, table: pd.DataFrame) -> NDArray[np.
     """A model's calibrated probabilities ``(N, K)`` on the rows' images, in ``TARGETS`` order."""
     from PIL import Image
 
-    from backend.predictor import load_served, run_batch
+    from backend.serving.multitask import load_served, run_batch
 
     served = load_served(checkpoint)
     probs: list[list[float]] = []
@@ -464,7 +465,7 @@ def validation_loss(
 
 def _has_lesion_answers(session: Session) -> bool:
     """Whether any live annotation holds a HAM10000 diagnosis (a ``lesion.xml`` project's)."""
-    from backend.lesion_training import ham_code
+    from backend.training.lesion import ham_code
 
     found = session.scalars(
         select(Annotation.diagnosis).where(Annotation.deleted.is_(False)).distinct()
@@ -484,8 +485,8 @@ def train_dermnet(
     Returns:
         The new version and whether it was promoted.
     """
-    from backend import registry
-    from model.train import TrainConfig, train
+    from backend.serving import registry
+    from model.multitask.train import TrainConfig, train
 
     with sessions() as session:
         run = run_consensus(session)
@@ -519,7 +520,7 @@ def train_dermnet(
         amp=True,
     )
     if parent_path is not None:
-        from model.checkpoint import read_checkpoint
+        from model.common.checkpoint import read_checkpoint
 
         parent_meta = read_checkpoint(parent_path)["meta"]
         config.image_size = int(parent_meta.get("input_size", config.image_size))
@@ -574,15 +575,15 @@ def train_dermnet(
 def run_job(job_id: int, settings: Settings) -> None:
     """The work of one claimed job (runs in the child process).
 
-    The lesion pair (:func:`backend.lesion_training.retrain_lesion`) is retrained when it is promoted
+    The lesion pair (:func:`backend.training.lesion.retrain_lesion`) is retrained when it is promoted
     and the store holds HAM10000 diagnoses; the BCC model (DermNet) when one is promoted, when the job
     names starting weights, or when the lesion pair is not retrained. The job succeeds when every part
     it ran succeeded.
     """
     import torch
 
-    from backend import registry
-    from backend.lesion import LesionHolder
+    from backend.serving import registry
+    from backend.serving.lesion import LesionHolder
     from consensus.db import init_db
 
     torch.set_num_threads(settings.threads)
@@ -613,7 +614,7 @@ def run_job(job_id: int, settings: Settings) -> None:
         if dermnet_wanted:
             version, promoted = train_dermnet(job_id, settings, sessions, params, note)
         if lesion_wanted:
-            from backend.lesion_training import retrain_lesion
+            from backend.training.lesion import retrain_lesion
 
             images = Path(params["images"]) if params.get("images") else None
             with sessions() as session:
@@ -648,7 +649,7 @@ def run_job(job_id: int, settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m backend.jobs JOB_ID", file=sys.stderr)
+        print("usage: python -m backend.training.jobs JOB_ID", file=sys.stderr)
         return 2
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,10 +1,11 @@
 """Training and evaluating SegNet, the lesion segmenter of Atiq & Fattah (arXiv:2510.17773).
 
-Training follows :mod:`model.train`: the same lesion-grouped split (``split_by_lesion`` with
+Training follows :mod:`model.multitask.train`: the same lesion-grouped split (``split_by_lesion`` with
 ``split_seed``, on the rows that have a lesion mask), the same joint image-and-mask augmentation
-(``model.train.transforms``: mild crop, flips, 90-degree turns, colour jitter on the image only), AdamW
+(``model.multitask.train.transforms``: mild crop, flips, 90-degree turns, colour jitter on the image only),
+AdamW
 with linear warm-up then cosine decay per step, early stopping, and ``best.pt`` / ``last.pt`` written
-atomically plus ``history.csv``. The loss is :func:`model.segmentation.dice_bce_loss`; epochs are
+atomically plus ``history.csv``. The loss is :func:`model.lesion.segmentation.dice_bce_loss`; epochs are
 selected by the mean validation Dice at the training size (threshold 0.5).
 
 :func:`evaluate_seg` measures a checkpoint at each image's own resolution: the logits are upsampled
@@ -32,9 +33,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch.utils.data import DataLoader
 
-from model.checkpoint import atomic_write_bytes, read_checkpoint
-from model.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
-from model.segmentation import (
+from model.common.checkpoint import atomic_write_bytes, read_checkpoint
+from model.common.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
+from model.lesion.segmentation import (
     SegMeta,
     SegNet,
     boundary_f_score,
@@ -45,7 +46,7 @@ from model.segmentation import (
     load_segnet,
     save_segnet,
 )
-from model.train import seed_everything, transforms
+from model.multitask.train import seed_everything, transforms
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def train_seg(config: SegTrainConfig, table: pd.DataFrame | None = None) -> SegT
 
     Args:
         config: the run's settings.
-        table: rows from :func:`model.data.load_table` (default: read ``config.data``).
+        table: rows from :func:`model.common.data.load_table` (default: read ``config.data``).
 
     Returns:
         Paths of ``best.pt`` and ``last.pt``, the best checkpoint's metadata and the history.
@@ -328,7 +329,7 @@ def bootstrap_means(
 ) -> dict[str, dict[str, float]]:
     """Mean of each per-image metric and its 95% percentile interval over a bootstrap of groups.
 
-    Groups (lesions) are resampled whole, as ``model.evaluate.bootstrap`` does: images of one lesion
+    Groups (lesions) are resampled whole, as ``model.multitask.evaluate.bootstrap`` does: images of one lesion
     are not independent. With one image per lesion this is the bootstrap over images.
 
     Returns:

@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
-from model.checkpoint import CheckpointMeta, atomic_copy, read_checkpoint
-from model.provenance import Provenance, record, status_of
+from model.common.checkpoint import CheckpointMeta, atomic_copy, read_checkpoint
+from model.common.provenance import Provenance, record, status_of
 
 
 def versions_dir(model_dir: Path) -> Path:
@@ -78,7 +78,7 @@ def register(
 
 
 def output_row(key: str, entry: dict[str, Any] | None) -> ModelOutput:
-    """A ``model_outputs`` row from a :mod:`model.provenance` record (none: untrained)."""
+    """A ``model_outputs`` row from a :mod:`model.common.provenance` record (none: untrained)."""
     entry = entry or record(Provenance.UNTRAINED)
     return ModelOutput(
         output=key,
@@ -92,7 +92,7 @@ def output_row(key: str, entry: dict[str, Any] | None) -> ModelOutput:
 
 
 def provenance(version: ModelVersion) -> dict[str, dict[str, Any]]:
-    """A stored version's provenance per output, as :mod:`model.provenance` records."""
+    """A stored version's provenance per output, as :mod:`model.common.provenance` records."""
     return {row.output: row.as_dict() for row in version.outputs}
 
 

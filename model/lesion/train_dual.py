@@ -1,10 +1,10 @@
-"""Training and evaluation of the dual-encoder classifier (:mod:`model.dual`) on the derm-dev layout.
+"""Training and evaluation of the dual-encoder classifier (:mod:`model.lesion.dual`) on the derm-dev layout.
 
 Targets: the seven HAM10000 diagnoses (cross-entropy, class-weighted by inverse frequency, capped;
 rows whose ``dx`` is not one of the seven, e.g. synthetic studies, train only the BCC head) and BCC
 (binary cross-entropy). The lesion encoder sees the image cropped to the lesion mask (the reference
 mask in training; the segmentation network's mask at inference); rows without a mask show it the
-whole image. The split is :func:`model.data.split_by_lesion` stratified by diagnosis, so the three
+whole image. The split is :func:`model.common.data.split_by_lesion` stratified by diagnosis, so the three
 ablation runs (image only, + lesion, + metadata) see the same images.
 """
 
@@ -28,9 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from labeling_config import HAM_CLASSES
-from model.checkpoint import atomic_write_bytes
-from model.data import load_table, split_by_lesion, table_hash
-from model.dual import DualNet, build_dual, encode_metadata, lesion_crop
+from model.common.checkpoint import atomic_write_bytes
+from model.common.data import load_table, split_by_lesion, table_hash
+from model.lesion.dual import DualNet, build_dual, encode_metadata, lesion_crop
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DualConfig:
         use_metadata: the metadata transformer (ablation switch).
         image_size: side of the whole-image input; ``lesion_size`` of the lesion crop.
         epochs, batch_size, lr, weight_decay, patience, seed, split_seed, val_fraction, threads: as
-            in :class:`model.train.TrainConfig`.
+            in :class:`model.multitask.train.TrainConfig`.
         max_class_weight: cap of the inverse-frequency class weights.
         max_steps_per_epoch: stop each epoch early (smoke tests).
     """
@@ -104,7 +104,8 @@ def _read_mask(path: Any, shape: tuple[int, int]) -> NDArray[np.bool_] | None:
 
 
 class DualDataset(Dataset[dict[str, Any]]):
-    """Image, lesion crop, metadata row and targets per row of a :func:`model.data.load_table` table."""
+    """Image, lesion crop, metadata row and targets per row of a
+    :func:`model.common.data.load_table` table."""
 
     def __init__(self, df: pd.DataFrame, image_size: int, lesion_size: int, train: bool = False) -> None:
         self.df = df.reset_index(drop=True)

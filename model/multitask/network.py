@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from labeling_config import PATTERN_KEYS, TARGETS
-from model.checkpoint import ARCH, CheckpointMeta, read_checkpoint
+from model.common.checkpoint import ARCH, CheckpointMeta, read_checkpoint
 
 logger = logging.getLogger(__name__)
 

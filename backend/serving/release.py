@@ -1,7 +1,7 @@
 """The released models: shipped in ``models/``, SHA-256 checked, served when nothing else is promoted.
 
 ``models/release.json`` lists each released file with its SHA-256, its version and each output's
-provenance (:mod:`model.provenance`); a model card (``<name>.md``) stands beside each file. At start,
+provenance (:mod:`model.common.provenance`); a model card (``<name>.md``) stands beside each file. At start,
 ``serve`` (every worker) verifies the files and registers the released DermNet in the store's
 ``model_versions`` (with its outputs in ``model_outputs``), promoting it when no version is promoted
 yet or an earlier release is: a fresh deployment serves it with no promote step, an upgraded checkout
@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend import registry
-from model.network import file_sha256
+from backend.serving import registry
+from model.multitask.network import file_sha256
 
 logger = logging.getLogger(__name__)
 

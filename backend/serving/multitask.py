@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.checkpoint import CheckpointMeta
-from model.explain import explain
-from model.network import DermNet, load_checkpoint
+from model.common.checkpoint import CheckpointMeta
+from model.common.explain import explain
+from model.multitask.network import DermNet, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def load_served(path: str | Path) -> ServedModel:
     """Load a checkpoint for serving.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`model.network.load_checkpoint`.
+        FileNotFoundError, ValueError: as :func:`model.multitask.network.load_checkpoint`.
     """
     network, meta = load_checkpoint(path)
     network.eval()

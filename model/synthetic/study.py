@@ -48,7 +48,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, PATTERN_KEYS, PATTERNS, TARGETS, bcc_consistent
-from model.data import SYNTHETIC_GENERATOR
+from model.common.data import SYNTHETIC_GENERATOR
 
 FORMAT_VERSION = 1
 RATINGS_FILE = "ratings.csv"

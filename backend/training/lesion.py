@@ -1,6 +1,7 @@
 """Retraining the second system (lesion U-Net + dual-encoder classifier) from the raters' consensus.
 
-A training job (:mod:`backend.jobs`) calls :func:`retrain_lesion` once the lesion pair is promoted and
+A training job (:mod:`backend.training.jobs`) calls :func:`retrain_lesion` once the lesion pair is promoted
+and
 the store holds answers from a ``lesion.xml`` project. The reference standard is built from the store:
 
 - the seven-class diagnosis: Dawid-Skene over every rater's HAM10000 choice (one confusion matrix
@@ -9,7 +10,7 @@ the store holds answers from a ``lesion.xml`` project. The reference standard is
   taken as it is; an image nobody outlined has no mask and trains only the classifier).
 
 Both networks are fine-tuned from the promoted pair on the items outside the fixed validation split
-(:func:`backend.jobs.is_validation`), then scored on that split against the same reference: the U-Net
+(:func:`backend.training.jobs.is_validation`), then scored on that split against the same reference: the U-Net
 by its mean Dice against the STAPLE masks, the classifier by its cross-entropy against the Dawid-Skene
 posteriors (a proper scoring rule on soft targets). Each network replaces the promoted one only if it
 is not worse; the pair is then promoted as one (``MODEL_DIR/lesion``, atomically per file), and the
@@ -33,7 +34,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.lesion import DUAL_FILE, SEG_FILE, lesion_dir, promote_lesion
+from backend.serving.lesion import DUAL_FILE, SEG_FILE, lesion_dir, promote_lesion
 from consensus.dawid_skene import DawidSkene
 from consensus.models import Annotation, Item, Rater
 from consensus.staple import staple
@@ -139,7 +140,8 @@ def reference_table(
     image_of: Callable[[Item], Path | None],
     folder: Path,
 ) -> pd.DataFrame:
-    """The training table of :mod:`model.train_dual` / :mod:`model.train_seg` (``load_table``'s columns).
+    """The training table of :mod:`model.lesion.train_dual` / :mod:`model.lesion.train_seg`
+    (``load_table``'s columns).
 
     STAPLE masks are written as PNGs under ``folder``; age / sex / site come from the task's data
     (``age``, ``sex``, ``site`` or ``localization``, as ``lesion.xml`` shows them).
@@ -179,8 +181,8 @@ def reference_table(
 # ----------------------------------------------------------------------------------------- scoring
 def mean_dice(segnet_path: Path, table: pd.DataFrame) -> float:
     """Mean Dice of a U-Net's masks against the reference masks of ``table`` (rows with a mask)."""
-    from model.segmentation import dice, load_segnet
-    from model.train_seg import predict_row_masks
+    from model.lesion.segmentation import dice, load_segnet
+    from model.lesion.train_seg import predict_row_masks
 
     rows = table[table["mask_path"].notna()]
     if rows.empty:
@@ -197,7 +199,7 @@ def diagnosis_loss(dual_path: Path, table: pd.DataFrame, posteriors: pd.DataFram
     """Cross-entropy of a classifier's seven-class probabilities against the Dawid-Skene posteriors."""
     from torch.utils.data import DataLoader
 
-    from model.train_dual import DualDataset, collate, load_dual, predict
+    from model.lesion.train_dual import DualDataset, collate, load_dual, predict
 
     if table.empty:
         return math.nan
@@ -228,9 +230,9 @@ def retrain_lesion(
     Raises:
         ValueError: no promoted pair, no HAM10000 diagnosis, or too few items to train.
     """
-    from model.segmentation import load_segnet
-    from model.train_dual import DualConfig, train_dual
-    from model.train_seg import SegTrainConfig, train_seg
+    from model.lesion.segmentation import load_segnet
+    from model.lesion.train_dual import DualConfig, train_dual
+    from model.lesion.train_seg import SegTrainConfig, train_seg
 
     folder = lesion_dir(model_dir)
     parent_seg, parent_dual = folder / SEG_FILE, folder / DUAL_FILE

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
-from backend.ls_predictions import brush_item
-from backend.predictor import to_tensor
+from backend.label_studio.predictions import brush_item
+from backend.serving.multitask import to_tensor
 from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
-from model.checkpoint import atomic_copy
+from model.common.checkpoint import atomic_copy
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
@@ -68,8 +68,8 @@ def promote_lesion(model_dir: Path, segnet: str | Path, dual: str | Path) -> str
     Raises:
         ValueError: a file is not the right kind of checkpoint.
     """
-    from model.segmentation import load_segnet
-    from model.train_dual import load_dual
+    from model.lesion.segmentation import load_segnet
+    from model.lesion.train_dual import load_dual
 
     load_segnet(segnet)  # refuse wrong files before anything is replaced
     load_dual(dual)
@@ -92,7 +92,7 @@ def pair_provenance(seg_raw: Mapping[str, Any], dual_raw: Mapping[str, Any]) -> 
     as the checkpoints record it (the release tool writes it), else judged from their validation figures
     (the U-Net's Dice at ``MIN_DICE``, the classifier's macro AUROC at ``MIN_AUROC``, on >= 100 real
     images); a checkpoint with neither counts as untrained."""
-    from model.provenance import MIN_AUROC, MIN_DICE, from_figure
+    from model.common.provenance import MIN_AUROC, MIN_DICE, from_figure
 
     seg = dict(seg_raw.get("provenance") or {})
     dual = dict(dual_raw.get("provenance") or {})
@@ -116,7 +116,8 @@ class LesionHolder:
     """Loads the pair once per process; reloads when the files change (a new promotion).
 
     The pair promoted into ``MODEL_DIR/lesion/`` is served; without one, the released pair
-    (``fallback``: the U-Net's and the dual classifier's files, SHA-256 checked by ``backend.release``).
+    (``fallback``: the U-Net's and the dual classifier's files, SHA-256 checked by
+    ``backend.serving.release``).
     """
 
     def __init__(self, model_dir: Path, fallback: tuple[Path, Path] | None = None) -> None:
@@ -144,9 +145,9 @@ class LesionHolder:
             return self._current
         with self._lock:
             if self._current is None or stamp != self._stamp:
-                from model.checkpoint import read_checkpoint
-                from model.segmentation import load_segnet
-                from model.train_dual import load_dual
+                from model.common.checkpoint import read_checkpoint
+                from model.lesion.segmentation import load_segnet
+                from model.lesion.train_dual import load_dual
 
                 segnet, seg_meta = load_segnet(paths[0])
                 dual, dual_meta = load_dual(paths[1])
@@ -185,7 +186,7 @@ def run_lesion(
     system: LesionSystem, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]]
 ) -> list[LesionOutput]:
     """Mask, then crop, then classify each image."""
-    from model.dual import encode_metadata, lesion_crop
+    from model.lesion.dual import encode_metadata, lesion_crop
 
     outputs = []
     for image, row in zip(images, rows, strict=True):
@@ -219,7 +220,7 @@ def lesion_prediction(
     With ``provenance``, an output not validated on real images is left out (and the task gets no score
     when the diagnosis is).
     """
-    from model.provenance import shown
+    from model.common.provenance import shown
 
     items: list[dict[str, Any]] = []
     best = max(output.probs, key=lambda k: output.probs[k])

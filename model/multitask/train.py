@@ -36,11 +36,11 @@ from numpy.typing import NDArray
 from torch.utils.data import DataLoader, DistributedSampler
 
 from labeling_config import TARGETS
-from model.calibrate import calibrate
-from model.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
-from model.data import DermDataset, load_tables, split_sources, table_hash
-from model.network import DermNet, build_model
-from model.provenance import assess
+from model.common.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
+from model.common.data import DermDataset, load_tables, split_sources, table_hash
+from model.common.provenance import assess
+from model.multitask.calibrate import calibrate
+from model.multitask.network import DermNet, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def localisation_loss(
     """Mean over valid (image, target) pairs of 1 - (share of the target's Grad-CAM inside its region).
 
     The map is the closed-form Grad-CAM of a pooled linear head, ``ReLU(W_k . A)`` (see
-    :mod:`model.explain`), so the loss is differentiable and costs one contraction.
+    :mod:`model.common.explain`), so the loss is differentiable and costs one contraction.
 
     Args:
         features: ``(B, C, h, w)`` last feature map.
@@ -312,7 +312,7 @@ def train(
 
     Args:
         config: the run's settings.
-        table: rows from :func:`model.data.load_table` (default: read ``config.data``).
+        table: rows from :func:`model.common.data.load_table` (default: read ``config.data``).
         targets: soft targets (index ``image_id``, columns in ``TARGETS``) overriding the table's,
             e.g. the consensus posteriors.
 

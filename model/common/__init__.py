@@ -1,0 +1,1 @@
+"""What both systems share: data tables and splits, the checkpoint format, provenance, Grad-CAM."""
