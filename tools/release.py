@@ -28,8 +28,8 @@ import torch
 
 from labeling_config import PATTERN_KEYS, TARGET_NAMES
 from model.common.checkpoint import atomic_write_bytes, weights_version
+from model.common.files import file_sha256
 from model.common.provenance import MIN_AUROC, MIN_DICE, Provenance, from_auroc, record
-from model.multitask.network import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE = 15 * 1024 * 1024

@@ -20,9 +20,9 @@ from sklearn.metrics import roc_auc_score
 
 from labeling_config import TARGETS
 from model.common.data import DermDataset, load_table, split_sources
-from model.multitask.evaluate import bootstrap
+from model.common.metrics import bootstrap
+from model.common.training import transforms
 from model.multitask.network import load_checkpoint
-from model.multitask.train import transforms
 
 
 @torch.no_grad()

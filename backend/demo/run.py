@@ -37,7 +37,7 @@ from typing import Any
 from backend.demo import label_studio as ls_server
 from backend.demo import study as ls_study
 from backend.demo.processes import DERMASSIST, free_port, start_serve, stop
-from backend.label_studio.client import LabelStudioClient
+from backend.label_studio.client import connect, label_studio_errors
 from labeling_config import load_config
 
 PROJECT_TITLE = "BCC screening (dermassist demo)"
@@ -96,13 +96,20 @@ def _model_version(backend_url: str, xml: str) -> str:
         return str(json.loads(response.read())["model_version"])
 
 
+def _id(value: int | None) -> int:
+    """An id Label Studio answered (the SDK's types mark every id optional)."""
+    if value is None:
+        raise RuntimeError("Label Studio answered without an id")
+    return value
+
+
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:  # loopback only
         return json.loads(response.read())
 
 
 def _train(config: DemoConfig, study: Path) -> Path:
-    from model.multitask.network import imagenet_weights_path
+    from model.common.imagenet import imagenet_weights_path
     from model.multitask.train import TrainConfig, train
 
     weights = "imagenet" if imagenet_weights_path().is_file() else None
@@ -216,134 +223,139 @@ def run(config: DemoConfig) -> int:
     ls = ls_server.start(out / "label-studio", port=_port(config.ls_port))
     backend: subprocess.Popen[bytes] | None = None
     try:
-        env.update({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token})
-        backend_port = _port(config.backend_port)
-        backend_url = f"http://127.0.0.1:{backend_port}"
-        backend = start_serve(env, backend_port, out / "backend.log")
-        client = LabelStudioClient(ls.url, ls.token)
-        health = _get(f"{backend_url}/health")
-        if not config.synthetic:
-            if health.get("release") is None:
-                raise RuntimeError(
-                    f"the backend serves {health.get('model_version')}, not the released model: "
-                    "is models/release.json there (RELEASE_DIR)?"
+        with label_studio_errors(ls.url), connect(ls.url, ls.token) as client:
+            env.update({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token})
+            backend_port = _port(config.backend_port)
+            backend_url = f"http://127.0.0.1:{backend_port}"
+            backend = start_serve(env, backend_port, out / "backend.log")
+            health = _get(f"{backend_url}/health")
+            if not config.synthetic:
+                if health.get("release") is None:
+                    raise RuntimeError(
+                        f"the backend serves {health.get('model_version')}, not the released model: "
+                        "is models/release.json there (RELEASE_DIR)?"
+                    )
+                _say(
+                    f"the backend serves the released model {health['release']} "
+                    "(no training, no promote step)"
                 )
-            _say(f"the backend serves the released model {health['release']} (no training, no promote step)")
 
-        project = client.post_json(
-            "/api/projects/",
-            {"title": PROJECT_TITLE, "label_config": xml, "maximum_annotations": 4,
-             "show_collab_predictions": True},
-        )["id"]  # fmt: skip
-        images = sorted((study / "images").iterdir())
-        client.import_files(project, images)
-        tasks = ls_study.wait_for(
-            lambda: found if len(found := ls_study.tasks(client, project)) == len(images) else None,
-            120,
-            "tasks",
-        )
-        ml = client.post_json(
-            "/api/ml", {"project": project, "url": backend_url, "title": "dermassist", "is_interactive": True}
-        )
-        by_image = {ls_study.image_id_of(t["data"]["image"]): t["id"] for t in tasks}
-        ordered = sorted(by_image)
-        annotated = {i: by_image[i] for i in ordered[: int(len(ordered) * config.annotated_share)]}
-        rest = [by_image[i] for i in ordered[len(annotated) :]]
-
-        ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
-        raters = sorted(ratings["rater"].unique())
-        users = dict(zip(raters, ls_study.create_raters(client, raters), strict=True))
-        _say(f"four dermatologists annotate {len(annotated)} images (webhooks fill the store)")
-        n = ls_study.annotate(client, study, annotated, users, config.size if config.synthetic else 0)
-
-        _say(f"the backend pre-annotates all {len(images)} images")
-        ls_study.retrieve_predictions(client, project)
-        ls_study.wait_for(
-            lambda: len({p["task"] for p in ls_study.predictions(client, project)}) >= len(images),
-            300,
-            "predictions",
-        )
-
-        _say("consensus and one retraining (the Train button)")
-        client.post_json(f"/api/ml/{ml['id']}/train", {})
-        job = ls_study.wait_for(
-            lambda: next(
-                (j for j in _get(f"{backend_url}/jobs")["jobs"] if j["status"] in ("succeeded", "failed")),
-                None,
-            ),
-            900,
-            "the training job",
-            every=2.0,
-        )
-        version = _model_version(backend_url, xml)
-        if job["status"] == "succeeded":
-            why = next((line for line in job.get("log", []) if "not promoted" in line), "")
-            why = (
-                why.split("not promoted: ", 1)[-1]
-                if why
-                else "the new one was not better on the validation split"
+            project = _id(
+                client.projects.create(
+                    title=PROJECT_TITLE, label_config=xml, maximum_annotations=4, show_collab_predictions=True
+                ).id
             )
-            outcome = "promoted" if job["promoted"] else f"kept the previous model ({why})"
-            _say(f"retraining {outcome}; serving {version}")
-            ls_study.retrieve_predictions(client, project, rest)
-        else:
-            _say(f"retraining failed: {job['error']}")
-        client.request(
-            "PATCH",
-            f"/api/projects/{project}/",
-            json.dumps({"model_version": version}).encode(),
-            "application/json",
-        )
-        report = out / "consensus" / "report.html"
-        subprocess.run(
-            [str(exe), "export", "--format", "report", "--out", str(report)],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-
-        minutes = (time.monotonic() - t0) / 60
-        if config.synthetic:
-            look = "the diagnosis and the patterns are ticked, the Grad-CAM regions are drawn over the image;"
-            extra = (
-                f"the study's images with every pattern outlined: {(study / 'contact_sheet.png').resolve()}"
+            images = sorted((study / "images").iterdir())
+            client.upload_files(project, images)
+            tasks = ls_study.wait_for(
+                lambda: found if len(found := ls_study.tasks(client, project)) == len(images) else None,
+                120,
+                "tasks",
             )
-        else:
-            look = (
-                "a real dermoscopic image: the diagnosis is ticked, the lesion outline (U-Net) and,\n"
-                "    for a predicted BCC, where it is (Grad-CAM inside the outline) are drawn; the six BCC\n"
-                "    patterns are not shown: no real image with them labelled trained or validated them;"
+            ml = _id(
+                client.ml.create(project=project, url=backend_url, title="dermassist", is_interactive=True).id
             )
-            extra = f"what each output was validated on: {backend_url}/versions and models/*.md"
-        first = _showcase(ls_study.predictions(client, project), set(rest), version) or (rest or [0])[0]
-        print(
-            f"""
-dermassist demo is up ({minutes:.1f} min).
+            by_image = {ls_study.image_id_of(t["data"]["image"]): t["id"] for t in tasks}
+            ordered = sorted(by_image)
+            annotated = {i: by_image[i] for i in ordered[: int(len(ordered) * config.annotated_share)]}
+            rest = [by_image[i] for i in ordered[len(annotated) :]]
 
-  Label Studio   {ls.url}/projects/{project}/data
-                 login {ls_server.ADMIN_EMAIL} / {ls_server.ADMIN_PASSWORD}
-  backend        {backend_url}  (/health, /versions, /jobs, /metrics)
+            ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
+            raters = sorted(ratings["rater"].unique())
+            users = dict(zip(raters, ls_study.create_raters(client, raters), strict=True))
+            _say(f"four dermatologists annotate {len(annotated)} images (webhooks fill the store)")
+            n = ls_study.annotate(client, study, annotated, users, config.size if config.synthetic else 0)
 
-Look at:
-  - a pre-annotated image: {ls.url}/projects/{project}/data?task={first}
-    {look}
-  - the data manager sorted by prediction score, ascending: the most uncertain images first;
-  - the first {len(annotated)} tasks: {n} annotations by four simulated dermatologists;
-  - the consensus report: {report.resolve()}
-  - {extra}
-""",
-            flush=True,
-        )
-        if config.wait:
-            print("Press Ctrl-C to stop Label Studio and the backend.", flush=True)
-            stopped = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-            try:
-                while not stopped.wait(1.0):
+            _say(f"the backend pre-annotates all {len(images)} images")
+            ls_study.retrieve_predictions(client, project)
+            ls_study.wait_for(
+                lambda: len({p["task"] for p in ls_study.predictions(client, project)}) >= len(images),
+                300,
+                "predictions",
+            )
+
+            _say("consensus and one retraining (the Train button)")
+            client.ml.train(id=ml)
+            job = ls_study.wait_for(
+                lambda: next(
+                    (
+                        j
+                        for j in _get(f"{backend_url}/jobs")["jobs"]
+                        if j["status"] in ("succeeded", "failed")
+                    ),
+                    None,
+                ),
+                900,
+                "the training job",
+                every=2.0,
+            )
+            version = _model_version(backend_url, xml)
+            if job["status"] == "succeeded":
+                why = next((line for line in job.get("log", []) if "not promoted" in line), "")
+                why = (
+                    why.split("not promoted: ", 1)[-1]
+                    if why
+                    else "the new one was not better on the validation split"
+                )
+                outcome = "promoted" if job["promoted"] else f"kept the previous model ({why})"
+                _say(f"retraining {outcome}; serving {version}")
+                ls_study.retrieve_predictions(client, project, rest)
+            else:
+                _say(f"retraining failed: {job['error']}")
+            client.projects.update(id=project, model_version=version)
+            report = out / "consensus" / "report.html"
+            subprocess.run(
+                [str(exe), "export", "--format", "report", "--out", str(report)],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+
+            minutes = (time.monotonic() - t0) / 60
+            if config.synthetic:
+                look = (
+                    "the diagnosis and the patterns are ticked, the Grad-CAM regions are drawn over the "
+                    "image;"
+                )
+                sheet = (study / "contact_sheet.png").resolve()
+                extra = f"the study's images with every pattern outlined: {sheet}"
+            else:
+                look = (
+                    "a real dermoscopic image: the diagnosis is ticked, the lesion outline (U-Net) and,\n"
+                    "    for a predicted BCC, where it is (Grad-CAM inside the outline) are drawn; the six "
+                    "BCC\n    patterns are not shown: no real image with them labelled trained or validated "
+                    "them;"
+                )
+                extra = f"what each output was validated on: {backend_url}/versions and models/*.md"
+            first = _showcase(ls_study.predictions(client, project), set(rest), version) or (rest or [0])[0]
+            print(
+                f"""
+    dermassist demo is up ({minutes:.1f} min).
+
+      Label Studio   {ls.url}/projects/{project}/data
+                     login {ls_server.ADMIN_EMAIL} / {ls_server.ADMIN_PASSWORD}
+      backend        {backend_url}  (/health, /versions, /jobs, /metrics)
+
+    Look at:
+      - a pre-annotated image: {ls.url}/projects/{project}/data?task={first}
+        {look}
+      - the data manager sorted by prediction score, ascending: the most uncertain images first;
+      - the first {len(annotated)} tasks: {n} annotations by four simulated dermatologists;
+      - the consensus report: {report.resolve()}
+      - {extra}
+    """,
+                flush=True,
+            )
+            if config.wait:
+                print("Press Ctrl-C to stop Label Studio and the backend.", flush=True)
+                stopped = threading.Event()
+                signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+                try:
+                    while not stopped.wait(1.0):
+                        pass
+                except KeyboardInterrupt:
                     pass
-            except KeyboardInterrupt:
-                pass
-        return 0
+            return 0
     finally:
         if backend is not None:
             stop(backend)

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.serving import registry
-from model.multitask.network import file_sha256
+from model.common.files import file_sha256
 
 logger = logging.getLogger(__name__)
 

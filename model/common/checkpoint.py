@@ -16,17 +16,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from labeling_config import TARGET_NAMES, TARGETS
+from model.common.files import atomic_copy, atomic_write_bytes
 
 FORMAT = 1
 ARCH = "dermnet-mobilenet_v2"
@@ -101,39 +98,6 @@ def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
     return f"dermnet-{digest.hexdigest()[:12]}"
 
 
-def atomic_copy(source: str | Path, target: str | Path) -> None:
-    """Copy a file so that readers of ``target`` see the old file or the whole new one (fsynced)."""
-    with Path(source).open("rb") as src:
-        _atomic_write(Path(target), lambda f: shutil.copyfileobj(src, f, 1 << 20))
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one."""
-    _atomic_write(Path(path), lambda f: f.write(payload))
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """The one atomic writer: a temporary file beside ``path``, fsynced, renamed over it, folder fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared model file from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk too.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -190,3 +154,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or "meta" not in raw:
         raise ValueError(f"{path} is not a dermassist checkpoint (format {FORMAT})")
     return raw
+
+
+__all__ = [
+    "CheckpointMeta",
+    "atomic_copy",
+    "atomic_write_bytes",
+    "read_checkpoint",
+    "save_checkpoint",
+    "weights_version",
+]

@@ -338,6 +338,16 @@ class DermDataset(Dataset[dict[str, Any]]):
         return item
 
 
+def read_binary_mask(path: str | Path, shape: tuple[int, int] | None = None) -> NDArray[np.bool_]:
+    """A mask file as a boolean array (grey level above 127 is inside), resized to ``shape`` = (H, W)
+    by nearest neighbour when given and different."""
+    with Image.open(path) as img:
+        mask: NDArray[np.bool_] = np.asarray(img.convert("L")) > 127
+    if shape is not None and mask.shape != shape:
+        mask = np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+    return mask
+
+
 def _read_mask(path: str | Path | None, size: tuple[int, ...]) -> torch.Tensor | None:
     """A binary mask as a ``(1, H, W)`` float tensor, or None when there is no such file.
 

@@ -30,9 +30,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from labeling_config import HAM_CLASSES, SEXES, SITES
+from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_features_state
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("mobilenet_v2", "densenet201")
 AGE_SCALE = 100.0
 
@@ -270,8 +269,6 @@ def build_dual(weights: str | None = None, **kwargs: Any) -> DualNet:
         )
     if model.backbone != "mobilenet_v2" or kwargs.get("width_mult", 1.0) != 1.0:
         raise ValueError("local ImageNet weights exist for MobileNet-V2 at width 1.0 only")
-    from model.multitask.network import imagenet_features_state
-
     state = imagenet_features_state()
     model.image_encoder.load_state_dict(state)
     if model.use_lesion:

@@ -34,11 +34,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from labeling_config import HAM_CLASSES
-from model.common.data import load_table, table_hash
+from model.common.data import load_table, read_binary_mask, table_hash
 from model.common.explain import explain
+from model.common.metrics import bootstrap, map_agreement
+from model.common.report import overlay
 from model.lesion.dual import ImageBranch
 from model.lesion.train_dual import DualDataset, collate, load_dual, metrics, validation_rows
-from model.multitask.evaluate import _overlay, _read_mask, bootstrap, map_agreement
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _predicted_masks(segnet_path: str | Path, rows: pd.DataFrame, out: Path) -> 
         paths.append(str(path))
         reference = row.get("mask_path")
         if isinstance(reference, str) and Path(reference).is_file():
-            dices.append(dice(mask, _read_mask(Path(reference))))
+            dices.append(dice(mask, read_binary_mask(Path(reference))))
         else:
             dices.append(np.nan)
     return pd.Series(paths, index=rows.index), np.asarray(dices, dtype=float)
@@ -108,7 +109,7 @@ def _gallery_png(rows: pd.DataFrame, raw: Array, predicted: Array, n: int, seed:
     fig, axes = plt.subplots(1, len(picked), figsize=(2.6 * len(picked), 2.6), squeeze=False)
     for ax, i in zip(axes[0], picked, strict=True):
         row = rows.iloc[i]
-        ax.imshow(_overlay(row["image_path"], raw[i, predicted[i]], row["mask_path"]))
+        ax.imshow(overlay(row["image_path"], raw[i, predicted[i]], row["mask_path"]))
         ax.set_title(f"{row['dx']} -> {HAM_CLASSES[predicted[i]]}", fontsize=9)
         ax.axis("off")
     return _fig_png(fig)
@@ -202,7 +203,7 @@ def evaluate_dual(
     for i, row in enumerate(rows.to_dict("records")):
         path = row.get("mask_path")
         if isinstance(path, str) and Path(path).is_file():
-            agreement.append(map_agreement(raw[i, predicted[i]], _read_mask(Path(path))))
+            agreement.append(map_agreement(raw[i, predicted[i]], read_binary_mask(Path(path))))
             with_mask.append(i)
     cam: dict[str, Any] = {"n": len(agreement)}
     if agreement:

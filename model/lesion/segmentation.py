@@ -56,7 +56,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from model.common.checkpoint import FORMAT, atomic_write_bytes, read_checkpoint, weights_version
-from model.multitask.network import IMAGENET_MEAN, IMAGENET_STD, file_sha256
+from model.common.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    cached_file,
+    read_imagenet_file,
+    url_sha256_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +105,7 @@ class EncoderSpec:
 
     @property
     def sha256_prefix(self) -> str:
-        return Path(self.imagenet_url).stem.rsplit("-", 1)[1]  # torchvision's naming: name-<prefix>.pth
+        return url_sha256_prefix(self.imagenet_url)
 
 
 def _features_upto(last: int) -> Callable[[str], str | None]:
@@ -409,31 +415,24 @@ def encoder_weights_path(encoder: str = "mobilenet_v2") -> Path:
     """Where torchvision keeps an encoder's ImageNet file: ``$TORCH_HOME/hub/checkpoints/``."""
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
-    return Path(torch.hub.get_dir()) / "checkpoints" / ENCODERS[encoder].imagenet_file
+    return cached_file(ENCODERS[encoder].imagenet_url)
 
 
 def load_imagenet_encoder(model: SegNet) -> None:
     """Copy torchvision's ImageNet weights into ``model.encoder``, from the local cache only.
 
-    For ``mobilenet_v2`` this is the file DermNet uses (``model.multitask.network.imagenet_weights_path``).
+    For ``mobilenet_v2`` this is the file DermNet uses (``model.common.imagenet.imagenet_weights_path``).
 
     Raises:
         FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
         ValueError: a width other than 1.0, or a file whose SHA-256 does not begin with the prefix in
             its name.
     """
-    spec = ENCODERS[model.encoder_name]
-    path = encoder_weights_path(model.encoder_name)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ImageNet weights for the {model.encoder_name} encoder are not at {path}, and nothing is "
-            f"downloaded at run time: copy torchvision's {spec.imagenet_file} there (or set TORCH_HOME)."
-        )
     if model.width_mult != 1.0:
         raise ValueError(f"ImageNet weights need width_mult=1.0, the model has {model.width_mult}")
-    if not file_sha256(path).startswith(spec.sha256_prefix):
-        raise ValueError(f"{path} does not have the SHA-256 prefix {spec.sha256_prefix}; replace the file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    spec = ENCODERS[model.encoder_name]
+    path = encoder_weights_path(model.encoder_name)
+    state = read_imagenet_file(path, spec.sha256_prefix, f"the {model.encoder_name} encoder")
     mapped = OrderedDict((new, value) for key, value in state.items() if (new := spec.remap(key)) is not None)
     model.encoder.load_state_dict(mapped)
     logger.info("initialised the %s encoder from ImageNet weights at %s", model.encoder_name, path)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from labeling_config import HAM_CLASSES
 from model.common.checkpoint import atomic_write_bytes
-from model.common.data import load_table, split_by_lesion, table_hash
+from model.common.data import load_table, read_binary_mask, split_by_lesion, table_hash
 from model.lesion.dual import DualNet, build_dual, encode_metadata, lesion_crop
 
 logger = logging.getLogger(__name__)
@@ -96,11 +96,7 @@ def _read_rgb(path: str) -> torch.Tensor:
 def _read_mask(path: Any, shape: tuple[int, int]) -> NDArray[np.bool_] | None:
     if not isinstance(path, str) or not Path(path).is_file():
         return None
-    with Image.open(path) as im:
-        mask = np.asarray(im.convert("L")) > 127
-    if mask.shape != shape:
-        mask = np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
-    return mask
+    return read_binary_mask(path, shape)
 
 
 class DualDataset(Dataset[dict[str, Any]]):

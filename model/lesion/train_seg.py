@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader
 
 from model.common.checkpoint import atomic_write_bytes, read_checkpoint
 from model.common.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
+from model.common.metrics import bootstrap_means
+from model.common.training import seed_everything, transforms
 from model.lesion.segmentation import (
     SegMeta,
     SegNet,
@@ -46,7 +48,6 @@ from model.lesion.segmentation import (
     load_segnet,
     save_segnet,
 )
-from model.multitask.train import seed_everything, transforms
 
 logger = logging.getLogger(__name__)
 
@@ -322,35 +323,6 @@ def train_seg(config: SegTrainConfig, table: pd.DataFrame | None = None) -> SegT
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
-
-
-def bootstrap_means(
-    values: dict[str, Array], groups: Array, n_boot: int = 1000, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Mean of each per-image metric and its 95% percentile interval over a bootstrap of groups.
-
-    Groups (lesions) are resampled whole, as ``model.multitask.evaluate.bootstrap`` does: images of one lesion
-    are not independent. With one image per lesion this is the bootstrap over images.
-
-    Returns:
-        name -> {"mean", "low", "high"}.
-    """
-    codes, uniques = pd.factorize(pd.Series(groups))
-    n_groups = len(uniques)
-    rng = np.random.default_rng(seed)
-    # How often each group is drawn in each replicate: (n_boot, n_groups).
-    draws = np.stack(
-        [np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups) for _ in range(n_boot)]
-    )
-    sizes = np.bincount(codes, minlength=n_groups).astype(float)
-    out: dict[str, dict[str, float]] = {}
-    for name, v in values.items():
-        v = np.asarray(v, dtype=float)
-        sums = np.bincount(codes, weights=v, minlength=n_groups)
-        means = (draws @ sums) / np.maximum(draws @ sizes, 1.0)
-        low, high = np.percentile(means, [2.5, 97.5])
-        out[name] = {"mean": float(v.mean()), "low": float(low), "high": float(high)}
-    return out
 
 
 def _read(path: str, mode: str) -> Array:

@@ -32,16 +32,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
 from model.common.checkpoint import CheckpointMeta
-from model.common.data import DermDataset, load_table, split_sources, table_hash
-from model.common.explain import LIBRARY_METHODS, cam_to_mask, explain, library_cams, scale_maps
+from model.common.data import DermDataset, load_table, read_binary_mask, split_sources, table_hash
+from model.common.explain import LIBRARY_METHODS, explain, library_cams
+from model.common.metrics import bootstrap, map_agreement
+from model.common.report import overlay
+from model.common.training import transforms
 from model.multitask.network import load_checkpoint
-from model.multitask.train import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -120,42 +121,6 @@ def threshold_metrics(y: Array, pred: Array) -> dict[str, float]:
     }
 
 
-def bootstrap(
-    statistic: Callable[[Array], dict[str, float]],
-    groups: Array,
-    n_boot: int,
-    seed: int,
-) -> dict[str, dict[str, float]]:
-    """A statistic on all rows and its 95% percentile interval over a bootstrap of groups.
-
-    Args:
-        statistic: rows (index array) -> named values.
-        groups: group label of each row (lesion ids); groups are resampled whole.
-        n_boot: bootstrap replicates.
-        seed: random seed.
-
-    Returns:
-        name -> {"value", "low", "high"}.
-    """
-    codes, uniques = pd.factorize(pd.Series(groups))
-    members = [np.flatnonzero(codes == g) for g in range(len(uniques))]
-    point = statistic(np.arange(len(groups)))
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(n_boot):
-        chosen = rng.integers(0, len(members), len(members))
-        rows = np.concatenate([members[g] for g in chosen]) if len(members) else np.array([], int)
-        for k, v in statistic(rows).items():
-            samples[k].append(v)
-    out: dict[str, dict[str, float]] = {}
-    for k, v in point.items():
-        values = np.asarray(samples[k], dtype=float)
-        values = values[~np.isnan(values)]
-        low, high = np.percentile(values, [2.5, 97.5]) if values.size else (np.nan, np.nan)
-        out[k] = {"value": float(v), "low": float(low), "high": float(high)}
-    return out
-
-
 def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """BCC and per-pattern metrics with intervals, and the paper's two criteria."""
     table, probs, meta = pred.table, pred.probs, pred.meta
@@ -216,28 +181,6 @@ def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0)
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_mask(path: Path) -> NDArray[np.bool_]:
-    with Image.open(path) as img:
-        mask: NDArray[np.bool_] = np.asarray(img.convert("L")) > 127
-    return mask
-
-
-def map_agreement(raw: Array, mask: NDArray[np.bool_], threshold: float = 0.5) -> dict[str, float]:
-    """Energy share inside ``mask``, IoU of the thresholded map, pointing game, and the mask's area share."""
-    h, w = mask.shape
-    cam = scale_maps(torch.as_tensor(raw, dtype=torch.float32), (h, w)).numpy()
-    total = float(cam.sum())
-    region = cam_to_mask(raw, w, h, threshold)
-    union = (region | mask).sum()
-    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return {
-        "energy_inside": float(cam[mask].sum() / total) if total > 0 else float("nan"),
-        "iou": float((region & mask).sum() / union) if union else float("nan"),
-        "pointing": float(mask[peak]),
-        "area": float(mask.mean()),
-    }
-
-
 def explanation_metrics(pred: Predictions, threshold: float = 0.5) -> dict[str, Any]:
     """Agreement of each pattern's map with its mask, and of the diagnosis map with the lesion mask."""
     table = pred.table
@@ -246,14 +189,14 @@ def explanation_metrics(pred: Predictions, threshold: float = 0.5) -> dict[str, 
         folder = Path(row["mask_path"]).parent if row["mask_path"] else None
         if folder is not None and row["bcc"] == 1:
             rows[DIAGNOSIS_KEY].append(
-                map_agreement(pred.raw_cams[i, 0], _read_mask(Path(row["mask_path"])), threshold)
+                map_agreement(pred.raw_cams[i, 0], read_binary_mask(Path(row["mask_path"])), threshold)
             )
         if folder is None:
             continue
         for k, key in enumerate(TARGETS[1:], start=1):
             path = folder / f"{row['image_id']}_{key}.png"
             if row[key] == 1 and path.is_file():
-                rows[key].append(map_agreement(pred.raw_cams[i, k], _read_mask(path), threshold))
+                rows[key].append(map_agreement(pred.raw_cams[i, k], read_binary_mask(path), threshold))
     out: dict[str, Any] = {"threshold": threshold, "masks_found": bool(table["mask_path"].notna().any())}
     for key, values in rows.items():
         if values:
@@ -323,23 +266,6 @@ def _confusion(pred: Predictions) -> str:
     return _png(fig)
 
 
-def _overlay(image_path: str, raw: Array, mask_path: str | None) -> NDArray[np.uint8]:
-    import matplotlib
-
-    with Image.open(image_path) as img:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
-    h, w = rgb.shape[:2]
-    cam = scale_maps(torch.as_tensor(raw, dtype=torch.float32), (h, w)).numpy()
-    heat = matplotlib.colormaps["jet"](cam)[..., :3]
-    out = 0.55 * rgb + 0.45 * heat
-    if mask_path:
-        mask = _read_mask(Path(mask_path))
-        edge = mask & ~np.pad(mask, 1)[2:, 1:-1] | mask & ~np.pad(mask, 1)[:-2, 1:-1]
-        out[edge] = 1.0
-    pixels: NDArray[np.uint8] = (np.clip(out, 0, 1) * 255).astype(np.uint8)
-    return pixels
-
-
 def _gallery(pred: Predictions, per_group: int, seed: int) -> str:
     import matplotlib.pyplot as plt
 
@@ -362,7 +288,7 @@ def _gallery(pred: Predictions, per_group: int, seed: int) -> str:
             if c < len(rows):
                 i = int(rows[c])
                 row = pred.table.iloc[i]
-                ax.imshow(_overlay(row["image_path"], pred.raw_cams[i, 0], row["mask_path"]))
+                ax.imshow(overlay(row["image_path"], pred.raw_cams[i, 0], row["mask_path"]))
                 ax.set_title(f"{row['image_id']}\np(BCC)={pred.probs[i, 0]:.2f}", fontsize=7)
             if c == 0:
                 ax.text(
@@ -400,9 +326,7 @@ def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
                     Path(row["image_path"]).parent.parent / "masks" / f"{row['image_id']}_{pattern.key}.png"
                 )
                 ax.imshow(
-                    _overlay(
-                        row["image_path"], pred.raw_cams[i, k + 1], str(mask) if mask.is_file() else None
-                    )
+                    overlay(row["image_path"], pred.raw_cams[i, k + 1], str(mask) if mask.is_file() else None)
                 )
                 ax.set_title(f"{pattern.display}\np={pred.probs[i, k + 1]:.2f}", fontsize=7)
     fig.suptitle(

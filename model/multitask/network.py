@@ -7,25 +7,19 @@ Grad-CAM, ONNX export — feeds the same thing) and returns one logit per target
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+from torchvision.models import mobilenet_v2
 
 from labeling_config import PATTERN_KEYS, TARGETS
 from model.common.checkpoint import ARCH, CheckpointMeta, read_checkpoint
+from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_features_state, imagenet_weights_path
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
-IMAGENET_FILE = Path(IMAGENET_WEIGHTS.url).name  # mobilenet_v2-b0353104.pth
-IMAGENET_SHA256_PREFIX = IMAGENET_FILE.split("-")[1].split(".")[0]  # torchvision's naming: b0353104
 
 
 class DermNet(nn.Module):
@@ -130,41 +124,6 @@ def set_output_stride(features: nn.Module, output_stride: int) -> None:
         module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
 
 
-def imagenet_weights_path() -> Path:
-    """Where torchvision keeps the ImageNet MobileNet-V2 file: ``$TORCH_HOME/hub/checkpoints/``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def imagenet_features_state() -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet MobileNet-V2 ``features`` weights (width 1.0), from the local cache only.
-
-    Raises:
-        FileNotFoundError: the file is not in torchvision's cache (nothing is downloaded).
-        ValueError: the file's SHA-256 does not begin with the prefix in its name.
-    """
-    path = imagenet_weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ImageNet weights for MobileNet-V2 are not at {path}: run `make weights` (or copy "
-            f"torchvision's {IMAGENET_FILE} there, or set TORCH_HOME); nothing is downloaded at run time."
-        )
-    if not file_sha256(path).startswith(IMAGENET_SHA256_PREFIX):
-        raise ValueError(
-            f"{path} does not have the SHA-256 prefix {IMAGENET_SHA256_PREFIX}; replace the file"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-
-
 def load_imagenet_features(model: DermNet) -> None:
     """Copy torchvision's ImageNet MobileNet-V2 weights into ``model.features``, from the local cache only.
 
@@ -215,7 +174,7 @@ def build_model(
     return model
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TARGETS", "DermNet", "build_model", "imagenet_weights_path"]
+__all__ = ["TARGETS", "DermNet", "build_model", "load_checkpoint", "load_imagenet_features"]
 
 
 def load_checkpoint(path: str | Path) -> tuple[DermNet, CheckpointMeta]:

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from labeling_config import TARGETS
 from model.common.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
 from model.common.data import DermDataset, load_tables, split_sources, table_hash
 from model.common.provenance import assess
+from model.common.training import seed_everything, transforms
 from model.multitask.calibrate import calibrate
 from model.multitask.network import DermNet, build_model
 
@@ -139,30 +139,6 @@ class TrainResult:
     stopped_early: bool
 
 
-def transforms(image_size: int, train: bool) -> Any:
-    """torchvision.transforms.v2 pipelines (work on image and mask together).
-
-    Images are resized to a square without cropping, so a map at the input size resizes back onto
-    the original image exactly. Training adds flips, 90-degree turns, a mild crop and colour jitter.
-    """
-    from torchvision.transforms import v2
-
-    resize = v2.Resize((image_size, image_size), antialias=True)
-    if not train:
-        return resize
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(
-                (image_size, image_size), scale=(0.8, 1.0), ratio=(0.75, 1.333), antialias=True
-            ),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
-            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
-        ]
-    )
-
-
 def masked_bce(
     logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor
 ) -> torch.Tensor:
@@ -201,13 +177,6 @@ def positive_weights(dataset: DermDataset, cap: float) -> torch.Tensor:
     pos = (dataset.targets * known).sum(0)
     neg = ((1 - dataset.targets) * known).sum(0)
     return (neg / pos.clamp_min(1.0)).clamp(1.0, cap)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 @dataclass

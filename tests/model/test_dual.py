@@ -101,18 +101,18 @@ def test_grad_cam_of_every_output_through_the_explain_module():
 
 
 def test_imagenet_start_loads_both_encoders_or_says_where_the_file_goes(monkeypatch, tmp_path):
-    import model.multitask.network as network
+    import model.common.imagenet as imagenet
 
-    monkeypatch.setattr(network, "imagenet_weights_path", lambda: tmp_path / "absent.pth")
+    monkeypatch.setattr(imagenet, "imagenet_weights_path", lambda: tmp_path / "absent.pth")
     with pytest.raises(FileNotFoundError, match=r"make weights"):
         build_dual("imagenet")
     with pytest.raises(ValueError, match=r"width 1\.0"):
         build_dual("imagenet", width_mult=0.5)
     state = {f"features.{k}": v for k, v in DualNet().image_encoder.state_dict().items()}
-    path = tmp_path / network.IMAGENET_FILE
+    path = tmp_path / imagenet.IMAGENET_FILE
     torch.save(state, path)
-    monkeypatch.setattr(network, "imagenet_weights_path", lambda: path)
-    monkeypatch.setattr(network, "file_sha256", lambda _p: network.IMAGENET_SHA256_PREFIX)
+    monkeypatch.setattr(imagenet, "imagenet_weights_path", lambda: path)
+    monkeypatch.setattr(imagenet, "file_sha256", lambda _p: imagenet.IMAGENET_SHA256_PREFIX)
     model = build_dual("imagenet")
     first = next(iter(state))
     key = first.removeprefix("features.")

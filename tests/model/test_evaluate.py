@@ -8,7 +8,8 @@ import torch
 
 from labeling_config import PATTERN_KEYS
 from model.common.checkpoint import CheckpointMeta, save_checkpoint
-from model.multitask.evaluate import bootstrap, evaluate, map_agreement, threshold_metrics
+from model.common.metrics import bootstrap, map_agreement
+from model.multitask.evaluate import evaluate, threshold_metrics
 from model.multitask.network import DermNet
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from labeling_config import TARGETS
-from model.multitask.network import IMAGENET_FILE, DermNet, build_model, imagenet_weights_path
+from model.common.imagenet import IMAGENET_FILE, imagenet_weights_path
+from model.multitask.network import DermNet, build_model
 
 
 def test_outputs_one_logit_per_target_in_schema_order():

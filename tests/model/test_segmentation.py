@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.common.checkpoint import read_checkpoint
+from model.common.metrics import bootstrap_means
 from model.lesion.segmentation import (
     DualAttentionGate,
     SegNet,
@@ -22,7 +23,7 @@ from model.lesion.segmentation import (
     iou,
     load_segnet,
 )
-from model.lesion.train_seg import SegTrainConfig, bootstrap_means, evaluate_seg, train_seg
+from model.lesion.train_seg import SegTrainConfig, evaluate_seg, train_seg
 from model.multitask.network import load_checkpoint
 
 
