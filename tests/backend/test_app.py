@@ -439,12 +439,12 @@ def test_versions_and_metrics(client, promoted):
 
 
 def test_internal_errors_are_json_without_traceback(client, image_server, monkeypatch):
-    import backend.api.app as app_module
+    import backend.serving.predict as predict_module
 
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(app_module, "run_batch", boom)
+    monkeypatch.setattr(predict_module, "run_batch", boom)
     _, files = image_server
     response = predict(client, [{"id": 1, "data": {"image": serve_upload(files, "a.png", png_bytes())}}])
     assert response.status_code == 500

@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-import backend.api.app as app_module
+import backend.serving.holder as holder_module
 from backend.serving import registry
 from backend.training import jobs
+from backend.training.policy import should_retrain
+from backend.training.retrain import lost_outputs
+from backend.training.training_set import is_validation
 from consensus.models import Annotation, JobStatus, ModelStatus, ModelVersion, TrainingJob
 from tests.backend.conftest import with_settings
 from tests.backend.study_events import BCC_XML, study_tasks, webhook_events
@@ -41,7 +44,7 @@ def annotated(client, image_server, small_study):
 def test_webhooks_to_a_promoted_model_that_the_next_predict_serves(
     client, sessions, settings, annotated, promoted, monkeypatch
 ):
-    monkeypatch.setattr(app_module, "PROMOTED_CHECK_S", 0.0)
+    monkeypatch.setattr(holder_module, "PROMOTED_CHECK_S", 0.0)
     fast = with_settings(settings, train_epochs=2)
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).get_json()
     job_id = response["job"]["id"]
@@ -126,9 +129,9 @@ def test_one_job_runs_at_a_time_and_triggers_coalesce(sessions):
 
 def test_validation_split_is_fixed():
     ids = [f"ls-{i}" for i in range(1000)]
-    chosen = [i for i in ids if jobs.is_validation(i)]
+    chosen = [i for i in ids if is_validation(i)]
     assert 150 < len(chosen) < 250
-    assert chosen == [i for i in ids if jobs.is_validation(i)]
+    assert chosen == [i for i in ids if is_validation(i)]
 
 
 def test_n_new_annotated_items_queue_a_job(settings, sessions, promoted, small_study):
@@ -230,10 +233,10 @@ def test_a_retrained_model_that_loses_a_validated_output_is_not_promoted(
         # images served over HTTP are real as far as the job knows: too few positives, not synthetic
         assert outputs["bcc"]["status"] == "unvalidated" and outputs["bcc"]["n_positive"] < 20
         assert "this project's consensus" in outputs["bcc"]["data"]
-    assert jobs.lost_outputs(
+    assert lost_outputs(
         {"a": record("validated"), "b": record("untrained")}, {"a": record("unvalidated")}
     ) == ["a"]
-    assert jobs.lost_outputs({"a": record("validated")}, {"a": record("validated")}) == []
+    assert lost_outputs({"a": record("validated")}, {"a": record("validated")}) == []
 
 
 @pytest.mark.parametrize(
@@ -241,4 +244,4 @@ def test_a_retrained_model_that_loses_a_validated_output_is_not_promoted(
     [(0, 5, False), (4, 5, False), (5, 5, True), (50, 5, True), (50, 0, False)],
 )
 def test_the_retraining_policy_is_a_pure_rule(changed, every_n, expected):
-    assert jobs.should_retrain(changed, every_n) is expected
+    assert should_retrain(changed, every_n) is expected

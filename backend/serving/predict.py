@@ -1,0 +1,129 @@
+"""``/predict``'s work: tasks in, Label Studio predictions out, for whichever systems a config uses.
+
+Per request: every task's image is fetched (a task whose image cannot be had gets an empty prediction
+that says why, the others go on); one batched pass of the BCC model (probabilities and Grad-CAM maps)
+and one of the lesion pair, each only when the config has a control it fills; then each task's result
+items. Regions are drawn inside the lesion: the U-Net's outline, segmented only for a task that draws a
+region. Outputs not validated on real images are left out unless ``SHOW_OUTPUTS=all``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backend.api import metrics
+from backend.images import ImageError, ImageFetcher
+from backend.label_studio.predictions import empty_prediction, task_prediction
+from backend.serving.lesion import LesionSystem, lesion_prediction, metadata_row, run_lesion, segment
+from backend.serving.multitask import ServedModel, run_batch
+from labeling_config.parse import ProjectConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What fills one config: the BCC model and / or the lesion pair, and the version LS is told."""
+
+    version: str
+    systems: tuple[str, ...]  # the systems the config uses
+    multitask: ServedModel | None
+    lesion: LesionSystem | None
+    outliner: LesionSystem | None  # the U-Net that outlines a region's lesion (the pair, if any)
+
+
+def predict_tasks(
+    tasks: Sequence[Any],
+    config: ProjectConfig,
+    served: Served,
+    fetcher: ImageFetcher,
+    model_score_threshold: float | None,
+    show_all: bool,
+) -> list[dict[str, Any]]:
+    """One prediction per task, in order (Label Studio's ``results``)."""
+    predictions: list[dict[str, Any] | None] = [None] * len(tasks)
+    good: list[tuple[int, Any]] = []
+    for i, task in enumerate(tasks):
+        data = task.get("data") if isinstance(task, dict) else None
+        ref = data.get(config.image_key) if isinstance(data, dict) else None
+        if not isinstance(ref, str):
+            reason = f"task has no '{config.image_key}' in its data"
+        else:
+            try:
+                good.append((i, fetcher.fetch(ref)))
+                continue
+            except ImageError as exc:
+                reason = str(exc)
+        task_id = task.get("id") if isinstance(task, dict) else None
+        logger.warning("task %s: no prediction: %s", task_id, reason)
+        metrics.PREDICT_TASKS.labels("no image").inc()
+        predictions[i] = empty_prediction(served.version, reason)
+    if good:
+        found = _predict_images(
+            [loaded.image for _, loaded in good],
+            [tasks[i].get("data") for i, _ in good],
+            [(loaded.width, loaded.height) for _, loaded in good],
+            config,
+            served,
+            model_score_threshold,
+            show_all,
+        )
+        for (i, _), prediction in zip(good, found, strict=True):
+            predictions[i] = prediction
+    done = [p for p in predictions if p is not None]
+    metrics.PREDICT_TASKS.labels("predicted").inc(sum("error" not in p for p in done))
+    return done
+
+
+def _predict_images(
+    images: list[Any],
+    data_rows: list[Any],
+    sizes: list[tuple[int, int]],
+    config: ProjectConfig,
+    served: Served,
+    model_score_threshold: float | None,
+    show_all: bool,
+) -> list[dict[str, Any]]:
+    model, system = served.multitask, served.lesion
+    outputs = run_batch(model, images) if model is not None else [None] * len(images)
+    lesions = (
+        run_lesion(system, images, [metadata_row(row, config) for row in data_rows])
+        if system is not None
+        else [None] * len(images)
+    )
+
+    def outline_of(found: Any, image: Any) -> Callable[[], Any] | None:
+        if found is not None:
+            return lambda: found.mask
+        if served.outliner is not None and config.regions is not None:
+            outliner = served.outliner
+            return lambda: segment(outliner, image)[0]
+        return None
+
+    results = []
+    for image, (width, height), output, lesion_output in zip(images, sizes, outputs, lesions, strict=True):
+        prediction: dict[str, Any] = {"result": [], "score": None, "model_version": served.version}
+        if model is not None and output is not None:
+            prediction = task_prediction(
+                output,
+                config,
+                served.version,
+                width,
+                height,
+                model.meta.thresholds,
+                model_score_threshold,
+                provenance=None if show_all else model.meta.provenance,
+                outline=outline_of(lesion_output, image),
+            )
+        if system is not None and lesion_output is not None:
+            items, score = lesion_prediction(
+                lesion_output, config, served.version, None if show_all else system.provenance
+            )
+            prediction["result"].extend(items)
+            if prediction["score"] is None:
+                prediction["score"] = score
+        results.append(prediction)
+    return results
