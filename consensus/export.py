@@ -1,8 +1,11 @@
 """Study export: the consensus with its posteriors, every rater's labels, reliability, agreement.
 
-Everything comes from one stored consensus run (the latest by default), so every exported number
-traces back to the run's parameters and to the answers it saw (``data_hash``). Formats: a folder of
-CSV files, one JSON document, and a self-contained HTML report with plots.
+Everything comes from one stored consensus run (the latest ``bcc.xml`` one by default), so every
+exported number traces back to the run's parameters and to the answers it saw (``data_hash``). A
+``lesion.xml`` run (the lesion pair's reference) exports the same way: the HAM10000 diagnosis with its
+seven posteriors, every rater's choice and outline, one-vs-rest reliability per class, agreement on the
+diagnosis, and the STAPLE outline's summary (posterior and area). Formats: a folder of CSV files, one
+JSON document, and a self-contained HTML report with plots.
 """
 
 from __future__ import annotations
@@ -23,12 +26,24 @@ from sqlalchemy.orm import Session
 
 from consensus.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen_kappa, percent_agreement
 from consensus.agreement import rater_vs_consensus as rater_vs_consensus_table
-from consensus.models import ConsensusRun, ModelOutput, ModelVersion, Rater, RaterReliability
-from consensus.repository import RELIABILITY_COLUMNS, answers, answers_hash, consensus_table, latest_run
+from consensus.models import ConsensusRun, ModelOutput, ModelVersion, Rater, RaterReliability, RunKind
+from consensus.repository import (
+    ANSWER_COLUMNS,
+    HAM_KEY,
+    RELIABILITY_COLUMNS,
+    answers,
+    answers_hash,
+    consensus_masks,
+    consensus_probabilities,
+    consensus_table,
+    latest_run,
+    lesion_answers,
+)
 from labeling_config import (
     BCC_PATTERNS,
     DIAGNOSIS_KEY,
     EXCLUSION_PATTERN,
+    HAM_CLASSES,
     PATTERN_KEYS,
     TARGETS,
     bcc_consistent,
@@ -38,17 +53,25 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("csv", "json", "report")
 
+#: Labels with more than two classes, and their classes (every other label is binary, or a region).
+MULTICLASS: dict[str, tuple[str, ...]] = {HAM_KEY: HAM_CLASSES}
+
 
 @dataclass
 class Study:
     """A consensus run laid out for a study.
 
     Attributes:
-        run: the run's id, method, parameters, convergence, counts, data hash and time.
+        run: the run's id, kind, method, parameters, convergence, counts, data hash and time.
         consensus: one row per image: each label's consensus (0/1) and ``<label>_posterior``, and the
             criterion columns ``criterion_bcc`` (the consensus patterns are BCC-consistent) and
-            ``criterion_agrees`` (that equals the consensus diagnosis).
-        ratings: one row per image, one column ``<rater>:<label>`` per rater and label.
+            ``criterion_agrees`` (that equals the consensus diagnosis). A multiclass label (the HAM10000
+            diagnosis) gives its class, ``<label>_posterior`` (that class's) and ``<label>_p_<class>``
+            per class; a region label (the lesion outline) ``<label>`` (1: the consensus mask has a
+            pixel), ``<label>_posterior`` (the mean foreground posterior over the mask) and
+            ``<label>_area`` (the mask's share of the image).
+        ratings: one row per image, one column ``<rater>:<label>`` per rater and label (for a region
+            label: 1 where the rater drew one).
         reliability: per label and rater: sensitivity / specificity with 95% intervals.
         agreement: per label: items, percent agreement, Fleiss' kappa, Krippendorff's alpha.
         pairwise: per label and rater pair: Cohen's kappa and percent agreement.
@@ -74,6 +97,7 @@ class Study:
 def _run_dict(run: ConsensusRun) -> dict[str, Any]:
     return {
         "id": run.id,
+        "kind": run.kind.value,
         "created_at": run.created_at.isoformat(),
         "method": run.method,
         "params": run.params,
@@ -85,14 +109,30 @@ def _run_dict(run: ConsensusRun) -> dict[str, Any]:
     }
 
 
-def build_study(session: Session, run_id: int | None = None) -> Study:
-    """Lay out a stored run (default: the latest) for export.
+def _run_answers(session: Session, run: ConsensusRun, keys: list[str]) -> tuple[pd.DataFrame, str]:
+    """The store's current answers in the run's terms (``task, worker, label_key, value``) and their hash."""
+    if run.kind is RunKind.LESION:
+        table = lesion_answers(session)[list(ANSWER_COLUMNS)]
+        digest = answers_hash(table)
+        # An outline's value is a digest of the stored region: the rater columns show that one was drawn.
+        outline = table["label_key"] != HAM_KEY
+        return table.assign(value=table["value"].where(~outline, 1)).drop_duplicates(), digest
+    table = answers(session, keys)
+    return table, answers_hash(table)
+
+
+def build_study(session: Session, run_id: int | None = None, kind: RunKind = RunKind.BCC) -> Study:
+    """Lay out a stored run (default: the latest of ``kind``) for export.
 
     Raises:
         ValueError: no consensus run in the store, or no run with that id.
     """
     if run_id is None:
-        run = latest_run(session)
+        run = latest_run(session, kind)
+        if run is None and kind is RunKind.LESION:
+            raise ValueError(
+                "no lesion consensus run in the store: it is built when the lesion pair retrains"
+            )
         if run is None:
             raise ValueError("no consensus run in the store: run `dermassist consensus run` first")
     else:
@@ -104,11 +144,24 @@ def build_study(session: Session, run_id: int | None = None) -> Study:
     values = long.pivot(index="task", columns="label_key", values="value")[keys]
     posteriors = long.pivot(index="task", columns="label_key", values="posterior")[keys]
     consensus = pd.DataFrame(index=values.index)
+    masked: set[str] = set()  # region labels: their agreement is not a kappa's business
     for key in keys:
         value = pd.Series(values[key])
+        if key in MULTICLASS:
+            consensus[key] = value
+            consensus[f"{key}_posterior"] = posteriors[key]
+            probabilities = consensus_probabilities(session, run, key).reindex(columns=list(MULTICLASS[key]))
+            for cls in MULTICLASS[key]:
+                consensus[f"{key}_p_{cls}"] = probabilities[cls].reindex(consensus.index)
+            continue
         consensus[key] = pd.to_numeric(value, errors="coerce").astype("Int64")
         # The posterior of the positive class, whichever class won.
         consensus[f"{key}_posterior"] = np.where(value == "1", posteriors[key], 1 - posteriors[key])
+        masks = consensus_masks(session, run, key)
+        if masks:
+            masked.add(key)
+            area = pd.Series({task: float(mask.mean()) for task, mask in masks.items()}, dtype=float)
+            consensus[f"{key}_area"] = area.reindex(consensus.index)
     if set(PATTERN_KEYS) <= set(keys) and DIAGNOSIS_KEY in keys:
         present = consensus[list(PATTERN_KEYS)].fillna(0).astype(int)
         consensus["criterion_bcc"] = [
@@ -119,8 +172,8 @@ def build_study(session: Session, run_id: int | None = None) -> Study:
         ].fillna(-1)
     consensus.index.name = "image_id"
 
-    table = answers(session, keys)
-    changed = answers_hash(table) != run.data_hash
+    table, digest = _run_answers(session, run, keys)
+    changed = digest != run.data_hash
     notes = []
     if changed:
         notes.append(
@@ -137,9 +190,9 @@ def build_study(session: Session, run_id: int | None = None) -> Study:
         data = table[table["label_key"] == key].rename(columns={"value": "label"})[
             ["task", "worker", "label"]
         ]
-        if data.empty:
+        if data.empty or key in masked:
             continue
-        classes = [0, 1]
+        classes: list[Any] = list(MULTICLASS.get(key, [0, 1]))
         agreement_rows.append({
             "label_key": key,
             "n_items": int(data["task"].nunique()),
@@ -149,7 +202,8 @@ def build_study(session: Session, run_id: int | None = None) -> Study:
             "krippendorff_alpha": _maybe(krippendorff_alpha, data, classes),
         })  # fmt: skip
         pairwise_frames.append(pairwise_cohen_kappa(data, classes).assign(label_key=key))
-        reference = pd.Series(consensus[key]).dropna().astype(int)
+        reference = pd.Series(consensus[key]).dropna()
+        reference = reference if key in MULTICLASS else reference.astype(int)
         versus_frames.append(rater_vs_consensus_table(data, reference, classes).assign(label_key=key))
 
     rel_rows = session.execute(
@@ -307,8 +361,10 @@ def _reliability_plot(study: Study) -> str | None:
                 if row.empty:
                     continue
                 r = row.iloc[0]
-                ax.errorbar(r[what], y, xerr=[[r[what] - r[f"{what}_low"]], [r[f"{what}_high"] - r[what]]],
-                            fmt="o", color=f"C{j}", label=rater if y < len(raters) else None, ms=4)  # fmt: skip
+                # A rate without an interval (a pixel-pooled STAPLE rate) is drawn as a point.
+                below, above = np.nan_to_num([r[what] - r[f"{what}_low"], r[f"{what}_high"] - r[what]])
+                ax.errorbar(r[what], y, xerr=[[below], [above]], fmt="o", color=f"C{j}",
+                            label=rater if y < len(raters) else None, ms=4)  # fmt: skip
                 y += 1
             ticks.append(y - len(raters) / 2 - 0.5)
             names.append(key)
@@ -347,13 +403,22 @@ def _agreement_plot(study: Study) -> str | None:
     return _png(fig)
 
 
-def _prevalence_plot(study: Study) -> str:
+def _prevalence_plot(study: Study) -> str | None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in TARGETS if k in study.consensus.columns]
     share = [float(study.consensus[k].astype(float).mean()) for k in keys]
+    colors = ["black"] + ["C0"] * (len(keys) - 1)
+    for key, classes in MULTICLASS.items():  # one bar per class
+        if key in study.consensus.columns:
+            found = study.consensus[key].dropna()
+            keys += [f"{key}: {c}" for c in classes]
+            share += [float((found == c).mean()) if len(found) else 0.0 for c in classes]
+            colors += ["C1"] * len(classes)
+    if not keys:
+        return None
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    ax.bar(range(len(keys)), share, color=["black"] + ["C0"] * (len(keys) - 1))
+    ax.bar(range(len(keys)), share, color=colors)
     ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right")
     ax.set_ylabel("share of images")
     ax.set_title("Prevalence in the consensus")

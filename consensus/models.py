@@ -10,7 +10,11 @@
   deletes are soft.
 - ``consensus_runs`` / ``consensus_labels`` / ``rater_reliability`` — every consensus run with its
   parameters and convergence, its per-item posteriors, and its per-rater sensitivity / specificity,
-  so any exported number traces back to the run that produced it.
+  so any exported number traces back to the run that produced it. A run is of one ``kind``: the BCC
+  model's targets (``bcc.xml``: diagnosis and patterns, Dawid-Skene) or the lesion pair's reference
+  (``lesion.xml``: the HAM10000 diagnosis by Dawid-Skene, the lesion outline by STAPLE).
+- ``consensus_masks`` — a region consensus (STAPLE) of one item in one run: the mask itself, beside its
+  per-item summary posterior in ``consensus_labels``.
 - ``model_versions`` / ``model_outputs`` / ``training_jobs`` — every checkpoint the backend can serve
   (released or trained), where each of its outputs comes from, and the retraining jobs.
 
@@ -33,6 +37,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -64,6 +69,13 @@ class Source(enum.StrEnum):
     IMPORT = "import"
 
 
+class RunKind(enum.StrEnum):
+    """Which reference standard a consensus run builds (one per published system)."""
+
+    BCC = "bcc"  # bcc.xml: the BCC diagnosis and the seven patterns (model.multitask), Dawid-Skene
+    LESION = "lesion"  # lesion.xml: HAM10000 diagnosis (Dawid-Skene) and lesion outline (STAPLE)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map: ClassVar[dict[Any, Any]] = {
@@ -72,6 +84,9 @@ class Base(DeclarativeBase):
         datetime: DateTime(timezone=True),
         # StrEnums are stored as their values in a VARCHAR (no native ENUM: portable, easy to extend).
         Source: SAEnum(Source, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        RunKind: SAEnum(
+            RunKind, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+        ),
     }
 
 
@@ -165,6 +180,7 @@ class ConsensusRun(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[RunKind] = mapped_column(default=RunKind.BCC, server_default=RunKind.BCC.value)
     method: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     convergence: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per label: n_iter, converged, ll
@@ -177,6 +193,7 @@ class ConsensusRun(Base):
     reliability: Mapped[list[RaterReliability]] = relationship(
         back_populates="run", cascade="all, delete-orphan"
     )
+    masks: Mapped[list[ConsensusMask]] = relationship(back_populates="run", cascade="all, delete-orphan")
 
 
 class ConsensusLabel(Base):
@@ -194,6 +211,32 @@ class ConsensusLabel(Base):
     probabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)  # every class -> probability
 
     run: Mapped[ConsensusRun] = relationship(back_populates="labels")
+
+
+class ConsensusMask(Base):
+    """The consensus region (STAPLE) of one label of one item in one run.
+
+    Its summary lives in ``consensus_labels`` (same run, item and label): value ``"1"`` when the mask has a
+    pixel, and per class the mean pixel posterior over the pixels the consensus gives that class. The mask
+    is stored bit-packed, row-major (``numpy.packbits`` of the flattened boolean mask), with its size.
+    """
+
+    __tablename__ = "consensus_masks"
+    __table_args__ = (UniqueConstraint("run_id", "item_id", "label_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("consensus_runs.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    label_key: Mapped[str] = mapped_column(String(64))
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    mask: Mapped[bytes] = mapped_column(LargeBinary)
+    # The raters whose masks it combines (in the estimator's order) and, where STAPLE ran, its per-rater
+    # sensitivity / specificity, foreground prior and convergence.
+    raters: Mapped[list[Any]] = mapped_column(default=list)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    run: Mapped[ConsensusRun] = relationship(back_populates="masks")
 
 
 class RaterReliability(Base):

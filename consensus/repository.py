@@ -9,14 +9,17 @@ transaction, so a batch either lands whole or not at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -29,20 +32,26 @@ from consensus.models import (
     AnnotationEvent,
     Base,
     ConsensusLabel,
+    ConsensusMask,
     ConsensusRun,
     Item,
     ModelVersion,
     Rater,
     RaterReliability,
+    RunKind,
     Source,
     TrainingJob,
     utcnow,
 )
-from labeling_config import TARGETS
+from labeling_config import HAM_CLASSES, HAM_DIAGNOSES, TARGETS
+from labeling_config.parse import LESION_KEY, Role
 
 logger = logging.getLogger(__name__)
 
 RATINGS_COLUMNS = ("image_id", "rater", "label", "value")
+ANSWER_COLUMNS = ("task", "worker", "label_key", "value")
+#: The label keys of a lesion run (``lesion.xml``): the HAM10000 diagnosis and the lesion outline.
+HAM_KEY: str = Role.HAM_DIAGNOSIS.value
 RELIABILITY_COLUMNS = (
     "sensitivity",
     "sensitivity_low",
@@ -452,6 +461,48 @@ def answers(session: Session, label_keys: Iterable[str] = TARGETS) -> pd.DataFra
     return pd.DataFrame(records, columns=["task", "worker", "label_key", "value"])
 
 
+_HAM_BY_NAME = {name.lower(): code for code, name in HAM_DIAGNOSES.items()}
+
+
+def ham_code(value: Any) -> str | None:
+    """A stored diagnosis as one of the seven HAM10000 codes (the code itself or its full name), else None.
+
+    A diagnosis that is not a HAM10000 one (``BCC`` / ``non-BCC``) is a ``bcc.xml`` project's.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return text if text in HAM_CLASSES else _HAM_BY_NAME.get(text.lower())
+
+
+def lesion_answers(session: Session, region_label: str = LESION_KEY) -> pd.DataFrame:
+    """Every live answer of a ``lesion.xml`` project: a long table ``task, worker, label_key, value, region``.
+
+    One row per HAM10000 diagnosis (``label_key`` :data:`HAM_KEY`, ``value`` its code, ``region`` None) and
+    one per lesion outline (``label_key`` ``region_label``, ``value`` a digest of the stored region, so that
+    a hash of the table changes with any outline, and ``region`` the stored region as it is: decoding it is
+    the caller's business). Rows are ordered by task and rater; a rater with two outlines of an item gives
+    two rows.
+    """
+    rows = session.execute(
+        select(Item.external_id, Rater.name, Annotation.diagnosis, Annotation.regions)
+        .join(Annotation, Annotation.item_id == Item.id)
+        .join(Rater, Annotation.rater_id == Rater.id)
+        .where(Annotation.deleted.is_(False))
+        .order_by(Item.external_id, Rater.name)
+    ).all()
+    records: list[tuple[str, str, str, str, Any]] = []
+    for task, worker, diagnosis, regions in rows:
+        code = ham_code(diagnosis)
+        if code is not None:
+            records.append((task, worker, HAM_KEY, code, None))
+        for region in regions or []:
+            if isinstance(region, Mapping) and region.get("label") == region_label:
+                digest = hashlib.sha256(json.dumps(region, sort_keys=True, default=str).encode()).hexdigest()
+                records.append((task, worker, region_label, digest, region))
+    return pd.DataFrame(records, columns=[*ANSWER_COLUMNS, "region"])
+
+
 def answers_hash(table: pd.DataFrame) -> str:
     """Content hash of a long answers table (order-independent)."""
     ordered = table.sort_values(list(table.columns)).reset_index(drop=True)
@@ -465,6 +516,45 @@ def _finite(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
+def pack_mask(mask: NDArray[np.bool_]) -> bytes:
+    """A 2-D boolean mask as bytes (``numpy.packbits`` of the flattened mask, row-major)."""
+    return np.packbits(np.asarray(mask, dtype=bool).ravel()).tobytes()
+
+
+def unpack_mask(data: bytes, height: int, width: int) -> NDArray[np.bool_]:
+    """The mask :func:`pack_mask` packed, at its size."""
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=height * width)
+    mask: NDArray[np.bool_] = flat.reshape(height, width).astype(bool)
+    return mask
+
+
+@dataclass(frozen=True)
+class RegionConsensus:
+    """A region consensus (e.g. STAPLE) of one label of one item, as :func:`save_consensus_run` stores it.
+
+    Attributes:
+        task: the item's external id.
+        label_key: the region's label (e.g. ``"lesion"``).
+        mask: the consensus mask (2-D, boolean).
+        probabilities: per class (``"1"`` foreground, ``"0"`` background), the mean pixel posterior over
+            the pixels the consensus gives that class; a class without pixels is absent.
+        raters: the raters whose masks it combines, in the estimator's order.
+        details: what the estimator found (per-rater rates, prior, convergence).
+    """
+
+    task: str
+    label_key: str
+    mask: NDArray[np.bool_]
+    probabilities: Mapping[str, float]
+    raters: Sequence[str] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> str:
+        """``"1"`` when the consensus region has a pixel, else ``"0"``."""
+        return "1" if bool(np.any(self.mask)) else "0"
+
+
 def save_consensus_run(
     session: Session,
     method: str,
@@ -473,6 +563,8 @@ def save_consensus_run(
     probas: Mapping[str, pd.DataFrame],
     convergence: Mapping[str, Any] | None = None,
     reliability: pd.DataFrame | None = None,
+    kind: RunKind = RunKind.BCC,
+    regions: Sequence[RegionConsensus] = (),
 ) -> ConsensusRun:
     """Store one consensus run: parameters, convergence, posteriors per item and label, reliability.
 
@@ -485,11 +577,15 @@ def save_consensus_run(
         convergence: per label: iterations, converged, log-likelihood, ...
         reliability: rows ``label_key, worker, sensitivity, sensitivity_low, sensitivity_high,
             specificity, specificity_low, specificity_high, n_items``.
+        kind: which reference standard the run builds.
+        regions: region consensuses: each is one ``consensus_labels`` row (its value and summary
+            posterior) and one ``consensus_masks`` row (the mask).
 
     Raises:
-        ValueError: for a task or rater the store does not know.
+        ValueError: for a task or rater the store does not know, or a region that is not a 2-D mask.
     """
     run = ConsensusRun(
+        kind=kind,
         method=method,
         params=dict(params),
         convergence=dict(convergence or {}),
@@ -519,8 +615,29 @@ def save_consensus_run(
                 "posterior": float(probs[b]),
                 "probabilities": dict(zip(classes, map(float, probs), strict=True)),
             })  # fmt: skip
+    masks: list[dict[str, Any]] = []
+    for region in regions:
+        if str(region.task) not in item_ids:
+            raise ValueError(f"consensus for unknown items {[region.task]}")
+        mask = np.asarray(region.mask, dtype=bool)
+        if mask.ndim != 2:
+            raise ValueError(f"the {region.label_key} consensus of {region.task!r} is not a 2-D mask")
+        value = region.value
+        item_id = item_ids[str(region.task)]
+        rows.append({
+            "run_id": run.id, "item_id": item_id, "label_key": region.label_key, "value": value,
+            "posterior": float(region.probabilities[value]),
+            "probabilities": {str(k): float(v) for k, v in region.probabilities.items()},
+        })  # fmt: skip
+        masks.append({
+            "run_id": run.id, "item_id": item_id, "label_key": region.label_key, "height": mask.shape[0],
+            "width": mask.shape[1], "mask": pack_mask(mask), "raters": list(region.raters),
+            "details": dict(region.details),
+        })  # fmt: skip
     if rows:
         session.execute(insert(ConsensusLabel), rows)
+    if masks:
+        session.execute(insert(ConsensusMask), masks)
     if reliability is not None and len(reliability):
         unknown = set(reliability["worker"].astype(str)) - set(rater_ids)
         if unknown:
@@ -542,9 +659,12 @@ def save_consensus_run(
     return run
 
 
-def latest_run(session: Session) -> ConsensusRun | None:
-    """The most recent consensus run, if any."""
-    return session.scalars(select(ConsensusRun).order_by(ConsensusRun.id.desc()).limit(1)).first()
+def latest_run(session: Session, kind: RunKind | None = RunKind.BCC) -> ConsensusRun | None:
+    """The most recent consensus run of this kind (default: a ``bcc.xml`` one; None: any), if any."""
+    query = select(ConsensusRun)
+    if kind is not None:
+        query = query.where(ConsensusRun.kind == kind)
+    return session.scalars(query.order_by(ConsensusRun.id.desc()).limit(1)).first()
 
 
 def consensus_table(session: Session, run: ConsensusRun) -> pd.DataFrame:
@@ -556,6 +676,29 @@ def consensus_table(session: Session, run: ConsensusRun) -> pd.DataFrame:
         .order_by(Item.external_id, ConsensusLabel.label_key)
     ).all()
     return pd.DataFrame(rows, columns=["task", "label_key", "value", "posterior"])
+
+
+def consensus_probabilities(session: Session, run: ConsensusRun, label_key: str) -> pd.DataFrame:
+    """A run's posteriors of one label: task x class (the classes in stored order), 0 where absent."""
+    rows = session.execute(
+        select(Item.external_id, ConsensusLabel.probabilities)
+        .join(Item, ConsensusLabel.item_id == Item.id)
+        .where(ConsensusLabel.run_id == run.id, ConsensusLabel.label_key == label_key)
+        .order_by(Item.external_id)
+    ).all()
+    frame = pd.DataFrame([probs for _, probs in rows], index=pd.Index([t for t, _ in rows], name="task"))
+    return frame.fillna(0.0).astype(float)
+
+
+def consensus_masks(session: Session, run: ConsensusRun, label_key: str) -> dict[str, NDArray[np.bool_]]:
+    """A run's consensus masks of one label: item external id -> mask."""
+    rows = session.execute(
+        select(Item.external_id, ConsensusMask.mask, ConsensusMask.height, ConsensusMask.width)
+        .join(Item, ConsensusMask.item_id == Item.id)
+        .where(ConsensusMask.run_id == run.id, ConsensusMask.label_key == label_key)
+        .order_by(Item.external_id)
+    ).all()
+    return {task: unpack_mask(data, height, width) for task, data, height, width in rows}
 
 
 # ------------------------------------------------------------------ what the backend's routes read

@@ -1,22 +1,41 @@
-"""From the store to a stored consensus: the answers, one Dawid-Skene estimator per label, the run saved.
+"""From the store to a stored consensus: the answers, the estimators, the run saved.
 
 This is the one place that joins the estimators (which never touch SQL) and the repository (which
-never estimates); the CLI, the backend and the retraining job call it.
+never estimates); the CLI, the backend and the retraining job call it. Two kinds of run:
+
+- :func:`run_consensus` (``bcc.xml``): one Dawid-Skene estimator per binary target (the BCC diagnosis and
+  the seven patterns), the BCC model's reference;
+- :func:`run_lesion_consensus` (``lesion.xml``): Dawid-Skene over the seven-class HAM10000 diagnosis and
+  STAPLE over the raters' lesion outlines of each image, the lesion pair's reference.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from scipy import stats
 from sqlalchemy.orm import Session
 
 from consensus.dawid_skene import DawidSkene, MultiLabelConsensus
-from consensus.models import ConsensusRun
-from consensus.repository import answers, save_consensus_run
-from labeling_config import TARGETS
+from consensus.models import ConsensusRun, RunKind
+from consensus.repository import (
+    ANSWER_COLUMNS,
+    HAM_KEY,
+    RegionConsensus,
+    answers,
+    lesion_answers,
+    save_consensus_run,
+)
+from consensus.staple import StapleResult, staple
+from labeling_config import HAM_CLASSES, TARGETS
+from labeling_config.parse import LESION_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +100,256 @@ def run_consensus(
         "consensus run %d: %d items, %d raters, %d answers", run.id, run.n_items, run.n_raters, run.n_answers
     )
     return run
+
+
+# ------------------------------------------------------------------------------------------------
+# The lesion pair's reference: HAM10000 diagnosis (Dawid-Skene) and lesion outline (STAPLE)
+# ------------------------------------------------------------------------------------------------
+
+#: Turns one stored region into a boolean mask, or None when it cannot be read. Label Studio's brush RLE
+#: is the backend's knowledge: it hands its decoder in.
+MaskDecoder = Callable[[Mapping[str, Any]], NDArray[np.bool_] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class StapleParams:
+    """STAPLE's settings for the lesion outlines (:func:`consensus.staple.staple`'s arguments)."""
+
+    prior: float | None = None
+    n_iter: int = 1000
+    tol: float = 1e-7
+    threshold: float = 0.5
+
+
+@dataclasses.dataclass
+class LesionReference:
+    """A stored lesion run, reduced to one reference per item.
+
+    Attributes:
+        run: the stored consensus run (kind ``lesion``).
+        posteriors: external id x :data:`labeling_config.HAM_CLASSES`, the Dawid-Skene posteriors.
+        masks: external id -> consensus mask (STAPLE of two or more outlines, a single one as it is).
+        n_raters: raters who gave a HAM10000 diagnosis.
+        skipped: answers or items left out, with why.
+    """
+
+    run: ConsensusRun
+    posteriors: pd.DataFrame
+    masks: dict[str, NDArray[np.bool_]]
+    n_raters: int
+    skipped: list[str]
+
+
+def consensus_mask(masks: Sequence[NDArray[np.bool_]]) -> NDArray[np.bool_] | None:
+    """STAPLE of two or more raters' masks of one image (same size); one mask as it is; None for none."""
+    found = _outline_consensus(list(masks), StapleParams())
+    return None if found is None else found[0]
+
+
+def _outline_consensus(
+    masks: list[NDArray[np.bool_]], params: StapleParams
+) -> tuple[NDArray[np.bool_], NDArray[np.float64], StapleResult | None] | None:
+    """The consensus mask of one image, its pixel posterior and STAPLE's fit (None where it did not run).
+
+    None when there is no mask or the masks differ in size. One mask, or masks that leave STAPLE no
+    foreground prior (all empty, or all full: then they are all equal), are taken as they are.
+    """
+    if not masks or len({m.shape for m in masks}) != 1:
+        return None
+    stacked = np.stack(masks)
+    if len(masks) == 1 or not stacked.any() or stacked.all():
+        return masks[0], masks[0].astype(np.float64), None
+    result = staple(masks, **dataclasses.asdict(params))
+    return result.mask, result.probability, result
+
+
+def _mean_posteriors(mask: NDArray[np.bool_], probability: NDArray[np.float64]) -> dict[str, float]:
+    """Per class, the mean pixel posterior of that class over the pixels the consensus gives it."""
+    out: dict[str, float] = {}
+    if mask.any():
+        out["1"] = float(probability[mask].mean())
+    if not mask.all():
+        out["0"] = float(1.0 - probability[~mask].mean())
+    return out
+
+
+def class_reliability(estimator: DawidSkene, data: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    r"""One-vs-rest sensitivity and specificity of every rater for every class of a fitted estimator.
+
+    For class :math:`k` the true and the observed classes are split into :math:`k` and the rest, and the
+    expected counts :math:`n_j[l, c]` (the sum, over rater :math:`j`'s answers :math:`l`, of the item's
+    posterior of :math:`c`) plus the estimator's pseudo-counts :math:`A[l, c]` are pooled accordingly:
+    sensitivity :math:`\text{Beta}(n_{kk} + A_{kk} + 1, \sum_{l \ne k} (n_{lk} + A_{lk}) + 1)`,
+    specificity
+    :math:`\text{Beta}(\sum_{l \ne k, c \ne k} (n_{lc} + A_{lc}) + 1, \sum_{c \ne k} (n_{kc} + A_{kc}) + 1)`.
+    The point estimates are these Betas' modes (for sensitivity the fitted Dawid-Skene rate
+    :math:`e_j[k, k]`, up to the last E-step: the counts are taken at the final posteriors), the intervals
+    their equal-tailed quantiles; like :meth:`DawidSkene.rater_reliability`, which this is for two classes
+    and class ``1``, they condition on the item posteriors.
+
+    Args:
+        estimator: fitted on ``data``.
+        data: the long answer table it was fitted on (``task``, ``worker``, ``label``).
+        level: coverage of the intervals.
+
+    Returns:
+        Rows ``class, worker, sensitivity, sensitivity_low, sensitivity_high, specificity,
+        specificity_low, specificity_high, n_items``, by class then rater.
+    """
+    probas = estimator.probas_
+    classes = pd.Index(probas.columns)
+    n_classes = len(classes)
+    workers = pd.Index(pd.unique(data["worker"]))
+    counts = np.zeros((len(workers), n_classes, n_classes))
+    cells = (workers.get_indexer(pd.Index(data["worker"])), classes.get_indexer(pd.Index(data["label"])))
+    np.add.at(counts, cells, probas.loc[data["task"]].to_numpy(dtype=float))
+    counts += estimator.pseudo_counts(n_classes)
+    n_items = data.drop_duplicates(["task", "worker"]).groupby("worker").size().reindex(workers)
+    tails = ((1 - level) / 2, (1 + level) / 2)
+    frames = []
+    for k, name in enumerate(classes):
+        rest = np.arange(n_classes) != k
+        sens = counts[:, k, k] + 1, counts[:, rest, k].sum(axis=1) + 1
+        spec = counts[:, rest][:, :, rest].sum(axis=(1, 2)) + 1, counts[:, k, rest].sum(axis=1) + 1
+        columns: dict[str, Any] = {"class": name, "worker": workers}
+        for what, (a, b) in (("sensitivity", sens), ("specificity", spec)):
+            columns[what] = (a - 1) / (a + b - 2)
+            columns[f"{what}_low"] = stats.beta.ppf(tails[0], a, b)
+            columns[f"{what}_high"] = stats.beta.ppf(tails[1], a, b)
+        frames.append(pd.DataFrame({**columns, "n_items": n_items.to_numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclasses.dataclass
+class _Outlines:
+    """The outline consensus of every image: what is stored and what the reference keeps."""
+
+    masks: dict[str, NDArray[np.bool_]]
+    regions: list[RegionConsensus]
+    reliability: pd.DataFrame  # per rater, pixel-pooled over the images STAPLE ran on
+    convergence: dict[str, Any]
+    skipped: list[str]
+
+
+def _outline_consensuses(
+    outlines: pd.DataFrame, decode: MaskDecoder, params: StapleParams, label: str
+) -> _Outlines:
+    """STAPLE per image over the decoded outlines (rows ``task, worker, region``, in the store's order)."""
+    skipped: list[str] = []
+    found: dict[str, list[tuple[str, NDArray[np.bool_]]]] = {}
+    for task, worker, region in outlines[["task", "worker", "region"]].itertuples(index=False):
+        mask = decode(region)
+        if mask is None:
+            skipped.append(f"{task}/{worker}: unreadable lesion region")
+        else:
+            found.setdefault(task, []).append((worker, mask))
+    masks: dict[str, NDArray[np.bool_]] = {}
+    regions: list[RegionConsensus] = []
+    # rater -> expected true positives, foreground, true negatives, background (pixels), images
+    pooled: dict[str, NDArray[np.float64]] = {}
+    fits: list[StapleResult] = []
+    for task, rated in found.items():
+        consensus = _outline_consensus([m for _, m in rated], params)
+        if consensus is None:
+            skipped.append(f"{task}: the raters' lesion masks differ in size")
+            continue
+        mask, probability, result = consensus
+        masks[task] = mask
+        raters = [w for w, _ in rated]
+        details: dict[str, Any] = {"method": "single outline" if len(rated) == 1 else "identical outlines"}
+        if result is not None:
+            fits.append(result)
+            details = {"method": "STAPLE", "prior": result.prior, "n_iter": result.n_iter,
+                       "converged": result.converged, "sensitivity": result.sensitivity.tolist(),
+                       "specificity": result.specificity.tolist()}  # fmt: skip
+            foreground, background = float(probability.sum()), float((1 - probability).sum())
+            for rater, p, q in zip(raters, result.sensitivity, result.specificity, strict=True):
+                pooled.setdefault(rater, np.zeros(5))
+                pooled[rater] += (p * foreground, foreground, q * background, background, 1)
+        summary = _mean_posteriors(mask, probability)
+        regions.append(RegionConsensus(task, label, mask, summary, raters, details))
+    reliability = pd.DataFrame(
+        [
+            {"label_key": label, "worker": rater, "sensitivity": tp / fg if fg else None,
+             "specificity": tn / bg if bg else None, "n_items": int(n)}
+            for rater, (tp, fg, tn, bg, n) in pooled.items()
+        ]
+    )  # fmt: skip
+    convergence = {
+        "n_images": len(regions),
+        "n_staple": len(fits),
+        "converged": all(f.converged for f in fits),
+        "max_n_iter": max((f.n_iter for f in fits), default=0),
+    }
+    return _Outlines(masks, regions, reliability, convergence, skipped)
+
+
+def run_lesion_consensus(
+    session: Session,
+    decode: MaskDecoder,
+    estimator: DawidSkene | None = None,
+    staple_params: StapleParams | None = None,
+    region_label: str = LESION_KEY,
+) -> LesionReference:
+    """The lesion pair's reference from every live ``lesion.xml`` answer, stored as a consensus run.
+
+    The HAM10000 diagnosis: Dawid-Skene over every rater's choice, one confusion matrix per rater over
+    the seven classes; per class and rater a one-vs-rest sensitivity / specificity
+    (:func:`class_reliability`, stored under ``ham_diagnosis:<class>``). The lesion outline: per image,
+    STAPLE over the raters' decoded masks (one mask taken as it is); the mask is stored with a summary
+    posterior per item, and per rater a pixel-pooled sensitivity / specificity over the images STAPLE
+    ran on (stored under ``lesion``, without intervals: the pixels of an image are not independent).
+
+    Args:
+        session: the open session (the caller commits).
+        decode: a stored region -> boolean mask, or None when it cannot be read.
+        estimator: the diagnosis' estimator, copied (default ``DawidSkene()``); its classes are set to
+            :data:`labeling_config.HAM_CLASSES`.
+        staple_params: STAPLE's settings (default :class:`StapleParams`).
+        region_label: the outline's label in the stored regions.
+
+    Returns:
+        The stored run and the reference it gives (posteriors, masks, raters, what was left out).
+
+    Raises:
+        ValueError: no HAM10000 diagnosis in the store.
+    """
+    table = lesion_answers(session, region_label)
+    diagnoses = table[table["label_key"] == HAM_KEY]
+    if diagnoses.empty:
+        raise ValueError("the store holds no HAM10000 diagnosis (no lesion.xml annotation yet)")
+    params = staple_params if staple_params is not None else StapleParams()
+    fitted = copy.deepcopy(estimator if estimator is not None else DawidSkene())
+    fitted.classes = list(HAM_CLASSES)
+    data = diagnoses[["task", "worker", "value"]].rename(columns={"value": "label"}).reset_index(drop=True)
+    fitted.fit(data)
+    posteriors = fitted.probas_.reindex(columns=list(HAM_CLASSES)).fillna(0.0)
+    if not fitted.converged_:
+        logger.warning("EM reached n_iter=%d without converging for %s", fitted.n_iter, HAM_KEY)
+    by_class = class_reliability(fitted, data)
+    by_class["label_key"] = HAM_KEY + ":" + by_class.pop("class").astype(str)
+    outlines = _outline_consensuses(table[table["label_key"] == region_label], decode, params, region_label)
+
+    run = save_consensus_run(
+        session,
+        method=f"{type(fitted).__name__}+STAPLE",
+        params={HAM_KEY: estimator_params(fitted), region_label: dataclasses.asdict(params)},
+        answers_table=table[list(ANSWER_COLUMNS)],
+        probas={HAM_KEY: posteriors},
+        convergence={
+            HAM_KEY: {
+                "n_iter": int(fitted.n_iter_),
+                "converged": bool(fitted.converged_),
+                "log_likelihood": float(fitted.log_likelihood_),
+            },
+            region_label: outlines.convergence,
+        },
+        reliability=pd.concat([f for f in (by_class, outlines.reliability) if len(f)], ignore_index=True),
+        kind=RunKind.LESION,
+        regions=outlines.regions,
+    )
+    logger.info(
+        "lesion consensus run %d: %d items, %d raters, %d answers, %d masks",
+        run.id, run.n_items, run.n_raters, run.n_answers, len(outlines.regions),
+    )  # fmt: skip
+    return LesionReference(run, posteriors, outlines.masks, int(data["worker"].nunique()), outlines.skipped)
