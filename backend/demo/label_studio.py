@@ -11,7 +11,6 @@ no analytics, no Sentry, legacy tokens on), and is stopped by its PID.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.demo.processes import free_port
+from backend.label_studio.client import connect, label_studio_errors
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def ensure_template() -> Path:
     logger.info("first start of Label Studio: migrating a template database (1-2 minutes, once)")
     server = _launch(building, free_port(), None, cache_dir() / "ls-template.log")
     try:
-        _api(server.url, server.token, "GET", "/api/projects/")  # the token works
+        with label_studio_errors(server.url), connect(server.url, server.token) as ls:
+            ls.users.whoami()  # the token works
     finally:
         server.stop()
     (building / ".ready").write_text(LS_VERSION)
@@ -202,16 +203,3 @@ def start(data_dir: Path, files_root: Path | None = None, port: int | None = Non
         )
     shutil.copytree(template, data_dir, dirs_exist_ok=True)
     return _launch(data_dir, port or free_port(), files_root, data_dir / "label-studio.log")
-
-
-def _api(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=data,
-        method=method,
-        headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        payload = response.read()
-    return json.loads(payload) if payload else None

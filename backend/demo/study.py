@@ -1,22 +1,26 @@
 """A synthetic study played through a live Label Studio: tasks, predictions, simulated dermatologists.
 
-Used by ``dermassist demo`` and the end-to-end tests, so both drive Label Studio the same way.
+Used by ``dermassist demo`` and the end-to-end tests, so both drive Label Studio the same way: through
+label-studio-sdk's client (:func:`backend.label_studio.client.connect`). Call these inside
+:func:`backend.label_studio.client.label_studio_errors` for one-line errors.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from backend.label_studio.client import LabelStudioClient
 from labeling_config import HAM_CLASSES, LESION_LABEL, PATTERNS
+
+if TYPE_CHECKING:
+    from backend.label_studio.sdk import LabelStudioApi
 
 DISPLAY = {p.key: p.display for p in PATTERNS}
 T = TypeVar("T")
@@ -44,26 +48,32 @@ def image_id_of(ref: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def tasks(ls: LabelStudioClient, project: int) -> list[dict[str, Any]]:
-    body = ls.get_json(f"/api/tasks/?project={project}&page_size=10000")
-    found: list[dict[str, Any]] = body["tasks"] if isinstance(body, dict) else body
-    return found
+def tasks(ls: LabelStudioApi, project: int) -> list[dict[str, Any]]:
+    """Every task of a project, as Label Studio's JSON (``id``, ``data``, ...)."""
+    pager: Iterable[Any] = ls.tasks.list(project=project, page_size=1000)  # the SDK's pager is untyped
+    return [task.dict() for task in pager]
 
 
-def predictions(ls: LabelStudioClient, project: int) -> list[dict[str, Any]]:
-    body = ls.get_json(f"/api/predictions/?project={project}")
-    found: list[dict[str, Any]] = body if isinstance(body, list) else body.get("results", [])
-    return found
+def predictions(ls: LabelStudioApi, project: int) -> list[dict[str, Any]]:
+    """Every prediction of a project, as Label Studio's JSON (``task``, ``result``, ``score``, ...)."""
+    return [prediction.dict() for prediction in ls.predictions.list(project=project)]
 
 
-def retrieve_predictions(ls: LabelStudioClient, project: int, task_ids: list[int] | None = None) -> None:
+def retrieve_predictions(ls: LabelStudioApi, project: int, task_ids: list[int] | None = None) -> None:
     """Label Studio's "Retrieve predictions" action, for every task or the given ones."""
-    selected: dict[str, Any] = (
-        {"all": True, "excluded": []} if task_ids is None else {"all": False, "included": task_ids}
+    from label_studio_sdk.actions.types import (
+        PrepareParamsRequestRequestSelectedItemsExcluded as Excluded,
     )
-    ls.post_json(
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}", {"selectedItems": selected}
+    from label_studio_sdk.actions.types import (
+        PrepareParamsRequestRequestSelectedItemsIncluded as Included,
     )
+
+    selected = (
+        Excluded.model_validate({"all": True, "excluded": []})
+        if task_ids is None
+        else Included.model_validate({"all": False, "included": task_ids})
+    )
+    ls.actions.create(id="retrieve_tasks_predictions", project=project, selected_items=selected)
 
 
 def rater_result(
@@ -140,25 +150,21 @@ def lesion_ratings(
     return rows
 
 
-def create_raters(ls: LabelStudioClient, names: list[str], domain: str = "derm.example") -> list[int]:
+def create_raters(ls: LabelStudioApi, names: list[str], domain: str = "derm.example") -> list[int]:
     """One Label Studio user per simulated dermatologist; returns their user ids."""
     ids = []
     for name in names:
-        user = ls.post_json(
-            "/api/users/",
-            {
-                "email": f"{name}@{domain}",
-                "username": name,
-                "first_name": name,
-                "password": "derm-pass-12345",
-            },
+        user = ls.users.create(
+            email=f"{name}@{domain}", username=name, first_name=name, password="derm-pass-12345"
         )
-        ids.append(int(user["id"]))
+        if user.id is None:
+            raise RuntimeError(f"Label Studio created the user {name} without an id")
+        ids.append(user.id)
     return ids
 
 
 def annotate(
-    ls: LabelStudioClient,
+    ls: LabelStudioApi,
     study: Path,
     by_image: dict[str, int],
     users: dict[str, int],
@@ -184,12 +190,10 @@ def annotate(
             continue
         if before_each is not None:
             before_each(count)
-        ls.post_json(
-            f"/api/tasks/{by_image[str(image_id)]}/annotations/",
-            {
-                "completed_by": users[str(rater)],
-                "result": rater_result(study, str(rater), str(image_id), values, size),
-            },
+        ls.annotations.create(
+            id=by_image[str(image_id)],
+            completed_by=users[str(rater)],
+            result=rater_result(study, str(rater), str(image_id), values, size),
         )
         count += 1
     return count

@@ -1,27 +1,48 @@
-"""A small Label Studio API client: both token kinds, JSON in and out, clear errors, no secrets in logs.
+"""Label Studio access: the one auth for both key kinds, label-studio-sdk's client, and clear errors.
 
 Label Studio 1.23 accepts two kinds of key (../shared/docs/label-studio.md, "Auth"):
 
 - a legacy token (40 hex characters): ``Authorization: Token <key>``;
 - a personal access token (a JWT): exchanged at ``POST /api/token/refresh/`` for an access token that
-  lives 300 s, sent as ``Authorization: Bearer <access>``; refreshed before it expires and once more
-  on a 401.
+  lives 300 s, sent as ``Authorization: Bearer <access>``.
+
+Two doors use them:
+
+- **API calls** (sync, the demo, the end-to-end tests) go through label-studio-sdk's client,
+  :func:`connect` (:class:`backend.label_studio.sdk.LabelStudioApi`). The SDK tells the kinds apart and
+  refreshes a personal access token itself before its access token expires
+  (``label_studio_sdk.tokens.client_ext.TokensClientExt``); an expired one is refused at connect.
+- **Image downloads** keep their own pinned HTTP (:mod:`backend.images`, the SSRF boundary: the
+  connection goes to the address it checked, within one deadline) and take their header from
+  :class:`LabelStudioAuth`, which holds the rules (which kind, the cached access token, a new one
+  after a 401) while the caller does the exchange over its own connection.
+
+Every SDK call this project makes runs inside :func:`label_studio_errors`, so a wrong URL or a refused
+key becomes one :class:`LabelStudioError` line that says so, never a traceback. The key is never logged
+and never put in a message. The SDK itself is imported only when a client is made: ``serve`` and the
+CLI import this module for the names above without paying for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import mimetypes
+import logging
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-ACCESS_TOKEN_LIFETIME_S = 240.0  # Label Studio's access tokens live 300 s
+if TYPE_CHECKING:
+    from backend.label_studio.sdk import LabelStudioApi
+
+logger = logging.getLogger(__name__)
+
+ACCESS_TOKEN_LIFETIME_S = 240.0
+"""Seconds an access token is reused (Label Studio's live 300 s: renewed a minute early)."""
+
+Exchange: TypeAlias = Callable[[str], str]
+"""Personal access token -> a fresh access token (``POST /api/token/refresh/``), or raises."""
 
 
 class LabelStudioError(RuntimeError):
@@ -34,139 +55,131 @@ def is_personal_access_token(key: str) -> bool:
 
 
 class LabelStudioAuth:
-    """The ``Authorization`` header for a Label Studio key, refreshing personal access tokens."""
+    """The ``Authorization`` header for one Label Studio key: the rules, not the transport.
 
-    def __init__(self, url: str, key: str, timeout: float = 20.0) -> None:
-        self.url = url.rstrip("/")
+    A legacy token is sent as it is. A personal access token is exchanged (by the ``exchange`` the
+    caller passes, over the caller's own connection) for an access token, which is cached for
+    ``lifetime`` seconds and shared by every thread; a header Label Studio refused (401) is passed
+    back as ``stale`` and replaced once, unless another thread replaced it already.
+
+    Args:
+        key: ``LABEL_STUDIO_API_KEY``.
+        lifetime: seconds an access token is reused.
+
+    Raises:
+        ValueError: an empty key.
+    """
+
+    def __init__(self, key: str, lifetime: float = ACCESS_TOKEN_LIFETIME_S) -> None:
+        if not key:
+            raise ValueError("a Label Studio key is needed")
         self._key = key
-        self._timeout = timeout
+        self.lifetime = lifetime
         self._access: str | None = None
-        self._expires = 0.0
+        self._until = 0.0
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"LabelStudioAuth(url={self.url!r}, key=<set>)"
+        kind = "personal access token" if self.personal else "legacy token"
+        return f"LabelStudioAuth(key=<{kind}>)"
 
-    def header(self, refresh: bool = False) -> str:
-        """The header value; ``refresh=True`` forces a new access token (after a 401)."""
-        if not is_personal_access_token(self._key):
+    @property
+    def personal(self) -> bool:
+        """True for a personal access token, which needs an exchange."""
+        return is_personal_access_token(self._key)
+
+    def header(self, exchange: Exchange, stale: str | None = None) -> str:
+        """The header value to send now.
+
+        Args:
+            exchange: called (under this object's lock) when a new access token is needed.
+            stale: a header value Label Studio just answered 401 to; a new access token replaces it.
+
+        Raises:
+            whatever ``exchange`` raises when Label Studio refuses the personal access token.
+        """
+        if not self.personal:
             return f"Token {self._key}"
         with self._lock:
-            if refresh or self._access is None or time.monotonic() >= self._expires:
-                self._access = self._refresh()
-                self._expires = time.monotonic() + ACCESS_TOKEN_LIFETIME_S
+            now = time.monotonic()
+            current = None if self._access is None else f"Bearer {self._access}"
+            if current is None or now >= self._until or current == stale:
+                self._access = exchange(self._key)
+                self._until = now + self.lifetime
+                logger.debug("exchanged the personal access token for an access token")
             return f"Bearer {self._access}"
 
-    def _refresh(self) -> str:
-        body = json.dumps({"refresh": self._key}).encode()
-        request = urllib.request.Request(
-            f"{self.url}/api/token/refresh/",
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
+
+def connect(url: str, key: str, timeout: float = 60.0) -> LabelStudioApi:
+    """label-studio-sdk's client for the Label Studio at ``url``, with ``key`` (either kind).
+
+    Args:
+        url: ``LABEL_STUDIO_URL`` (a path prefix, as behind a reverse proxy, is kept).
+        key: ``LABEL_STUDIO_API_KEY``.
+        timeout: seconds for each request.
+
+    Raises:
+        LabelStudioError: a URL that is not http(s), or a personal access token that has expired.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise LabelStudioError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+    if not key:
+        raise LabelStudioError("set LABEL_STUDIO_API_KEY to a legacy token or a personal access token")
+    from backend.label_studio.sdk import LabelStudioApi
+
+    with label_studio_errors(url):
+        return LabelStudioApi(url, key, timeout)
+
+
+@contextlib.contextmanager
+def label_studio_errors(url: str) -> Iterator[None]:
+    """Turn what label-studio-sdk (and httpx under it) raises into one clear :class:`LabelStudioError`.
+
+    A refused key names ``LABEL_STUDIO_API_KEY``; an unreachable server, a 404 or an answer that is
+    not JSON names ``LABEL_STUDIO_URL``; any other status says which with Label Studio's own detail.
+    """
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    where = f"Label Studio at {url.rstrip('/')}"
+    try:
+        yield
+    except ApiError as exc:
+        raise LabelStudioError(_api_error_message(where, exc.status_code, exc.body)) from None
+    except httpx.TimeoutException:
+        raise LabelStudioError(f"{where} did not answer in time; check that it is up") from None
+    except httpx.HTTPError as exc:
+        raise LabelStudioError(
+            f"could not reach {where} ({type(exc).__name__}: {exc}); check LABEL_STUDIO_URL and that "
+            "Label Studio is up"
+        ) from None
+    except json.JSONDecodeError:
+        raise LabelStudioError(
+            f"{where} answered something that is not JSON; check that LABEL_STUDIO_URL is Label Studio's "
+            "address"
+        ) from None
+
+
+def _api_error_message(where: str, status: int | None, body: Any) -> str:
+    detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
+    if detail in (None, ""):
+        text = "no detail"
+    elif isinstance(detail, str) and detail.lstrip().startswith("<"):
+        text = "an HTML page"
+    else:
+        text = " ".join(str(detail).split())[:300]
+    if status is None:
+        return f"{where}: {text}"
+    if status in (401, 403):
+        return (
+            f"{where} refused LABEL_STUDIO_API_KEY (HTTP {status}: {text}); set it to a legacy token or "
+            "a personal access token (Account & Settings) of a user who can read the project"
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                access = json.loads(response.read()).get("access")
-        except urllib.error.HTTPError as exc:
-            raise LabelStudioError(
-                f"Label Studio refused the personal access token (HTTP {exc.code}): "
-                "check LABEL_STUDIO_API_KEY (Account & Settings > Personal Access Token)"
-            ) from None
-        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-            raise LabelStudioError(f"could not refresh the access token at {self.url}: {exc}") from None
-        if not isinstance(access, str) or not access:
-            raise LabelStudioError("Label Studio's token refresh answered without an access token")
-        return access
-
-
-class LabelStudioClient:
-    """``get_json`` against the Label Studio API with the right auth header."""
-
-    def __init__(self, url: str, key: str, timeout: float = 60.0) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise LabelStudioError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
-        self.url = url.rstrip("/")
-        self.auth = LabelStudioAuth(self.url, key, timeout=min(timeout, 20.0))
-        self.timeout = timeout
-
-    def get_json(self, path: str) -> Any:
-        """GET ``path`` (starting with /api/) and decode its JSON.
-
-        Raises:
-            LabelStudioError: unreachable, a non-2xx answer (after one token refresh on 401), or not JSON.
-        """
-        return self.request("GET", path)
-
-    def post_json(self, path: str, body: Any) -> Any:
-        """POST a JSON body to ``path`` and decode the answer (None when empty)."""
-        return self.request("POST", path, json.dumps(body).encode(), "application/json")
-
-    def request(
-        self, method: str, path: str, data: bytes | None = None, content_type: str | None = None
-    ) -> Any:
-        """One API call with the right auth header; its JSON answer decoded (None when empty).
-
-        Raises:
-            LabelStudioError: unreachable, a non-2xx answer (after one token refresh on 401), or not JSON.
-        """
-        payload = b""
-        for attempt in range(2):
-            headers = {"Authorization": self.auth.header(refresh=attempt > 0), "Accept": "application/json"}
-            if content_type:
-                headers["Content-Type"] = content_type
-            request = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-                break
-            except urllib.error.HTTPError as exc:
-                if exc.code == 401 and attempt == 0:
-                    continue
-                detail = exc.read()[:300].decode("utf-8", errors="replace")
-                raise LabelStudioError(
-                    f"Label Studio answered HTTP {exc.code} to {method} {path}: {detail}"
-                ) from None
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                raise LabelStudioError(f"could not reach Label Studio at {self.url}: {exc}") from None
-        if not payload:
-            return None
-        try:
-            return json.loads(payload)
-        except ValueError:
-            raise LabelStudioError(f"{method} {path} did not answer JSON") from None
-
-    def import_files(self, project: int, files: Sequence[Path], batch: int = 50) -> list[Any]:
-        """Upload image files as tasks, in batches (Django refuses more than 100 files per request), each
-        file in its own multipart field (Label Studio keeps one file per field name)."""
-        answers = []
-        for start in range(0, len(files), batch):
-            boundary = f"dermassist-{uuid.uuid4().hex}"
-            parts: list[bytes] = []
-            for i, path in enumerate(files[start : start + batch]):
-                kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-                head = (
-                    f"--{boundary}\r\n"
-                    f'Content-Disposition: form-data; name="file{i}"; filename="{path.name}"\r\n'
-                    f"Content-Type: {kind}\r\n\r\n"
-                )
-                parts.append(head.encode() + path.read_bytes() + b"\r\n")
-            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-            kind = f"multipart/form-data; boundary={boundary}"
-            answers.append(self.request("POST", f"/api/projects/{project}/import", body, kind))
-        return answers
-
-    def export(self, project: int) -> list[dict[str, Any]]:
-        """Every task of a project with its annotations (Label Studio's JSON export)."""
-        tasks = self.get_json(f"/api/projects/{project}/export?exportType=JSON&download_all_tasks=true")
-        if not isinstance(tasks, list):
-            raise LabelStudioError(f"the export of project {project} is not a list of tasks")
-        return tasks
-
-    def label_config(self, project: int) -> str:
-        """The project's labeling config XML."""
-        data = self.get_json(f"/api/projects/{project}/")
-        config = data.get("label_config") if isinstance(data, dict) else None
-        if not isinstance(config, str):
-            raise LabelStudioError(f"project {project} has no label_config")
-        return config
+    if 200 <= status < 300:
+        return (
+            f"{where} answered something that is not Label Studio's JSON; check that LABEL_STUDIO_URL "
+            "is Label Studio's address"
+        )
+    if status == 404:
+        return f"{where} answered HTTP 404 ({text}); check LABEL_STUDIO_URL and the project id"
+    return f"{where} answered HTTP {status}: {text}"

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.collection.ingest import EventError, apply_annotation
-from backend.label_studio.client import LabelStudioClient, LabelStudioError
+from backend.label_studio.client import LabelStudioError, connect, label_studio_errors
 from backend.settings import Settings
 from consensus.models import Annotation, Item, Source
 from consensus.repository import record_event, soft_delete_annotations
@@ -102,18 +102,20 @@ def sync_project(
 
 
 def sync_from_label_studio(settings: Settings, sessions: sessionmaker[Session], project: int) -> SyncSummary:
-    """Read a project's config and export through the Label Studio API and reconcile the store.
+    """Read a project's config and export through label-studio-sdk and reconcile the store.
 
     Raises:
         LabelStudioError: Label Studio is not configured, unreachable or refuses the key.
     """
     from labeling_config.parse import parse_config
 
-    if not settings.label_studio_url or not settings.label_studio_api_key:
+    url, key = settings.label_studio_url, settings.label_studio_api_key
+    if not url or not key:
         raise LabelStudioError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to sync from Label Studio")
-    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    config = parse_config(client.label_config(project))
-    return sync_project(sessions, project, client.export(project), config)
+    with connect(url, key) as ls, label_studio_errors(url):
+        xml = ls.label_config(project)
+        tasks = ls.export_tasks(project)
+    return sync_project(sessions, project, tasks, parse_config(xml))
 
 
 class PeriodicSync:

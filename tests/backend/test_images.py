@@ -1,4 +1,4 @@
-"""backend/images.py: SSRF, auth and decompression-bomb rules, against real HTTP servers on 127.0.0.1.
+"""backend/images/: SSRF, auth and decompression-bomb rules, against real HTTP servers on 127.0.0.1.
 
 Every server here listens on 127.0.0.1 on a free port and is stopped after its test; no other network.
 References that must be refused before any connection run with ``socket.getaddrinfo`` and
@@ -29,8 +29,9 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image, ImageFile
 
-from backend import images
 from backend.images import ACCESS_TOKEN_TTL, REASONS, ImageError, ImageFetcher, LoadedImage, decode_image
+from backend.images import cache as image_cache
+from backend.label_studio import client as ls_client
 from backend.settings import Settings
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -470,7 +471,7 @@ def test_a_label_studio_redirect_to_a_host_not_allowed_is_refused(ls: Server, im
 
 
 class Clock:
-    """``time`` for backend.images, with a movable offset."""
+    """``time`` for the Label Studio auth (access token lifetime), with a movable offset."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -483,8 +484,9 @@ def test_a_personal_access_token_is_refreshed_cached_and_renewed(
     pat_ls: PatLabelStudio, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock()
-    monkeypatch.setattr(images, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    monkeypatch.setattr(ls_client, "time", types.SimpleNamespace(monotonic=clock.monotonic))
     caplog.set_level(logging.DEBUG, logger="backend.images")
+    caplog.set_level(logging.DEBUG, logger="backend.label_studio")
     fetcher = ImageFetcher(make_settings(label_studio_url=pat_ls.url(""), label_studio_api_key=PAT))
 
     fetcher.fetch(UPLOAD)
@@ -839,13 +841,13 @@ def test_exif_orientation_is_applied() -> None:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Counts calls to decode_image (the SHA-256 of each decoded file)."""
     calls: list[str] = []
-    real = images.decode_image
+    real = image_cache.decode_image
 
     def counting(data: bytes, max_pixels: int) -> Image.Image:
         calls.append(hashlib.sha256(data).hexdigest())
         return real(data, max_pixels)
 
-    monkeypatch.setattr(images, "decode_image", counting)
+    monkeypatch.setattr(image_cache, "decode_image", counting)
     return calls
 
 

@@ -14,6 +14,9 @@ from labeling_config.parse import parse_config
 from tests.backend.conftest import LS_TOKEN
 from tests.backend.study_events import BCC_XML, study_tasks, webhook_events
 
+# The export label-studio-sdk asks for: every task, JSON.
+EXPORT = "/api/projects/1/export?download_all_tasks=true&export_type=JSON"
+
 
 def live(sessions) -> dict[int, dict]:
     with sessions() as session:
@@ -64,7 +67,7 @@ def test_sync_keeps_going_past_an_unreadable_annotation(sessions, small_study):
     assert "Dragon" in event.payload["problems"][0]
 
 
-def test_sync_command_reads_the_export_through_the_label_studio_api(
+def test_sync_command_reads_the_export_through_label_studio_sdk(
     settings, sessions, image_server, small_study, monkeypatch, capsys
 ):
     url, files = image_server
@@ -74,7 +77,7 @@ def test_sync_command_reads_the_export_through_the_label_studio_api(
         {"Content-Type": "application/json"},
         json.dumps({"id": 1, "label_config": BCC_XML}).encode(),
     )
-    files.routes["/api/projects/1/export?exportType=JSON&download_all_tasks=true"] = (
+    files.routes[EXPORT] = (
         200,
         {"Content-Type": "application/json"},
         json.dumps(tasks).encode(),
@@ -88,6 +91,17 @@ def test_sync_command_reads_the_export_through_the_label_studio_api(
     assert all(h.get("Authorization") == f"Token {LS_TOKEN}" for p, h in files.seen if p.startswith("/api/"))
 
 
+def test_sync_command_says_what_is_wrong_in_one_line(settings, image_server, monkeypatch, capsys):
+    url, _ = image_server  # no project here: every API route answers 404
+    monkeypatch.setenv("LABEL_STUDIO_URL", url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", LS_TOKEN)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["sync", "--project", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 404" in err and "LABEL_STUDIO_URL" in err and LS_TOKEN not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_serve_syncs_periodically(settings, sessions, image_server, small_study):
     import time
 
@@ -97,7 +111,7 @@ def test_serve_syncs_periodically(settings, sessions, image_server, small_study)
     _, files = image_server
     tasks = study_tasks(small_study, None, limit=3)
     files.routes["/api/projects/1/"] = (200, {}, json.dumps({"id": 1, "label_config": BCC_XML}).encode())
-    files.routes["/api/projects/1/export?exportType=JSON&download_all_tasks=true"] = (
+    files.routes[EXPORT] = (
         200,
         {},
         json.dumps(tasks).encode(),

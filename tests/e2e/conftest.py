@@ -16,6 +16,8 @@ import pytest
 
 from backend.demo import label_studio as ls_server
 from backend.demo import processes
+from backend.label_studio.client import connect
+from backend.label_studio.sdk import LabelStudioApi
 
 DERMASSIST = processes.DERMASSIST
 
@@ -35,6 +37,13 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ls_server
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def ls(label_studio: ls_server.LabelStudioServer) -> Iterator[LabelStudioApi]:
+    """label-studio-sdk's client for the session's Label Studio, with the admin's legacy token."""
+    with connect(label_studio.url, label_studio.token) as client:
+        yield client
 
 
 @dataclass

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from backend.demo import study as ls_study
 from backend.demo.label_studio import ADMIN_EMAIL, ADMIN_PASSWORD, LabelStudioServer
-from backend.label_studio.client import LabelStudioClient
+from backend.label_studio.sdk import LabelStudioApi
 from labeling_config import TARGETS, load_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -93,7 +94,9 @@ def open_task(page: Any, ls_url: str, url: str) -> None:
     page.wait_for_timeout(3000)  # the image and the masks are drawn after the canvas appears
 
 
-def test_a_dermatologist_sees_the_pre_annotation(label_studio: LabelStudioServer, tmp_path: Path) -> None:
+def test_a_dermatologist_sees_the_pre_annotation(
+    label_studio: LabelStudioServer, ls: LabelStudioApi, tmp_path: Path
+) -> None:
     if not CHROMIUM.is_file():
         pytest.skip("Debian's chromium is not installed (make browser)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -105,17 +108,12 @@ def test_a_dermatologist_sees_the_pre_annotation(label_studio: LabelStudioServer
     brushes = [i for i in prediction["result"] if i["type"] == "brushlabels"]
     assert brushes
 
-    ls = LabelStudioClient(label_studio.url, label_studio.token)
-    project = ls.post_json("/api/projects/", {"title": "Browser check", "label_config": BCC_XML})["id"]
-    ls.import_files(project, [image])
-    task = ls.get_json(f"/api/tasks/?project={project}")["tasks"][0]["id"]
-    ls.post_json(
-        "/api/predictions/",
-        {"task": task, **{k: prediction[k] for k in ("result", "score", "model_version")}},
-    )
-    ls.request("PATCH", f"/api/projects/{project}/",
-               f'{{"show_collab_predictions": true, "model_version": "{prediction["model_version"]}"}}'.encode(),
-               "application/json")  # fmt: skip
+    project = ls.projects.create(title="Browser check", label_config=BCC_XML).id
+    assert project is not None
+    ls.upload_files(project, [image])
+    task = ls_study.tasks(ls, project)[0]["id"]
+    ls.predictions.create(task=task, **{k: prediction[k] for k in ("result", "score", "model_version")})
+    ls.projects.update(id=project, show_collab_predictions=True, model_version=prediction["model_version"])
 
     shot = tmp_path / "pre-annotation.png"
     with sync_api.sync_playwright() as p:

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from backend.demo.label_studio import ADMIN_TOKEN, LabelStudioServer
-from backend.label_studio.client import LabelStudioClient
+from backend.label_studio.client import connect
 from backend.serving.release import read_release
 from backend.settings import DEFAULT_RELEASE_DIR
 from consensus.db import init_db
@@ -81,8 +81,8 @@ def test_the_demos_first_look_is_a_real_image_with_outline_and_diagnosis(
         ls_url = url.split("/projects/")[0]
         task_id = int(url.rsplit("task=", 1)[1])
 
-        ls = LabelStudioClient(ls_url, ADMIN_TOKEN)
-        task = ls.get_json(f"/api/tasks/{task_id}")
+        with connect(ls_url, ADMIN_TOKEN) as ls:
+            task = ls.tasks.get(task_id).dict()
         sample_ids = set(pd.read_csv(SAMPLE / "labels.csv", dtype={"image_id": str})["image_id"])
         assert any(i in task["data"]["image"] for i in sample_ids), task["data"]  # a real sample image
         prediction = task["predictions"][-1]

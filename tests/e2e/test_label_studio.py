@@ -23,7 +23,7 @@ from sqlalchemy import select
 from backend.demo import study as ls_study
 from backend.demo.label_studio import LabelStudioServer, free_port
 from backend.demo.study import wait_for
-from backend.label_studio.client import LabelStudioClient
+from backend.label_studio.sdk import LabelStudioApi
 from consensus.db import init_db
 from consensus.models import Annotation, Item
 from labeling_config import TARGETS, load_config
@@ -83,35 +83,37 @@ def backend(
     state["server"].stop()
 
 
-def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any], study: Path) -> None:
-    ls = LabelStudioClient(label_studio.url, label_studio.token)
+def test_the_whole_loop(
+    label_studio: LabelStudioServer, ls: LabelStudioApi, backend: dict[str, Any], study: Path
+) -> None:
     server: Backend = backend["server"]
     store_url = server.env["DATABASE_URL"]
 
     # 1. a project from bcc.xml, four annotations per task
-    project = ls.post_json("/api/projects/", {"title": "BCC screening (e2e)", "label_config": BCC_XML,
-                                              "maximum_annotations": 4})["id"]  # fmt: skip
+    project = ls.projects.create(title="BCC screening (e2e)", label_config=BCC_XML, maximum_annotations=4).id
+    assert project is not None
 
     # 2. images: uploads, and a local-files storage
     images = sorted((study / "images").iterdir())
-    ls.import_files(project, images[:N_UPLOADED])
+    ls.upload_files(project, images[:N_UPLOADED])
     files_root: Path = label_studio.extra["files_root"]
     local = files_root / "study"
     local.mkdir()
     for path in images[N_UPLOADED:]:
         shutil.copy(path, local / path.name)
-    storage = ls.post_json("/api/storages/localfiles", {"project": project, "path": str(local), "title": "study",
-                                                         "use_blob_urls": True, "regex_filter": ".*"})  # fmt: skip
-    ls.post_json(f"/api/storages/localfiles/{storage['id']}/sync", {})
+    storage = ls.import_storage.local.create(
+        project=project, path=str(local), title="study", use_blob_urls=True, regex_filter=".*"
+    )
+    assert storage.id is not None
+    ls.import_storage.local.sync(id=storage.id)
     tasks = wait_for(
         lambda: found if len(found := ls_study.tasks(ls, project)) == N_IMAGES else None, 60, "tasks"
     )
     assert sum("/data/local-files/" in t["data"]["image"] for t in tasks) == N_IMAGES - N_UPLOADED
 
     # 3. connect the backend; retrieve predictions for every task and read them back
-    ml = ls.post_json(
-        "/api/ml", {"project": project, "url": server.url, "title": "dermassist", "is_interactive": True}
-    )
+    ml = ls.ml.create(project=project, url=server.url, title="dermassist", is_interactive=True).id
+    assert ml is not None
     version = _get(server.url, "/health")["model_version"]
     ls_study.retrieve_predictions(ls, project)
     predictions = wait_for(lambda: _predictions(ls, project, N_IMAGES), 180, "a prediction for every task")
@@ -148,7 +150,7 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     sync = subprocess.run([str(DERMASSIST), "sync", "--project", str(project)], env=server.env,
                           capture_output=True, text=True)  # fmt: skip
     assert sync.returncode == 0, sync.stderr
-    export = ls.export(project)
+    export = ls.export_tasks(project)
     expected = {a["id"]: (t["id"], a["completed_by"]) for t in export for a in t["annotations"]}
     with sessions() as session:
         stored = {
@@ -187,7 +189,7 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     assert majority_vote  # the reference the consensus is held against
 
     # 7. the Train button: a job trains, evaluates and promotes; the next predictions carry the new version
-    ls.post_json(f"/api/ml/{ml['id']}/train", {})
+    ls.ml.train(id=ml)
     job = wait_for(lambda: _finished_job(server.url), 300, "the training job to finish")
     assert job["status"] == "succeeded", job
     assert job["promoted"], job
@@ -209,7 +211,7 @@ def test_the_whole_loop(label_studio: LabelStudioServer, backend: dict[str, Any]
     assert len(imported) == N_IMAGES
 
 
-def _predictions(ls: LabelStudioClient, project: int, n: int) -> list[dict[str, Any]] | None:
+def _predictions(ls: LabelStudioApi, project: int, n: int) -> list[dict[str, Any]] | None:
     found = ls_study.predictions(ls, project)
     return found if len({p["task"] for p in found}) >= n else None
 

@@ -15,8 +15,8 @@ from PIL import Image
 from backend.demo import study as ls_study
 from backend.demo.label_studio import LabelStudioServer, free_port
 from backend.demo.study import wait_for
-from backend.label_studio.client import LabelStudioClient
-from backend.serving.lesion import LesionHolder, run_lesion
+from backend.label_studio.sdk import LabelStudioApi
+from backend.serving.lesion import load_pair, run_lesion
 from labeling_config import HAM_CLASSES, load_config
 from tests.backend.conftest import png_bytes, tiny_lesion_pair
 from tests.e2e.conftest import DERMASSIST, start_backend
@@ -49,7 +49,9 @@ def lesion_pair_with_partial_masks(root: Path, images: list[Image.Image]) -> tup
     return seg, dual
 
 
-def test_lesion_xml_predictions_in_label_studio(label_studio: LabelStudioServer, tmp_path: Path) -> None:
+def test_lesion_xml_predictions_in_label_studio(
+    label_studio: LabelStudioServer, ls: LabelStudioApi, tmp_path: Path
+) -> None:
     env = {
         **os.environ,
         "LABEL_STUDIO_URL": label_studio.url,
@@ -75,20 +77,20 @@ def test_lesion_xml_predictions_in_label_studio(label_studio: LabelStudioServer,
     assert version.startswith("lesion-")
     server = start_backend(free_port(), env, tmp_path / "serve.log")
     try:
-        ls = LabelStudioClient(label_studio.url, label_studio.token)
-        project = ls.post_json("/api/projects/", {"title": "Lesions (e2e)", "label_config": LESION_XML})["id"]
+        project = ls.projects.create(title="Lesions (e2e)", label_config=LESION_XML).id
+        assert project is not None
         # Label Studio refuses direct file uploads for a config with more than one data key (image,
         # age, sex, site): the tasks are imported as JSON, the images served from a local-files storage.
-        storage = {"project": project, "path": str(folder), "title": "lesions", "use_blob_urls": True}
-        ls.post_json("/api/storages/localfiles", storage)
-        rows = []
-        for i, (_, extra) in enumerate(CASES):
-            rows.append({"image": f"/data/local-files/?d=lesions/lesion{i}.png", **extra})
-        ls.post_json(f"/api/projects/{project}/import", rows)
+        ls.import_storage.local.create(project=project, path=str(folder), title="lesions", use_blob_urls=True)
+        rows = [
+            {"data": {"image": f"/data/local-files/?d=lesions/lesion{i}.png", **extra}}
+            for i, (_, extra) in enumerate(CASES)
+        ]
+        ls.projects.import_tasks(id=project, request=rows)
         tasks = sorted(ls_study.tasks(ls, project), key=lambda t: t["id"])
         assert len(tasks) == len(CASES)
         index = {task["id"]: i for i, task in enumerate(tasks)}
-        ls.post_json("/api/ml", {"project": project, "url": server.url, "title": "dermassist"})
+        ls.ml.create(project=project, url=server.url, title="dermassist")
         ls_study.retrieve_predictions(ls, project)
         predictions = wait_for(
             lambda: found if len(found := ls_study.predictions(ls, project)) >= len(CASES) else None,
@@ -96,8 +98,7 @@ def test_lesion_xml_predictions_in_label_studio(label_studio: LabelStudioServer,
             "a prediction for every lesion task",
         )
         # What the same pair gives for these images here, with the same metadata.
-        system = LesionHolder(tmp_path / "models").get()
-        assert system is not None
+        system = load_pair(*pair)
         expected = run_lesion(system, images, [extra for _, extra in CASES])
         for prediction in predictions:
             i = index[prediction["task"]]
