@@ -23,7 +23,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.serving.lesion import DUAL_FILE, SEG_FILE, lesion_dir, promote_lesion
-from consensus.dawid_skene import DawidSkene
-from consensus.models import Annotation, Item, Rater
-from consensus.staple import staple
-from labeling_config import HAM_CLASSES, HAM_DIAGNOSES, PATTERN_KEYS
-from labeling_config.parse import LESION_KEY
+from consensus.models import Item
+from consensus.repository import ham_code as ham_code  # the store's diagnosis -> HAM10000 code, re-exported
+from consensus.service import LesionReference, run_lesion_consensus
+from labeling_config import HAM_CLASSES, PATTERN_KEYS
 
 logger = logging.getLogger(__name__)
-
-_BY_NAME = {name.lower(): code for code, name in HAM_DIAGNOSES.items()}
-
-
-def ham_code(value: Any) -> str | None:
-    """A stored diagnosis as one of the seven HAM10000 codes (the code itself or its full name), else None."""
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    return text if text in HAM_CLASSES else _BY_NAME.get(text.lower())
 
 
 def decode_region(region: Mapping[str, Any]) -> NDArray[np.bool_] | None:
@@ -71,67 +59,15 @@ def decode_region(region: Mapping[str, Any]) -> NDArray[np.bool_] | None:
     return mask
 
 
-def consensus_mask(masks: list[NDArray[np.bool_]]) -> NDArray[np.bool_] | None:
-    """STAPLE of two or more raters' masks of one image (same size); one mask as it is; None for none."""
-    shapes = {m.shape for m in masks}
-    if not masks or len(shapes) != 1:
-        return None
-    if len(masks) == 1:
-        return masks[0]
-    mask: NDArray[np.bool_] = staple(masks).mask
-    return mask
-
-
-@dataclass
-class LesionReference:
-    """The store's lesion answers, reduced to one reference per item."""
-
-    posteriors: pd.DataFrame  # external id x HAM_CLASSES, Dawid-Skene posteriors
-    masks: dict[str, NDArray[np.bool_]]  # external id -> STAPLE mask
-    n_raters: int
-    skipped: list[str]
-
-
 def lesion_reference(session: Session) -> LesionReference:
-    """Dawid-Skene diagnoses and STAPLE masks from every live annotation of a lesion project.
+    """Dawid-Skene diagnoses and STAPLE masks from every live annotation of a lesion project, stored as a
+    consensus run (:func:`consensus.service.run_lesion_consensus`, with Label Studio's brush RLE decoded
+    by :func:`decode_region`). The caller commits.
 
     Raises:
         ValueError: no HAM10000 diagnosis in the store.
     """
-    rows = session.execute(
-        select(Item.external_id, Rater.name, Annotation.diagnosis, Annotation.regions)
-        .join(Annotation, Annotation.item_id == Item.id)
-        .join(Rater, Annotation.rater_id == Rater.id)
-        .where(Annotation.deleted.is_(False))
-        .order_by(Item.external_id, Rater.name)
-    ).all()
-    answers, skipped = [], []
-    outlines: dict[str, list[NDArray[np.bool_]]] = {}
-    for task, worker, diagnosis, regions in rows:
-        code = ham_code(diagnosis)
-        if code is not None:  # other diagnoses are a bcc.xml project's, for the BCC model
-            answers.append((task, worker, code))
-        for region in regions or []:
-            if region.get("label") != LESION_KEY:
-                continue
-            mask = decode_region(region)
-            if mask is None:
-                skipped.append(f"{task}/{worker}: unreadable lesion region")
-            else:
-                outlines.setdefault(task, []).append(mask)
-    if not answers:
-        raise ValueError("the store holds no HAM10000 diagnosis (no lesion.xml annotation yet)")
-    table = pd.DataFrame(answers, columns=["task", "worker", "label"])
-    posteriors = DawidSkene(classes=list(HAM_CLASSES)).fit(table).probas_
-    posteriors = posteriors.reindex(columns=list(HAM_CLASSES)).fillna(0.0)
-    masks = {}
-    for task, found in outlines.items():
-        mask = consensus_mask(found)
-        if mask is None:
-            skipped.append(f"{task}: the raters' lesion masks differ in size")
-        else:
-            masks[task] = mask
-    return LesionReference(posteriors, masks, int(table["worker"].nunique()), skipped)
+    return run_lesion_consensus(session, decode_region)
 
 
 def reference_table(
@@ -239,6 +175,8 @@ def retrain_lesion(
     if not (parent_seg.is_file() and parent_dual.is_file()):
         raise ValueError("no lesion pair is promoted: `dermassist models promote-lesion SEGNET DUAL` first")
     reference = lesion_reference(session)
+    session.commit()  # the consensus run is kept whatever becomes of the training
+    note(f"lesion: consensus run {reference.run.id} ({reference.run.method})")
     table = reference_table(session, reference, image_of, out / "reference-masks")
     if reference.skipped:
         note(f"lesion: {len(reference.skipped)} answer(s) or item(s) left out: {reference.skipped[:5]}")

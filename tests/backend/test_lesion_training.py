@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from sqlalchemy import func, select
@@ -12,9 +13,18 @@ from sqlalchemy import func, select
 from backend.api.app import create_app
 from backend.serving.lesion import LesionHolder, promote_lesion
 from backend.training import jobs
-from backend.training.lesion import consensus_mask, decode_region, ham_code, lesion_reference
-from consensus.models import JobStatus, ModelVersion, Source, TrainingJob
-from consensus.repository import get_or_create_item, get_or_create_rater, upsert_annotation
+from backend.training.lesion import decode_region, ham_code, lesion_reference
+from consensus.export import build_study, write_csv
+from consensus.models import ConsensusRun, JobStatus, ModelVersion, RunKind, Source, TrainingJob
+from consensus.repository import (
+    consensus_masks,
+    get_or_create_item,
+    get_or_create_rater,
+    latest_run,
+    upsert_annotation,
+)
+from consensus.service import consensus_mask
+from labeling_config import HAM_CLASSES
 from tests.backend.conftest import tiny_lesion_pair, with_settings
 from tests.backend.study_events import LESION_XML, lesion_tasks, webhook_events
 
@@ -63,10 +73,18 @@ def test_lesion_reference_from_the_store(sessions):
                                   ls_annotation_id=1000 * t + r)  # fmt: skip
         session.commit()
         reference = lesion_reference(session)
+        session.commit()
     assert reference.posteriors.idxmax(axis=1).to_dict() == {"a": "mel", "b": "bcc", "c": "nv"}
     np.testing.assert_allclose(reference.posteriors.sum(axis=1), 1.0)
     assert set(reference.masks) == {"a", "b"} and (reference.masks["a"] == truth).all()
     assert reference.n_raters == 3
+    # The reference is a stored consensus run: the store gives back the same masks (decoded from the RLE
+    # by the backend, stored by the consensus service).
+    with sessions() as session:
+        run = latest_run(session, RunKind.LESION)
+        assert run is not None and run.id == reference.run.id and run.method == "DawidSkene+STAPLE"
+        stored = consensus_masks(session, run, "lesion")
+        assert set(stored) == {"a", "b"} and (stored["b"] == truth).all()
 
 
 def test_no_ham_diagnosis_is_a_clear_error(sessions):
@@ -91,6 +109,21 @@ def test_webhooks_on_lesion_xml_retrain_and_promote_the_pair(settings, sessions,
         # No BCC model is served: only the lesion pair was trained (no DermNet version registered).
         assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
     assert "Dawid-Skene diagnoses of 40 items from 3 raters, STAPLE masks of 40" in row.log
+    # The job's reference is a stored consensus run, and the study export includes it.
+    with sessions() as session:
+        (run,) = session.scalars(select(ConsensusRun).where(ConsensusRun.kind == RunKind.LESION)).all()
+        assert f"lesion: consensus run {run.id} (DawidSkene+STAPLE)" in row.log
+        assert (run.n_items, run.n_raters) == (40, 3) and run.convergence["lesion"]["n_images"] == 40
+        study = build_study(session, kind=RunKind.LESION)
+    assert study.run["id"] == run.id and len(study.consensus) == 40
+    assert study.consensus["ham_diagnosis"].isin(HAM_CLASSES).all()
+    assert study.consensus["lesion_area"].between(0, 1, inclusive="neither").all()
+    assert set(study.reliability.label_key) == {*(f"ham_diagnosis:{c}" for c in HAM_CLASSES), "lesion"}
+    write_csv(study, settings.model_dir / "export")
+    exported = pd.read_csv(settings.model_dir / "export" / "consensus.csv")
+    assert len(exported) == 40 and {"ham_diagnosis", "ham_diagnosis_posterior", "lesion_posterior"} <= set(
+        exported.columns
+    )
     outcome = json.loads((settings.model_dir / "jobs" / str(job.id) / "lesion" / "lesion.json").read_text())
     assert outcome["n_train"] + outcome["n_validation"] == 40 and outcome["n_validation"] > 0
     assert 0.0 <= outcome["segnet"]["candidate_dice"] <= 1.0 and outcome["dual"]["promoted_loss"] > 0
