@@ -240,12 +240,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     _, sessions = init_db(settings.database_url)
     with sessions() as session:
         if args.action == "promote-lesion":
-            from backend.serving.lesion import promote_lesion
+            from backend.serving.lesion import promote_pair
 
             if not args.checkpoint or not args.dual:
                 raise ValueError("dermassist models promote-lesion SEGNET_CHECKPOINT DUAL_CHECKPOINT")
-            pair = promote_lesion(Path(settings.model_dir), args.checkpoint, args.dual)
-            print(f"promoted the lesion pair {pair}")
+            pair = promote_pair(session, Path(settings.model_dir), args.checkpoint, args.dual)
+            session.commit()
+            print(f"promoted the lesion pair {pair.version}")
             return 0
         if args.action == "promote":
             if not args.checkpoint:
@@ -260,7 +261,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         for row in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
             shown = [o.output for o in row.outputs if o.status == "validated"]
             print(
-                f"{row.version}\t{row.status.value}\t{row.created_at:%Y-%m-%d %H:%M}\t"
+                f"{row.version}\t{row.system}\t{row.status.value}\t{row.created_at:%Y-%m-%d %H:%M}\t"
                 f"{row.release or row.path}\tvalidated: {', '.join(shown) or 'none'}"
             )
     return 0

@@ -282,10 +282,11 @@ class ModelVersion(Base):
     """A trained checkpoint, its evaluation and whether it is served."""
 
     __tablename__ = "model_versions"
-    # At most one promoted model, enforced by the database (partial unique index).
+    # At most one promoted version per system, enforced by the database (partial unique index).
     __table_args__ = (
         Index(
             "uq_model_versions_one_promoted",
+            "system",
             "status",
             unique=True,
             sqlite_where=text("status = 'promoted'"),
@@ -295,7 +296,9 @@ class ModelVersion(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     version: Mapped[str] = mapped_column(String(64), unique=True)  # CheckpointMeta.version
-    path: Mapped[str] = mapped_column(Text)  # the checkpoint file
+    path: Mapped[str] = mapped_column(Text)  # the checkpoint file (a folder for a system of several)
+    # The served system it belongs to: "multitask" (the BCC model) or "lesion" (U-Net + classifier).
+    system: Mapped[str] = mapped_column(String(32), default="multitask", server_default="multitask")
     parent: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[ModelStatus] = mapped_column(
         SAEnum(ModelStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])

@@ -57,7 +57,7 @@ def test_outputs_without_real_validation_are_not_marked_validated():
 
 
 def test_real_sample_images_get_the_recorded_outputs():
-    from backend.serving.lesion import LesionHolder, run_lesion
+    from backend.serving.lesion import load_pair, run_lesion
     from backend.serving.multitask import load_served, run_batch
 
     torch.set_num_threads(1)
@@ -66,8 +66,8 @@ def test_real_sample_images_get_the_recorded_outputs():
     checks = _manifest()["checks"]
     assert len(checks) >= 4 and any(c["dermnet"]["bcc"] > 0.5 for c in checks)
     served = load_served(release.models["dermnet"].path)
-    system = LesionHolder(MODELS / "none", (release.models["segnet"].path, release.models["dual"].path)).get()
-    assert system is not None and system.released
+    system = load_pair(release.models["segnet"].path, release.models["dual"].path)
+    assert system.version.startswith("lesion-")
     for check in checks:
         with Image.open(ROOT / check["image"]) as im:
             image = im.convert("RGB")

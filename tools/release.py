@@ -204,7 +204,7 @@ def reference_outputs(
     import pandas as pd
     from PIL import Image
 
-    from backend.serving.lesion import LesionHolder, run_lesion
+    from backend.serving.lesion import load_pair, run_lesion
     from backend.serving.multitask import load_served, run_batch
 
     torch.set_num_threads(1)
@@ -212,7 +212,7 @@ def reference_outputs(
     labels = pd.read_csv(images / "labels.csv", dtype={"image_id": str}).sort_values("bcc", ascending=False)
     served = load_served(files["dermnet"])
     pair = (files["segnet"], files["dual"]) if "segnet" in files and "dual" in files else None
-    system = LesionHolder(folder / "none", pair).get() if pair else None
+    system = load_pair(*pair) if pair else None
     checks = []
     for image_id in labels["image_id"].head(n):
         path = next(p for p in (images / "images").glob(f"{image_id}.*"))

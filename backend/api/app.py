@@ -26,7 +26,8 @@ from backend.api.state import Backend
 from backend.collection.spool import EventSpool
 from backend.images import ImageError, ImageFetcher
 from backend.serving.holder import Serving
-from backend.serving.release import ReleaseError, install, lesion_pair, read_release
+from backend.serving.lesion import adopt_legacy_pair
+from backend.serving.release import ReleaseError, install, read_release
 from backend.settings import Settings, SettingsError
 from backend.training import jobs
 from backend.training.policy import Retraining
@@ -66,6 +67,7 @@ def create_app(
         raise SettingsError(str(exc)) from None
     if release is not None:
         install(sessions, settings.model_dir, release)
+    adopt_legacy_pair(sessions, settings.model_dir)
     runner: jobs.Runner | None = None
     if settings.redis_url:
         runner = jobs.RQQueue(settings.redis_url)
@@ -75,7 +77,7 @@ def create_app(
         settings=settings,
         sessions=sessions,
         fetcher=fetcher,
-        serving=Serving.create(sessions, settings.model_dir, lesion_pair(release)),
+        serving=Serving(sessions),
         retraining=Retraining(sessions, settings.start_training_each_n_updates, runner),
         release=release,
     )

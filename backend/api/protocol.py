@@ -25,8 +25,8 @@ from backend.api.requests import MAX_EVENT_BYTES, ApiError, json_body, parse_jso
 from backend.api.state import backend
 from backend.collection.ingest import KNOWN_ACTIONS, TRAIN_EVENT, ingest_webhook, record_refused
 from backend.serving import registry
-from backend.serving.holder import MULTITASK
 from backend.serving.predict import predict_tasks
+from backend.serving.registry import LESION, MULTITASK
 from consensus.repository import model_versions
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def versions() -> Response:
         models = [
             {
                 "version": v.version,
+                "system": v.system,
                 "status": v.status.value,
                 "release": v.release,
                 "created_at": v.created_at.isoformat(),
@@ -169,14 +170,15 @@ def versions() -> Response:
             }
             for v in rows
         ]
-    system = state.serving.lesion_pair()
+    served = {m["system"]: m for m in models if m["status"] == "promoted"}
+    pair = served.get(LESION)
     lesion = (
-        {"version": system.version, "released": system.released, "outputs": system.provenance}
-        if system is not None
+        {"version": pair["version"], "released": pair["release"] is not None, "outputs": pair["outputs"]}
+        if pair is not None
         else None
     )
     return jsonify(
-        versions=[m["version"] for m in models],
+        versions=[m["version"] for m in models if m["system"] == MULTITASK],
         model_version=state.serving.version(),
         show_outputs=state.settings.show_outputs,
         models=models,

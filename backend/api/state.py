@@ -21,7 +21,8 @@ from backend.api.requests import ApiError
 from backend.collection.ingest import TRAIN_EVENT, EventError, ingest_webhook
 from backend.collection.spool import EventSpool
 from backend.images import ImageFetcher
-from backend.serving.holder import LESION, MULTITASK, Serving, systems_for
+from backend.serving.holder import Serving, systems_for
+from backend.serving.registry import LESION, MULTITASK
 from backend.serving.release import Release
 from backend.settings import Settings
 from backend.training.policy import Retraining

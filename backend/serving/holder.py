@@ -9,23 +9,68 @@ diagnosis and the lesion outline.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.label_studio.predictions import MODEL_ROLES
-from backend.serving import registry
-from backend.serving.lesion import LesionHolder, LesionSystem
-from backend.serving.multitask import ModelHolder, ServedModel
+from backend.serving import lesion, multitask, registry
+from backend.serving.lesion import LesionSystem
+from backend.serving.multitask import ServedModel
 from backend.serving.predict import Served
+from backend.serving.registry import LESION, MULTITASK
 from labeling_config.parse import ProjectConfig, Role
+
+logger = logging.getLogger(__name__)
 
 PROMOTED_CHECK_S = 1.0
 UNTRAINED = "untrained"
-MULTITASK, LESION = "multitask", "lesion"
 LESION_ROLES = (Role.HAM_DIAGNOSIS, Role.LESION)
+
+#: How each system's registered version is loaded: ``(path, version) -> the served object`` (with a
+#: ``version``). A third system is one more entry here and its module.
+LOADERS: dict[str, Callable[[str, str], Any]] = {
+    MULTITASK: lambda path, version: multitask.load_served(path),
+    LESION: lesion.load_version,
+}
+
+
+class Holder:
+    """One loaded version per system; :meth:`ensure` swaps it when the promoted version changes.
+
+    A swap loads the new version beside the old one, then replaces it in one assignment: a request
+    holds whichever it read, never a half-loaded model. One loader per system at a time; the others
+    wait and reuse its result.
+    """
+
+    def __init__(self, loaders: Mapping[str, Callable[[str, str], Any]] = LOADERS) -> None:
+        self.loaders = dict(loaders)
+        self._current: dict[str, Any] = {}
+        self._locks = {system: threading.Lock() for system in self.loaders}
+
+    def current(self, system: str) -> Any | None:
+        return self._current.get(system)
+
+    def ensure(self, system: str, version: str, path: str) -> Any:
+        """``system``'s ``version``, loading it from ``path`` if another one is being served."""
+        current = self._current.get(system)
+        if current is not None and current.version == version:
+            return current
+        with self._locks[system]:
+            current = self._current.get(system)
+            if current is not None and current.version == version:
+                return current
+            loaded = self.loaders[system](path, version)
+            if loaded.version != version:
+                logger.warning("%s holds version %s, registered as %s", path, loaded.version, version)
+            self._current[system] = loaded
+            logger.info("serving %s %s (%s)", system, loaded.version, path)
+            return loaded
 
 
 def systems_for(config: ProjectConfig) -> tuple[str, ...]:
@@ -40,39 +85,38 @@ def systems_for(config: ProjectConfig) -> tuple[str, ...]:
 
 @dataclass
 class Serving:
-    """The served systems of one process."""
+    """The served systems of one process: the registry's promoted versions, loaded by one holder."""
 
     sessions: sessionmaker[Session]
-    lesion: LesionHolder
-    multitask: ModelHolder = field(default_factory=ModelHolder)
-    _promoted: tuple[float, str | None, str | None] = (0.0, None, None)
+    holder: Holder = field(default_factory=Holder)
+    _promoted: dict[str, tuple[float, str | None, str | None]] = field(default_factory=dict)
 
-    @classmethod
-    def create(
-        cls, sessions: sessionmaker[Session], model_dir: Path, lesion_fallback: tuple[Path, Path] | None
-    ) -> Serving:
-        return cls(sessions=sessions, lesion=LesionHolder(model_dir, lesion_fallback))
-
-    def bcc_model(self) -> ServedModel | None:
-        """The promoted BCC model (None when no version is promoted)."""
-        checked, version, path = self._promoted
+    def served(self, system: str) -> Any | None:
+        """``system``'s promoted version, loaded (None when none is promoted)."""
+        checked, version, path = self._promoted.get(system, (0.0, None, None))
         now = time.monotonic()
         if now - checked > PROMOTED_CHECK_S:
             with self.sessions() as session:
-                current = registry.promoted(session)
-                version, path = (current.version, current.path) if current is not None else (None, None)
-            self._promoted = (now, version, path)
+                row = registry.promoted(session, system)
+                version, path = (row.version, row.path) if row is not None else (None, None)
+            self._promoted[system] = (now, version, path)
         if version is None or path is None:
             return None
-        return self.multitask.ensure(version, path)
+        return self.holder.ensure(system, version, path)
+
+    def bcc_model(self) -> ServedModel | None:
+        """The promoted BCC model."""
+        served: ServedModel | None = self.served(MULTITASK)
+        return served
 
     def lesion_pair(self) -> LesionSystem | None:
-        """The served lesion pair (None when there is none)."""
-        return self.lesion.get()
+        """The promoted lesion pair."""
+        served: LesionSystem | None = self.served(LESION)
+        return served
 
     def available(self, system: str) -> bool:
-        """Whether ``system`` has a version to serve (the BCC model's absence is answered per request)."""
-        return system != LESION or self.lesion.available()
+        """Whether ``system`` has a version to serve."""
+        return self.served(system) is not None
 
     def version(self, config: ProjectConfig | None = None) -> str:
         """The version that fills ``config`` (the BCC model's, the lesion pair's, or both joined by +);

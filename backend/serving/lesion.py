@@ -1,7 +1,8 @@
 """The second system in the backend: lesion mask + seven-class diagnosis for projects on ``lesion.xml``.
 
-The pair of checkpoints (segmentation U-Net, dual-encoder classifier) lives in ``MODEL_DIR/lesion/``
-(``dermassist models promote-lesion SEG DUAL`` copies them there atomically). Per image: the U-Net's
+The pair of checkpoints (segmentation U-Net, dual-encoder classifier) is one version of the ``lesion``
+system in the registry (:mod:`backend.serving.registry`: ``MODEL_DIR/versions/lesion-<hash>/``;
+``dermassist models promote-lesion SEG DUAL`` registers and promotes one). Per image: the U-Net's
 mask at the image's own size (sigmoid >= 0.5), the lesion crop from that mask, the dual classifier with
 the task's age / sex / site (read from the task-data fields the config shows; missing values are the
 model's "unknown"), then:
@@ -15,7 +16,6 @@ model's "unknown"), then:
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +26,16 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from backend.label_studio.predictions import brush_item
+from backend.serving import registry
 from backend.serving.multitask import to_tensor
+from backend.serving.registry import LESION, Candidate
+from consensus.models import ModelVersion
 from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
-from model.common.checkpoint import atomic_copy
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
@@ -48,7 +52,6 @@ class LesionSystem:
     image_size: int
     lesion_size: int
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # lesion, diagnosis
-    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,33 +61,62 @@ class LesionOutput:
     probs: dict[str, float]  # HAM10000 class -> probability
 
 
-def lesion_dir(model_dir: Path) -> Path:
-    return Path(model_dir) / "lesion"
+def pair_version(segnet: Path, dual: Path) -> str:
+    """``lesion-<hash of both files>``."""
+    digest = hashlib.sha256()
+    for path in (segnet, dual):
+        digest.update(Path(path).read_bytes())
+    return f"lesion-{digest.hexdigest()[:12]}"
 
 
-def promote_lesion(model_dir: Path, segnet: str | Path, dual: str | Path) -> str:
-    """Copy a segmentation and a dual-encoder checkpoint in as the served pair; returns its version.
+def pair_candidate(segnet: str | Path, dual: str | Path) -> Candidate:
+    """A U-Net and a dual-encoder checkpoint as a version of the ``lesion`` system.
 
     Raises:
-        ValueError: a file is not the right kind of checkpoint.
+        FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
+    from model.common.checkpoint import read_checkpoint
     from model.lesion.segmentation import load_segnet
     from model.lesion.train_dual import load_dual
 
-    load_segnet(segnet)  # refuse wrong files before anything is replaced
-    load_dual(dual)
-    target = lesion_dir(model_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    for source, name in ((segnet, SEG_FILE), (dual, DUAL_FILE)):
-        atomic_copy(source, target / name)
-    return _version((target / SEG_FILE, target / DUAL_FILE))
+    load_segnet(segnet)  # refuse wrong files before anything is registered
+    _, dual_meta = load_dual(dual)
+    return Candidate(
+        system=LESION,
+        version=pair_version(Path(segnet), Path(dual)),
+        files={SEG_FILE: Path(segnet), DUAL_FILE: Path(dual)},
+        outputs=(LESION_OUTPUT, DIAGNOSIS_OUTPUT),
+        provenance=pair_provenance(read_checkpoint(segnet), dual_meta),
+    )
 
 
-def _version(paths: tuple[Path, Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return f"lesion-{digest.hexdigest()[:12]}"
+def promote_pair(
+    session: Session, model_dir: Path, segnet: str | Path, dual: str | Path, **recorded: Any
+) -> ModelVersion:
+    """Register a pair and serve it from now on (the caller commits); ``recorded``: as
+    :func:`backend.serving.registry.register` takes (metrics, job_id, consensus_run_id, ...)."""
+    version = registry.register(session, pair_candidate(segnet, dual), model_dir, **recorded)
+    registry.promote(session, version)
+    return version
+
+
+def adopt_legacy_pair(sessions: sessionmaker[Session], model_dir: Path) -> str | None:
+    """A pair promoted before the registry knew the lesion system (files in ``MODEL_DIR/lesion/``):
+    registered and promoted once, when no pair is promoted; its version (or None)."""
+    folder = Path(model_dir) / "lesion"
+    segnet, dual = folder / SEG_FILE, folder / DUAL_FILE
+    if not (segnet.is_file() and dual.is_file()):
+        return None
+    with sessions() as session:
+        if registry.promoted(session, LESION) is not None:
+            return None
+        try:
+            version = promote_pair(session, model_dir, segnet, dual)
+            session.commit()
+        except IntegrityError:  # another worker adopted it at the same moment
+            session.rollback()
+            return None
+        return version.version
 
 
 def pair_provenance(seg_raw: Mapping[str, Any], dual_raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -112,58 +144,33 @@ def pair_provenance(seg_raw: Mapping[str, Any], dual_raw: Mapping[str, Any]) -> 
     return {LESION_OUTPUT: seg.get(LESION_OUTPUT, {}), DIAGNOSIS_OUTPUT: dual.get(DIAGNOSIS_OUTPUT, {})}
 
 
-class LesionHolder:
-    """Loads the pair once per process; reloads when the files change (a new promotion).
+def load_pair(segnet: str | Path, dual: str | Path, version: str | None = None) -> LesionSystem:
+    """The pair loaded for serving (eval mode), with its outputs' provenance.
 
-    The pair promoted into ``MODEL_DIR/lesion/`` is served; without one, the released pair
-    (``fallback``: the U-Net's and the dual classifier's files, SHA-256 checked by
-    ``backend.serving.release``).
+    Raises:
+        FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
+    from model.common.checkpoint import read_checkpoint
+    from model.lesion.segmentation import load_segnet
+    from model.lesion.train_dual import load_dual
 
-    def __init__(self, model_dir: Path, fallback: tuple[Path, Path] | None = None) -> None:
-        self.folder = lesion_dir(model_dir)
-        self.fallback = fallback
-        self._current: LesionSystem | None = None
-        self._stamp: tuple[str, float, float] | None = None
-        self._lock = threading.Lock()
+    seg_net, seg_meta = load_segnet(segnet)
+    dual_net, dual_meta = load_dual(dual)
+    config = dual_meta["config"]
+    return LesionSystem(
+        version=version or pair_version(Path(segnet), Path(dual)),
+        segnet=seg_net.eval(),
+        seg_size=int(seg_meta.input_size),
+        dual=dual_net.eval(),
+        image_size=int(config["image_size"]),
+        lesion_size=int(config["lesion_size"]),
+        provenance=pair_provenance(read_checkpoint(segnet), dual_meta),
+    )
 
-    def _paths(self) -> tuple[Path, Path] | None:
-        promoted = (self.folder / SEG_FILE, self.folder / DUAL_FILE)
-        if promoted[0].is_file() and promoted[1].is_file():
-            return promoted
-        return self.fallback
 
-    def available(self) -> bool:
-        return self._paths() is not None
-
-    def get(self) -> LesionSystem | None:
-        paths = self._paths()
-        if paths is None:
-            return None
-        stamp = (str(paths[0]), paths[0].stat().st_mtime, paths[1].stat().st_mtime)
-        if self._current is not None and stamp == self._stamp:
-            return self._current
-        with self._lock:
-            if self._current is None or stamp != self._stamp:
-                from model.common.checkpoint import read_checkpoint
-                from model.lesion.segmentation import load_segnet
-                from model.lesion.train_dual import load_dual
-
-                segnet, seg_meta = load_segnet(paths[0])
-                dual, dual_meta = load_dual(paths[1])
-                config = dual_meta["config"]
-                self._current = LesionSystem(
-                    version=_version(paths),
-                    segnet=segnet.eval(),
-                    seg_size=int(seg_meta.input_size),
-                    dual=dual.eval(),
-                    image_size=int(config["image_size"]),
-                    lesion_size=int(config["lesion_size"]),
-                    provenance=pair_provenance(read_checkpoint(paths[0]), dual_meta),
-                    released=paths == self.fallback,
-                )
-                self._stamp = stamp
-            return self._current
+def load_version(path: str | Path, version: str) -> LesionSystem:
+    """A registered pair (its folder in ``MODEL_DIR/versions/``), as the holder loads it."""
+    return load_pair(Path(path) / SEG_FILE, Path(path) / DUAL_FILE, version)
 
 
 def metadata_row(data: Mapping[str, Any] | None, config: ProjectConfig) -> dict[str, Any]:

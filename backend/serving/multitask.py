@@ -1,17 +1,14 @@
-"""The served network: loaded once per process, swapped atomically, run on a batch in one pass.
+"""The BCC model in the backend (the ``multitask`` system): loaded for serving, run on a batch in one pass.
 
-:class:`ModelHolder` keeps the current :class:`ServedModel` in one attribute; a swap builds the new
-model completely first and then replaces that attribute, so a request in flight finishes on the model
-it started with and the next one sees the new model (no lock on the hot path, no half-loaded state).
-:func:`run_batch` resizes the images as validation does (square, no crop), runs one forward pass per
-chunk and returns, per image, the calibrated probability of every output and its Grad-CAM map at
-feature resolution (to be resized to the image's own size by the caller).
+:func:`load_served` loads a registered checkpoint (the holder, :mod:`backend.serving.holder`, keeps it and
+swaps it on promotion). :func:`run_batch` resizes the images as validation does (square, no crop), runs
+one forward pass per chunk and returns, per image, the calibrated probability of every output and its
+Grad-CAM map at feature resolution (to be resized to the image's own size by the caller).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,34 +58,6 @@ def load_served(path: str | Path) -> ServedModel:
     network, meta = load_checkpoint(path)
     network.eval()
     return ServedModel(version=meta.version, network=network, meta=meta, path=Path(path))
-
-
-class ModelHolder:
-    """The process's current model; :meth:`ensure` swaps it when the promoted version changes."""
-
-    def __init__(self) -> None:
-        self._current: ServedModel | None = None
-        self._swap_lock = threading.Lock()
-
-    @property
-    def current(self) -> ServedModel | None:
-        return self._current
-
-    def ensure(self, version: str, path: str | Path) -> ServedModel:
-        """The model of ``version``, loading it from ``path`` if another one is being served."""
-        current = self._current
-        if current is not None and current.version == version:
-            return current
-        with self._swap_lock:  # one loader at a time; the others wait and then reuse its result
-            current = self._current
-            if current is not None and current.version == version:
-                return current
-            served = load_served(path)
-            if served.version != version:
-                logger.warning("%s holds version %s, registered as %s", path, served.version, version)
-            self._current = served
-            logger.info("serving model %s (%s)", served.version, path)
-            return served
 
 
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:

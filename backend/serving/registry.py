@@ -1,14 +1,20 @@
-"""Model versions: where checkpoints live, which one is served, how one is promoted.
+"""Model versions of every served system: where their files live, which one is served, promotion.
 
-Checkpoints are copied into ``MODEL_DIR/versions/<version>.pt`` (atomically) and registered in
-``model_versions``. Exactly one version at most has status ``promoted`` (a partial unique index says
-so in the database); every backend process serves that one, checking the table at most once a
-second, so a promotion reaches every worker process without a restart. Promotion is one
-transaction: a job killed before it commits leaves the served model as it was.
+One registry for both systems: a version is a row of ``model_versions`` with the system it belongs to
+(``multitask``: the BCC model, one checkpoint; ``lesion``: the U-Net and the dual classifier, served as
+one pair) and each output's provenance (``model_outputs``). Its files are copied into
+``MODEL_DIR/versions/`` atomically: ``<version>.pt`` for one file, ``<version>/`` for several. At most
+one version per system has status ``promoted`` (a partial unique index says so in the database); every
+backend process serves that one (:mod:`backend.serving.holder`), so a promotion reaches every worker
+without a restart. Promotion is one transaction: a job killed before it commits leaves the served model
+as it was. Each system says what a version of it is (:class:`Candidate`): :func:`checkpoint_candidate`
+for the BCC model, :func:`backend.serving.lesion.pair_candidate` for the pair.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +25,58 @@ from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
 from model.common.checkpoint import CheckpointMeta, atomic_copy, read_checkpoint
 from model.common.provenance import Provenance, record, status_of
 
+MULTITASK, LESION = "multitask", "lesion"  # the served systems
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a system says a version of it is, before it is registered.
+
+    Attributes:
+        files: the version's files by their name in its folder; a single file is kept as
+            ``<version>.pt``.
+        outputs: the outputs it fills, each recorded with its provenance (none: untrained).
+    """
+
+    system: str
+    version: str
+    files: dict[str, Path]
+    outputs: tuple[str, ...]
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parent: str | None = None
+
+
+def checkpoint_candidate(checkpoint: str | Path) -> Candidate:
+    """A BCC model checkpoint as a version of the ``multitask`` system.
+
+    Raises:
+        FileNotFoundError, ValueError: the file is missing or not a dermassist checkpoint.
+    """
+    meta = CheckpointMeta.from_dict(read_checkpoint(checkpoint)["meta"])
+    return Candidate(
+        system=MULTITASK,
+        version=meta.version,
+        files={f"{meta.version}.pt": Path(checkpoint)},
+        outputs=tuple(meta.targets),
+        provenance=dict(meta.provenance),
+        parent=meta.parent,
+    )
+
 
 def versions_dir(model_dir: Path) -> Path:
     return Path(model_dir) / "versions"
 
 
-def promoted(session: Session) -> ModelVersion | None:
-    """The served model version, if any."""
-    return session.scalars(select(ModelVersion).where(ModelVersion.status == ModelStatus.PROMOTED)).first()
+def promoted(session: Session, system: str = MULTITASK) -> ModelVersion | None:
+    """The served version of ``system``, if any."""
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.status == ModelStatus.PROMOTED, ModelVersion.system == system)
+    ).first()
 
 
 def register(
     session: Session,
-    checkpoint: str | Path,
+    checkpoint: str | Path | Candidate,
     model_dir: Path,
     status: ModelStatus = ModelStatus.CANDIDATE,
     metrics: dict[str, Any] | None = None,
@@ -40,41 +85,62 @@ def register(
     release: str | None = None,
     provenance: dict[str, dict[str, Any]] | None = None,
 ) -> ModelVersion:
-    """Copy a checkpoint into the model folder and record it with each output's provenance (idempotent
-    per version).
+    """Copy a version's files into the model folder and record it with each output's provenance
+    (idempotent per version).
 
     Args:
-        provenance: per output, where it comes from (default: what the checkpoint records; an output
+        checkpoint: a BCC model checkpoint, or any system's :class:`Candidate`.
+        provenance: per output, where it comes from (default: what the candidate records; an output
             it says nothing about is recorded as untrained).
         release: the name of a released model.
 
     Raises:
         FileNotFoundError, ValueError: the file is missing or not a dermassist checkpoint.
     """
-    meta = CheckpointMeta.from_dict(read_checkpoint(checkpoint)["meta"])
-    existing = session.scalars(select(ModelVersion).where(ModelVersion.version == meta.version)).first()
+    candidate = checkpoint if isinstance(checkpoint, Candidate) else checkpoint_candidate(checkpoint)
+    existing = session.scalars(select(ModelVersion).where(ModelVersion.version == candidate.version)).first()
     if existing is not None:
         if metrics:
-            existing.metrics = dict(metrics)
+            existing.metrics = _json_safe(metrics)
         return existing
-    recorded = provenance if provenance is not None else meta.provenance
-    target = versions_dir(model_dir) / f"{meta.version}.pt"
-    if not target.exists():
-        atomic_copy(checkpoint, target)
+    recorded = provenance if provenance is not None else candidate.provenance
+    folder = versions_dir(model_dir)
+    if len(candidate.files) == 1:
+        ((name, source),) = candidate.files.items()
+        target = folder / name
+        copies = {target: source}
+    else:
+        target = folder / candidate.version
+        copies = {target / name: source for name, source in candidate.files.items()}
+    for copy, source in copies.items():
+        if not copy.exists():
+            atomic_copy(source, copy)
     version = ModelVersion(
-        version=meta.version,
+        version=candidate.version,
+        system=candidate.system,
         path=str(target),
-        parent=meta.parent,
+        parent=candidate.parent,
         status=status,
-        metrics=dict(metrics or {}),
+        metrics=_json_safe(metrics or {}),
         job_id=job_id,
         consensus_run_id=consensus_run_id,
         release=release,
-        outputs=[output_row(key, recorded.get(key)) for key in meta.targets],
+        outputs=[output_row(key, recorded.get(key)) for key in candidate.outputs],
     )
     session.add(version)
     session.flush()
     return version
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (PostgreSQL's JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def output_row(key: str, entry: dict[str, Any] | None) -> ModelOutput:
@@ -107,10 +173,14 @@ def find(session: Session, name: str) -> ModelVersion | None:
 
 
 def promote(session: Session, version: ModelVersion) -> None:
-    """Serve ``version`` from now on; the previously promoted one is retired (caller commits)."""
+    """Serve ``version`` from now on; its system's previously promoted one is retired (caller commits)."""
     session.execute(
         update(ModelVersion)
-        .where(ModelVersion.status == ModelStatus.PROMOTED, ModelVersion.id != version.id)
+        .where(
+            ModelVersion.status == ModelStatus.PROMOTED,
+            ModelVersion.system == version.system,
+            ModelVersion.id != version.id,
+        )
         .values(status=ModelStatus.RETIRED)
     )
     session.flush()

@@ -2,12 +2,12 @@
 
 ``models/release.json`` lists each released file with its SHA-256, its version and each output's
 provenance (:mod:`model.common.provenance`); a model card (``<name>.md``) stands beside each file. At start,
-``serve`` (every worker) verifies the files and registers the released DermNet in the store's
-``model_versions`` (with its outputs in ``model_outputs``), promoting it when no version is promoted
-yet or an earlier release is: a fresh deployment serves it with no promote step, an upgraded checkout
-serves its new release, and a model someone promotes or a retraining job produces replaces it for
-good (``dermassist models promote release`` returns to it). The released lesion pair (U-Net + dual
-classifier) is served for ``lesion.xml`` projects until a pair is promoted into ``MODEL_DIR/lesion``.
+``serve`` (every worker) verifies the files and registers each released system in the store's
+``model_versions`` (with its outputs in ``model_outputs``): the BCC model (DermNet) and the lesion pair
+(U-Net + dual classifier, one version of the ``lesion`` system). Each is promoted when its system has
+no promoted version yet or an earlier release is: a fresh deployment serves it with no promote step,
+an upgraded checkout serves its new release, and a model someone promotes or a retraining job produces
+replaces it for good (``dermassist models promote release`` returns to the BCC model).
 
 ``RELEASE_DIR`` points at the folder (default: ``models/`` of this checkout; the Docker image sets it);
 ``RELEASE_DIR=none`` turns the release off.
@@ -114,41 +114,60 @@ def read_release(folder: str | Path | None) -> Release | None:
 
 
 def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) -> str | None:
-    """Register the released DermNet in the store, promoted if no version is (or an earlier release is);
-    its version (or None).
+    """Register each released system in the store, each promoted if its system has no promoted version
+    (or an earlier release is); the released DermNet's version (or None).
 
     Safe from any number of workers at once: a version or a promotion another one recorded first is
     kept as it is.
     """
+    installed: dict[str, str] = {}
     model = release.models.get("dermnet")
-    if model is None:
-        return None
+    if model is not None:
+        candidate = registry.checkpoint_candidate(model.path)
+        installed["dermnet"] = _install(
+            sessions, model_dir, candidate, release.label("dermnet"), model.metrics, model.outputs
+        )
+    pair = lesion_pair(release)
+    if pair is not None:
+        from backend.serving.lesion import pair_candidate
+
+        seg, dual = release.models["segnet"], release.models["dual"]
+        candidate = pair_candidate(*pair)
+        outputs = {**candidate.provenance, **seg.outputs, **dual.outputs}
+        metrics = {"segnet": seg.metrics, "dual": dual.metrics}
+        installed["lesion"] = _install(
+            sessions, model_dir, candidate, f"{release.name}/lesion", metrics, outputs
+        )
+    return installed.get("dermnet")
+
+
+def _install(
+    sessions: sessionmaker[Session],
+    model_dir: Path,
+    candidate: registry.Candidate,
+    label: str,
+    metrics: dict[str, Any],
+    outputs: dict[str, dict[str, Any]],
+) -> str:
     for attempt in range(3):
         with sessions() as session:
             try:
                 version = registry.register(
-                    session,
-                    model.path,
-                    model_dir,
-                    metrics=model.metrics,
-                    release=release.label("dermnet"),
-                    provenance=model.outputs,
+                    session, candidate, model_dir, metrics=metrics, release=label, provenance=outputs
                 )
-                current = registry.promoted(session)
+                current = registry.promoted(session, candidate.system)
                 # Served when nothing is, or when an earlier release is (an upgrade of the checkout):
                 # a model someone promoted or a retraining job produced is never replaced here.
                 if current is None or (current.release is not None and current.version != version.version):
                     registry.promote(session, version)
-                    logger.info(
-                        "serving the released model %s (%s)", version.version, release.label("dermnet")
-                    )
+                    logger.info("serving the released %s %s (%s)", candidate.system, version.version, label)
                 session.commit()
                 return version.version
             except IntegrityError:  # another worker registered or promoted at the same moment
                 session.rollback()
                 if attempt == 2:
                     raise
-    return None
+    raise AssertionError("unreachable")
 
 
 def lesion_pair(release: Release | None) -> tuple[Path, Path] | None:

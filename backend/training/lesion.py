@@ -10,11 +10,12 @@ the store holds answers from a ``lesion.xml`` project. The reference standard is
   taken as it is; an image nobody outlined has no mask and trains only the classifier).
 
 Both networks are fine-tuned from the promoted pair on the items outside the fixed validation split
-(:func:`backend.training.jobs.is_validation`), then scored on that split against the same reference: the U-Net
-by its mean Dice against the STAPLE masks, the classifier by its cross-entropy against the Dawid-Skene
-posteriors (a proper scoring rule on soft targets). Each network replaces the promoted one only if it
-is not worse; the pair is then promoted as one (``MODEL_DIR/lesion``, atomically per file), and the
-served version changes with it. Nothing is replaced before that last step.
+(:func:`backend.training.training_set.is_validation`), then scored on that split against the same reference:
+the U-Net by its mean Dice against the STAPLE masks, the classifier by its cross-entropy against the
+Dawid-Skene posteriors (a proper scoring rule on soft targets). Each network replaces the promoted one only
+if it is not worse; the pair is then registered and promoted as one version of the ``lesion`` system
+(:mod:`backend.serving.registry`), and the served version changes with it. Nothing is replaced before that
+last step.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.serving.lesion import DUAL_FILE, SEG_FILE, lesion_dir, promote_lesion
+from backend.serving import registry
+from backend.serving.lesion import DUAL_FILE, SEG_FILE, promote_pair
 from consensus.models import Item
 from consensus.repository import ham_code as ham_code  # the store's diagnosis -> HAM10000 code, re-exported
 from consensus.service import LesionReference, run_lesion_consensus
@@ -170,10 +172,10 @@ def retrain_lesion(
     from model.lesion.train_dual import DualConfig, train_dual
     from model.lesion.train_seg import SegTrainConfig, train_seg
 
-    folder = lesion_dir(model_dir)
-    parent_seg, parent_dual = folder / SEG_FILE, folder / DUAL_FILE
-    if not (parent_seg.is_file() and parent_dual.is_file()):
+    parent = registry.promoted(session, registry.LESION)
+    if parent is None:
         raise ValueError("no lesion pair is promoted: `dermassist models promote-lesion SEGNET DUAL` first")
+    parent_seg, parent_dual = Path(parent.path) / SEG_FILE, Path(parent.path) / DUAL_FILE
     reference = lesion_reference(session)
     session.commit()  # the consensus run is kept whatever becomes of the training
     note(f"lesion: consensus run {reference.run.id} ({reference.run.method})")
@@ -243,9 +245,16 @@ def retrain_lesion(
     take_dual = not_worse(outcome["dual"]["candidate_loss"], outcome["dual"]["promoted_loss"], False)
     outcome["promoted"] = {"segnet": take_seg, "dual": take_dual}
     if take_seg or take_dual:
-        outcome["version"] = promote_lesion(
-            model_dir, new_seg if take_seg and new_seg else parent_seg, new_dual if take_dual else parent_dual
+        promoted = promote_pair(
+            session,
+            model_dir,
+            new_seg if take_seg and new_seg else parent_seg,
+            new_dual if take_dual else parent_dual,
+            metrics=outcome,
+            consensus_run_id=reference.run.id,
         )
+        session.commit()
+        outcome["version"] = promoted.version
     (out / "lesion.json").write_text(json.dumps(outcome, indent=2, default=float))
     note(f"lesion: {json.dumps(outcome, default=float)}")
     return outcome

@@ -258,7 +258,6 @@ def run_job(job_id: int, settings: Settings) -> None:
     import torch
 
     from backend.serving import registry
-    from backend.serving.lesion import LesionHolder
     from consensus.db import init_db
 
     torch.set_num_threads(settings.threads)
@@ -278,7 +277,7 @@ def run_job(job_id: int, settings: Settings) -> None:
         session.commit()
     try:
         with sessions() as session:
-            lesion_wanted = LesionHolder(Path(settings.model_dir)).available() and _has_lesion_answers(
+            lesion_wanted = registry.promoted(session, registry.LESION) is not None and _has_lesion_answers(
                 session
             )
             dermnet_wanted = (

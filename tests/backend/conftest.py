@@ -63,6 +63,16 @@ def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
     return root / "seg.pt", root / "dual.pt"
 
 
+def promote_lesion(sessions: Any, model_dir: Path, segnet: Path, dual: Path) -> str:
+    """Register and promote a lesion pair (as ``dermassist models promote-lesion`` does); its version."""
+    from backend.serving.lesion import promote_pair
+
+    with sessions() as session:
+        version = promote_pair(session, model_dir, segnet, dual)
+        session.commit()
+        return version.version
+
+
 class Files:
     """What the test HTTP server serves: path -> (status, headers, body); records request headers."""
 

@@ -10,9 +10,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.api.app import create_app
-from backend.serving.lesion import promote_lesion
 from labeling_config import HAM_CLASSES, load_config
-from tests.backend.conftest import png_bytes, tiny_lesion_pair
+from tests.backend.conftest import png_bytes, promote_lesion, tiny_lesion_pair
 
 LESION_XML = load_config("lesion")
 
@@ -40,7 +39,7 @@ def test_lesion_xml_without_the_second_system_is_a_clear_422(client):
 def test_lesion_xml_gets_a_mask_of_the_image_size_and_one_of_seven_diagnoses(
     settings, sessions, promoted, lesion_pair, image_server
 ):
-    version = promote_lesion(settings.model_dir, *lesion_pair)
+    version = promote_lesion(sessions, settings.model_dir, *lesion_pair)
     client = create_app(settings, sessions=sessions).test_client()
     setup = client.post("/setup", json={"schema": LESION_XML}).get_json()
     assert setup["model_version"] == version

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from backend.api.app import create_app
-from backend.serving.lesion import LesionHolder, promote_lesion
+from backend.serving.holder import Serving
 from backend.training import jobs
 from backend.training.lesion import decode_region, ham_code, lesion_reference
 from consensus.export import build_study, write_csv
@@ -25,7 +25,7 @@ from consensus.repository import (
 )
 from consensus.service import consensus_mask
 from labeling_config import HAM_CLASSES
-from tests.backend.conftest import tiny_lesion_pair, with_settings
+from tests.backend.conftest import promote_lesion, tiny_lesion_pair, with_settings
 from tests.backend.study_events import LESION_XML, lesion_tasks, webhook_events
 
 
@@ -95,7 +95,7 @@ def test_no_ham_diagnosis_is_a_clear_error(sessions):
 def test_webhooks_on_lesion_xml_retrain_and_promote_the_pair(settings, sessions, image_server, small_study):
     _, files = image_server
     pair = tiny_lesion_pair(settings.model_dir.parent)
-    before = promote_lesion(settings.model_dir, *pair)
+    before = promote_lesion(sessions, settings.model_dir, *pair)
     client = create_app(settings, sessions=sessions).test_client()
     tasks = lesion_tasks(small_study, files)
     for event in webhook_events(tasks, project=2, label_config=LESION_XML):
@@ -107,7 +107,7 @@ def test_webhooks_on_lesion_xml_retrain_and_promote_the_pair(settings, sessions,
         row = session.get(TrainingJob, job.id)
         assert row is not None and row.log is not None
         # No BCC model is served: only the lesion pair was trained (no DermNet version registered).
-        assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
+        assert not session.scalars(select(ModelVersion).where(ModelVersion.system == "multitask")).all()
     assert "Dawid-Skene diagnoses of 40 items from 3 raters, STAPLE masks of 40" in row.log
     # The job's reference is a stored consensus run, and the study export includes it.
     with sessions() as session:
@@ -127,7 +127,7 @@ def test_webhooks_on_lesion_xml_retrain_and_promote_the_pair(settings, sessions,
     outcome = json.loads((settings.model_dir / "jobs" / str(job.id) / "lesion" / "lesion.json").read_text())
     assert outcome["n_train"] + outcome["n_validation"] == 40 and outcome["n_validation"] > 0
     assert 0.0 <= outcome["segnet"]["candidate_dice"] <= 1.0 and outcome["dual"]["promoted_loss"] > 0
-    served = LesionHolder(settings.model_dir).get()
+    served = Serving(sessions).lesion_pair()
     assert served is not None
     if outcome["promoted"]["segnet"] or outcome["promoted"]["dual"]:
         assert row.promoted and row.version == outcome["version"] == served.version != before
