@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from labeling_config import HAM_CLASSES
 from model.common.checkpoint import atomic_write_bytes
 from model.common.data import load_table, read_binary_mask, split_by_lesion, table_hash
+from model.common.files import atomic_write_text
+from model.common.training import BEST, EpochLoop, LoopSettings, choose_device, seed_everything
 from model.lesion.dual import DualNet, build_dual, encode_metadata, lesion_crop
 
 logger = logging.getLogger(__name__)
@@ -154,10 +156,12 @@ def class_weights(dx: NDArray[Any], cap: float) -> torch.Tensor:
 
 
 def _forward(model: DualNet, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's ``(B, 8)`` logits for a :func:`collate` batch, moved to the model's device."""
+    device = next(model.parameters()).device
     logits: torch.Tensor = model(
-        batch["image"],
-        batch["lesion"] if model.use_lesion else None,
-        batch["meta"] if model.use_metadata else None,
+        batch["image"].to(device),
+        batch["lesion"].to(device) if model.use_lesion else None,
+        batch["meta"].to(device) if model.use_metadata else None,
     )
     return logits
 
@@ -168,7 +172,7 @@ def predict(model: DualNet, loader: DataLoader[Any]) -> dict[str, Any]:
     model.eval()
     probs, bcc, dx, y, ids = [], [], [], [], []
     for batch in loader:
-        logits = _forward(model, batch)
+        logits = _forward(model, batch).float().cpu()
         probs.append(logits[:, : len(HAM_CLASSES)].softmax(1))
         bcc.append(torch.sigmoid(logits[:, len(HAM_CLASSES)]))
         dx.append(batch["dx"])
@@ -253,99 +257,99 @@ def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[st
     Returns:
         ``{"best": path, "metrics": validation metrics of the best epoch, "history": [...], "seconds": s}``.
     """
-    from tqdm import tqdm
-
     torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    if config.weights not in (None, "imagenet"):  # fine-tuning: the parent's architecture and input sizes
-        model, parent = load_dual(config.weights)
-        model.train()
-        config = replace(config, **{k: parent["config"][k] for k in INHERITED})
-    else:
-        model = build_dual(
-            config.weights,
-            backbone=config.backbone,
-            width_mult=config.width_mult,
-            use_lesion=config.use_lesion,
-            use_metadata=config.use_metadata,
-        )
-    df = load_table(config.data) if table is None else table
-    train_idx, val_idx = split_rows(df, config)
-    train_df, val_df = df.iloc[train_idx], df.iloc[val_idx]
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        DualDataset(train_df, config.image_size, config.lesion_size, train=True),
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=generator,
+    started = time.monotonic()
+    run = DualTraining(config, load_table(config.data) if table is None else table)
+    result = run.fit(None)
+    seconds = time.monotonic() - started
+    out = Path(run.config.out)
+    atomic_write_text(
+        out / "metrics.json", json.dumps({"validation": run.best_found, "seconds": seconds}, indent=2)
     )
-    val_loader = DataLoader(
-        DualDataset(val_df, config.image_size, config.lesion_size),
-        batch_size=config.batch_size,
-        collate_fn=collate,
-    )
-    dx_train = np.array([_dx_index(d) for d in train_df.get("dx", pd.Series([None] * len(train_df)))])
-    weights = class_weights(dx_train, config.max_class_weight)
-    has_dx = bool((dx_train >= 0).any())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * (config.max_steps_per_epoch or len(train_loader))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    history: list[dict[str, Any]] = []
-    best_score, best_metrics, stale = -math.inf, {}, 0
-    t0 = time.monotonic()
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(
-            train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
-        )
-        for step, batch in enumerate(bar):
-            if config.max_steps_per_epoch is not None and step >= config.max_steps_per_epoch:
-                break
-            logits = _forward(model, batch)
-            loss = F.binary_cross_entropy_with_logits(logits[:, len(HAM_CLASSES)], batch["bcc"])
-            if has_dx and (batch["dx"] >= 0).any():
-                loss = loss + F.cross_entropy(
-                    logits[:, : len(HAM_CLASSES)], batch["dx"], weight=weights, ignore_index=IGNORE
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(batch["bcc"])
-            seen += len(batch["bcc"])
-            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
-        found = metrics(predict(model, val_loader))
-        score = found.get("auroc_macro", math.nan)
-        if not math.isfinite(score):
-            score = found["auroc_bcc"] if math.isfinite(found["auroc_bcc"]) else -total / max(seen, 1)
-        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "score": score, **{
-            k: v for k, v in found.items() if not isinstance(v, dict)}})  # fmt: skip
-        improved = score > best_score
-        if improved:
-            best_score, best_metrics, stale = score, found, 0
-            _save(
-                out / "best.pt",
-                model,
-                config,
-                {"epoch": epoch, "metrics": found, "data_hash": table_hash(df), "n_val": len(val_df),
-                 "synthetic": bool(df["synthetic"].all()) if "synthetic" in df else False},
-            )  # fmt: skip
+    return {"best": out / BEST, "metrics": run.best_found, "history": result.history, "seconds": seconds}
+
+
+class DualTraining(EpochLoop):
+    """One dual-encoder run on :class:`~model.common.training.EpochLoop`: BCE of BCC plus the
+    class-weighted cross-entropy of the seven diagnoses, cosine decay without warm-up, fp32."""
+
+    logger = logger
+    monitored = "the validation macro AUROC"
+
+    def __init__(self, config: DualConfig, df: pd.DataFrame) -> None:
+        generator = seed_everything(config.seed)
+        if config.weights not in (None, "imagenet"):  # fine-tuning: the parent's architecture and input sizes
+            model, parent = load_dual(config.weights)
+            model.train()
+            config = replace(config, **{k: parent["config"][k] for k in INHERITED})
         else:
-            stale += 1
-        _save(out / "last.pt", model, config, {"epoch": epoch, "metrics": found, "data_hash": table_hash(df)})
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-        logger.info(
-            "epoch %d/%d: train loss %.4f, validation %s%s",
-            epoch, config.epochs, total / max(seen, 1),
-            ", ".join(f"{k} {v:.4f}" for k, v in found.items() if isinstance(v, float)),
-            " (best)" if improved else "",
-        )  # fmt: skip
-        if stale >= config.patience:
-            break
-    seconds = time.monotonic() - t0
-    (out / "metrics.json").write_text(json.dumps({"validation": best_metrics, "seconds": seconds}, indent=2))
-    return {"best": out / "best.pt", "metrics": best_metrics, "history": history, "seconds": seconds}
+            model = build_dual(
+                config.weights,
+                backbone=config.backbone,
+                width_mult=config.width_mult,
+                use_lesion=config.use_lesion,
+                use_metadata=config.use_metadata,
+            )
+        self.config, self.df = config, df
+        train_idx, val_idx = split_rows(df, config)
+        train_df, self.val_df = df.iloc[train_idx], df.iloc[val_idx]
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        train_loader = DataLoader(
+            DualDataset(train_df, config.image_size, config.lesion_size, train=True),
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=generator,
+        )
+        self.val_loader = DataLoader(
+            DualDataset(self.val_df, config.image_size, config.lesion_size),
+            batch_size=config.batch_size,
+            collate_fn=collate,
+        )
+        device = choose_device()
+        model.to(device)
+        dx_train = np.array([_dx_index(d) for d in train_df.get("dx", pd.Series([None] * len(train_df)))])
+        self.weights = class_weights(dx_train, config.max_class_weight).to(device)
+        self.has_dx = bool((dx_train >= 0).any())
+        settings = LoopSettings.of(config, amp=False, min_delta=0.0)
+        super().__init__(model, train_loader, out, settings, device, generator)
+        self.dual = model
+        self.data_hash = table_hash(df)
+        self.found: dict[str, Any] = {}
+        self.best_found: dict[str, Any] = {}
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        logits = _forward(self.dual, batch)
+        bcc, dx = batch["bcc"].to(self.device), batch["dx"].to(self.device)
+        loss = F.binary_cross_entropy_with_logits(logits[:, len(HAM_CLASSES)], bcc)
+        if self.has_dx and (dx >= 0).any():
+            loss = loss + F.cross_entropy(
+                logits[:, : len(HAM_CLASSES)], dx, weight=self.weights, ignore_index=IGNORE
+            )
+        return loss, len(bcc)
+
+    def validate(self) -> dict[str, float]:
+        self.found = metrics(predict(self.dual, self.val_loader))
+        score = self.found.get("auroc_macro", math.nan)
+        if not math.isfinite(score):
+            bcc = self.found["auroc_bcc"]
+            score = bcc if math.isfinite(bcc) else -self.train_loss
+        return {**{k: v for k, v in self.found.items() if not isinstance(v, dict)}, "score": score}
+
+    def monitor(self, row: dict[str, float]) -> float:
+        return row["score"]
+
+    def describe(self, row: dict[str, float]) -> str:
+        return "validation " + ", ".join(
+            f"{k} {v:.4f}" for k, v in self.found.items() if isinstance(v, float)
+        )
+
+    def save(self, path: Path, row: dict[str, float], best: bool) -> dict[str, Any]:
+        extra: dict[str, Any] = {"epoch": self.epoch, "metrics": self.found, "data_hash": self.data_hash}
+        if best:
+            self.best_found = self.found
+            synthetic = bool(self.df["synthetic"].all()) if "synthetic" in self.df else False
+            extra.update(n_val=len(self.val_df), synthetic=synthetic)
+        _save(path, self.dual, self.config, extra)
+        return extra

@@ -1,12 +1,12 @@
 """Training and evaluating SegNet, the lesion segmenter of Atiq & Fattah (arXiv:2510.17773).
 
-Training follows :mod:`model.multitask.train`: the same lesion-grouped split (``split_by_lesion`` with
-``split_seed``, on the rows that have a lesion mask), the same joint image-and-mask augmentation
-(``model.multitask.train.transforms``: mild crop, flips, 90-degree turns, colour jitter on the image only),
-AdamW
-with linear warm-up then cosine decay per step, early stopping, and ``best.pt`` / ``last.pt`` written
-atomically plus ``history.csv``. The loss is :func:`model.lesion.segmentation.dice_bce_loss`; epochs are
-selected by the mean validation Dice at the training size (threshold 0.5).
+Training runs on the shared skeleton (:class:`model.common.training.EpochLoop`), as DermNet's does: the
+same lesion-grouped split (``split_by_lesion`` with ``split_seed``, on the rows that have a lesion mask),
+the same joint image-and-mask augmentation (:func:`model.common.training.transforms`: mild crop, flips,
+90-degree turns, colour jitter on the image only), AdamW with linear warm-up then cosine decay per step,
+early stopping, and ``best.pt`` / ``last.pt`` written atomically plus ``history.csv``. The loss is
+:func:`model.lesion.segmentation.dice_bce_loss`; epochs are selected by the mean validation Dice at the
+training size (threshold 0.5).
 
 :func:`evaluate_seg` measures a checkpoint at each image's own resolution: the logits are upsampled
 bilinearly to the image's size and a pixel is lesion where the probability is at least 0.5. It writes
@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,15 @@ from torch.utils.data import DataLoader
 from model.common.checkpoint import atomic_write_bytes, read_checkpoint
 from model.common.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
 from model.common.metrics import bootstrap_means
-from model.common.training import seed_everything, transforms
+from model.common.training import (
+    EpochLoop,
+    LoopSettings,
+    TrainResult,
+    choose_device,
+    run_record,
+    seed_everything,
+    transforms,
+)
 from model.lesion.segmentation import (
     SegMeta,
     SegNet,
@@ -51,8 +57,6 @@ from model.lesion.segmentation import (
 
 logger = logging.getLogger(__name__)
 
-BEST = "best.pt"
-LAST = "last.pt"
 THRESHOLD = 0.5
 THRESHOLD_RULE = (
     "logits are upsampled bilinearly to the image's own size; a pixel is lesion where sigmoid(logit) >= 0.5"
@@ -126,15 +130,7 @@ class SegTrainConfig:
             raise ValueError(f"patience must be at least 1, got {self.patience}")
 
 
-@dataclass
-class SegTrainResult:
-    """What a run produced."""
-
-    best: Path
-    last: Path
-    meta: SegMeta
-    history: list[dict[str, float]]
-    stopped_early: bool
+SegTrainResult = TrainResult  # what a run produced (the name callers know)
 
 
 def rows_with_masks(table: pd.DataFrame) -> pd.DataFrame:
@@ -153,10 +149,6 @@ def rows_with_masks(table: pd.DataFrame) -> pd.DataFrame:
     if len(kept) < 2:
         raise DataError(f"only {len(kept)} row(s) have a lesion mask; segmentation needs at least two")
     return kept
-
-
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -191,8 +183,6 @@ def train_seg(config: SegTrainConfig, table: pd.DataFrame | None = None) -> SegT
         ValueError: neither ``config.data`` nor a table, or too few lesions to split.
         DataError: fewer than two rows with a lesion mask.
     """
-    from tqdm import tqdm
-
     torch.set_num_threads(config.threads)
     if table is None:
         if config.data is None:
@@ -201,123 +191,76 @@ def train_seg(config: SegTrainConfig, table: pd.DataFrame | None = None) -> SegT
     table = rows_with_masks(table)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    run = SegTraining(config, table, out)
+    return run.fit(run.base_meta)
 
-    device = _device()
-    generator = seed_everything(config.seed)
-    train_idx, val_idx = split_by_lesion(
-        table, config.val_fraction, seed=config.split_seed, stratify=config.stratify
-    )
-    train_ds = DermDataset(table.iloc[train_idx], transforms(config.image_size, True), with_mask=True)
-    val_ds = DermDataset(table.iloc[val_idx], transforms(config.image_size, False), with_mask=True)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.workers,
-        generator=generator,
-        drop_last=len(train_ds) > config.batch_size,
-    )
-    val_loader = DataLoader(val_ds, batch_size=config.batch_size, num_workers=config.workers)
 
-    model = build_segnet(config.weights, config.width_mult, config.encoder, config.image_size)
-    parent = None
-    if config.weights not in (None, "imagenet"):
-        parent = read_checkpoint(str(config.weights))["meta"]["version"]
-    model.to(device)
-    cuda = device.type == "cuda"
+class SegTraining(EpochLoop):
+    """One SegNet run on :class:`~model.common.training.EpochLoop`: Dice + BCE loss, best epoch by the
+    mean validation Dice."""
 
-    steps_per_epoch = (
-        len(train_loader)
-        if config.max_steps_per_epoch is None
-        else min(len(train_loader), config.max_steps_per_epoch)
-    )
-    total_steps = max(1, steps_per_epoch * config.epochs)
-    warmup = min(config.warmup_steps, total_steps // 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    label = "seg epoch"
+    logger = logger
+    monitored = "validation Dice"
 
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and config.amp)
-
-    base_meta = SegMeta(
-        data_hash=table_hash(table),
-        parent=parent,
-        extra={
-            "train_config": dataclasses.asdict(config),
-            "n_train": len(train_ds),
-            "n_val": len(val_ds),
-            "threshold_rule": THRESHOLD_RULE,
-            "synthetic": bool(table["synthetic"].all()) if "synthetic" in table else False,
-        },
-    )
-    best_meta, best_dice, bad_epochs, stopped_early = base_meta, -math.inf, 0, False
-    history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
-        model.train()
-        started, running, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(
-            train_loader, total=steps_per_epoch, desc=f"seg epoch {epoch + 1}/{config.epochs}", unit="batch",
-            disable=not config.progress, leave=False,
-        )  # fmt: skip
-        for step, batch in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            images = batch["image"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device)
-            with torch.autocast(device_type=device.type, enabled=cuda and config.amp):
-                logits = model(images)
-            loss = dice_bce_loss(logits.float(), masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            running += loss.item() * len(images)
-            seen += len(images)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        bar.close()
-
-        metrics: dict[str, float] = validate(model, val_loader, device)
-        metrics.update(
-            epoch=epoch + 1, train_loss=running / max(1, seen), seconds=time.perf_counter() - started
+    def __init__(self, config: SegTrainConfig, table: pd.DataFrame, out: Path) -> None:
+        device = choose_device()
+        generator = seed_everything(config.seed)
+        train_idx, val_idx = split_by_lesion(
+            table, config.val_fraction, seed=config.split_seed, stratify=config.stratify
         )
-        history.append(metrics)
-        improved = metrics["val_dice"] > best_dice + 1e-4
-        logger.info(
-            "seg epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f, IoU %.4f%s (%.0f s)",
-            epoch + 1, config.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_dice"],
-            metrics["val_iou"], " (best)" if improved else "", metrics["seconds"],
-        )  # fmt: skip
-        if improved:
-            best_dice, bad_epochs = metrics["val_dice"], 0
-            best_meta = save_segnet(
-                out / BEST, model, dataclasses.replace(base_meta, metrics=dict(metrics), epoch=epoch + 1)
-            )
-        else:
-            bad_epochs += 1
-        state = {"epoch": epoch + 1, "best_dice": best_dice, "bad_epochs": bad_epochs, "history": history}
-        save_segnet(
-            out / LAST,
-            model,
-            dataclasses.replace(base_meta, metrics=dict(metrics), epoch=epoch + 1),
-            optimizer,
-            scheduler,
-            state,
+        train_ds = DermDataset(table.iloc[train_idx], transforms(config.image_size, True), with_mask=True)
+        val_ds = DermDataset(table.iloc[val_idx], transforms(config.image_size, False), with_mask=True)
+        train_loader = DataLoader(
+            train_ds,
+            batch_size=config.batch_size,
+            shuffle=True,
+            num_workers=config.workers,
+            generator=generator,
+            drop_last=len(train_ds) > config.batch_size,
         )
-        atomic_write_bytes(out / "history.csv", pd.DataFrame(history).to_csv(index=False).encode())
-        if bad_epochs >= config.patience:
-            logger.info("early stopping: validation Dice has not improved for %d epochs", config.patience)
-            stopped_early = True
-            break
+        self.val_loader = DataLoader(val_ds, batch_size=config.batch_size, num_workers=config.workers)
+        model = build_segnet(config.weights, config.width_mult, config.encoder, config.image_size)
+        parent = None
+        if config.weights not in (None, "imagenet"):
+            parent = read_checkpoint(str(config.weights))["meta"]["version"]
+        model.to(device)
+        settings = LoopSettings.of(config)
+        super().__init__(model, train_loader, out, settings, device, generator)
+        self.segnet = model
+        self.base_meta = SegMeta(
+            data_hash=table_hash(table),
+            parent=parent,
+            extra=run_record(
+                config,
+                len(train_ds),
+                len(val_ds),
+                threshold_rule=THRESHOLD_RULE,
+                synthetic=bool(table["synthetic"].all()) if "synthetic" in table else False,
+            ),
+        )
 
-    return SegTrainResult(
-        best=out / BEST, last=out / LAST, meta=best_meta, history=history, stopped_early=stopped_early
-    )
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        masks = batch["mask"].to(self.device)
+        with self.autocast():
+            logits = self.segnet(images)
+        return dice_bce_loss(logits.float(), masks), len(images)
+
+    def validate(self) -> dict[str, float]:
+        return validate(self.segnet, self.val_loader, self.device)
+
+    def monitor(self, row: dict[str, float]) -> float:
+        return row["val_dice"]
+
+    def describe(self, row: dict[str, float]) -> str:
+        return f"val loss {row['val_loss']:.4f}, val Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}"
+
+    def save(self, path: Path, row: dict[str, float], best: bool) -> SegMeta:
+        meta = dataclasses.replace(self.base_meta, metrics=dict(row), epoch=self.epoch)
+        if best:
+            return save_segnet(path, self.segnet, meta)
+        return save_segnet(path, self.segnet, meta, self.optimizer, self.scheduler, self.resume_state())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,15 +37,23 @@ from labeling_config import TARGETS
 from model.common.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
 from model.common.data import DermDataset, load_tables, split_sources, table_hash
 from model.common.provenance import assess
-from model.common.training import seed_everything, transforms
+from model.common.training import (
+    BEST,
+    EpochLoop,
+    LoopSettings,
+    Rank,
+    TrainResult,
+    choose_device,
+    run_record,
+    seed_everything,
+    transforms,
+)
 from model.multitask.calibrate import calibrate
 from model.multitask.network import DermNet, build_model
 
 logger = logging.getLogger(__name__)
 
 FloatArray = NDArray[np.float32]
-BEST = "best.pt"
-LAST = "last.pt"
 
 
 @dataclass
@@ -128,17 +135,6 @@ class TrainConfig:
             raise ValueError(f"select must be 'auto', 'auroc' or 'objective', got {self.select!r}")
 
 
-@dataclass
-class TrainResult:
-    """What a run produced."""
-
-    best: Path
-    last: Path
-    meta: CheckpointMeta
-    history: list[dict[str, float]]
-    stopped_early: bool
-
-
 def masked_bce(
     logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor
 ) -> torch.Tensor:
@@ -179,38 +175,21 @@ def positive_weights(dataset: DermDataset, cap: float) -> torch.Tensor:
     return (neg / pos.clamp_min(1.0)).clamp(1.0, cap)
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 @contextmanager
-def distributed() -> Iterator[_Dist]:
+def distributed() -> Iterator[Rank]:
     """DDP process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        yield _Dist()
+        yield Rank()
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
     try:
-        yield _Dist(
+        yield Rank(
             rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0))
         )
     finally:
         dist.destroy_process_group()
-
-
-def _device(ctx: _Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device("cpu")
 
 
 def _valid_regions(batch: dict[str, Any], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -296,27 +275,18 @@ def train(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    with distributed() as ctx:
-        return _train(config, table, targets, out, ctx)
+    with distributed() as rank:
+        run = MultitaskTraining(config, table, targets, out, rank)
+        return run.fit(run.resumed_best or run.base_meta)
 
 
-def _train(
-    config: TrainConfig, table: pd.DataFrame, targets: pd.DataFrame | None, out: Path, ctx: _Dist
-) -> TrainResult:
-    from tqdm import tqdm
-
-    device = _device(ctx)
-    generator = seed_everything(config.seed + ctx.rank)
-    train_idx, val_idx = split_sources(table, config.val_fraction, seed=config.split_seed)
-    train_ds = DermDataset(
-        table.iloc[train_idx], transforms(config.image_size, True), targets, with_regions=config.cam_loss > 0
-    )
-    val_ds = DermDataset(
-        table.iloc[val_idx], transforms(config.image_size, False), targets, with_regions=config.cam_loss > 0
-    )
-    sampler: DistributedSampler[dict[str, Any]] | None = None
-    if ctx.world > 1:
-        sampler = DistributedSampler(train_ds, ctx.world, ctx.rank, seed=config.seed)
+def _loaders(
+    config: TrainConfig, train_ds: DermDataset, val_ds: DermDataset, rank: Rank, generator: torch.Generator
+) -> tuple[DataLoader[Any], DataLoader[Any], DistributedSampler[Any] | None]:
+    """The training loader (sharded by a DistributedSampler under DDP), the validation loader, the sampler."""
+    sampler: DistributedSampler[Any] | None = None
+    if rank.world > 1:
+        sampler = DistributedSampler(train_ds, rank.world, rank.rank, seed=config.seed)
     train_loader = DataLoader(
         train_ds,
         batch_size=config.batch_size,
@@ -326,199 +296,148 @@ def _train(
         generator=generator,
         drop_last=len(train_ds) > config.batch_size,
     )
-    val_loader = DataLoader(val_ds, batch_size=config.batch_size, num_workers=config.workers)
+    return train_loader, DataLoader(val_ds, batch_size=config.batch_size, num_workers=config.workers), sampler
 
-    resume = read_checkpoint(config.resume) if config.resume else None
-    parent = None
-    if resume is not None:  # the checkpoint's weights replace any initialisation
+
+def _initial_model(config: TrainConfig, resume: dict[str, Any] | None) -> tuple[DermNet, str | None]:
+    """The network to start from (a resumed run's weights replace any initialisation) and its parent."""
+    if resume is not None:
         model = DermNet(
             dropout=config.dropout, width_mult=config.width_mult, output_stride=config.output_stride
         )
         model.load_state_dict(resume["state_dict"])
-        parent = resume["meta"].get("parent")
-    else:
-        model = build_model(config.weights, config.dropout, config.width_mult, config.output_stride)
-        if config.weights not in (None, "imagenet"):
-            parent = read_checkpoint(str(config.weights))["meta"]["version"]
-    model.to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    net: torch.nn.Module = model
-    if ctx.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None)
+        return model, resume["meta"].get("parent")
+    model = build_model(config.weights, config.dropout, config.width_mult, config.output_stride)
+    parent = None
+    if config.weights not in (None, "imagenet"):
+        parent = read_checkpoint(str(config.weights))["meta"]["version"]
+    return model, parent
 
-    steps_per_epoch = (
-        len(train_loader)
-        if config.max_steps_per_epoch is None
-        else min(len(train_loader), config.max_steps_per_epoch)
-    )
-    total_steps = max(1, steps_per_epoch * config.epochs)
-    warmup = min(config.warmup_steps, total_steps // 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class MultitaskTraining(EpochLoop):
+    """One DermNet run on :class:`~model.common.training.EpochLoop`: masked, positive-weighted BCE (plus
+    the localisation loss when ``cam_loss`` is on), validation AUROC per output, calibration of the
+    best epoch."""
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and config.amp)
-    pos_weight = positive_weights(train_ds, config.max_pos_weight).to(device)
+    logger = logger
 
-    start_epoch, best_metric, bad_epochs = 0, -math.inf, 0
-    history: list[dict[str, float]] = []
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        state = resume.get("state", {})
-        start_epoch = int(state.get("epoch", 0))
-        best_metric = float(state.get("best_metric", -math.inf))
-        bad_epochs = int(state.get("bad_epochs", 0))
-        history = list(state.get("history", []))
-        torch.set_rng_state(state["torch_rng"])
-        generator.set_state(state["loader_rng"])
-        logger.info("resuming %s at epoch %d (best %.4f)", config.resume, start_epoch + 1, best_metric)
+    def __init__(
+        self, config: TrainConfig, table: pd.DataFrame, targets: pd.DataFrame | None, out: Path, rank: Rank
+    ) -> None:
+        self.config = config
+        device = choose_device(rank)
+        generator = seed_everything(config.seed + rank.rank)
+        train_idx, val_idx = split_sources(table, config.val_fraction, seed=config.split_seed)
+        regions = config.cam_loss > 0
+        train_ds = DermDataset(
+            table.iloc[train_idx], transforms(config.image_size, True), targets, with_regions=regions
+        )
+        val_ds = DermDataset(
+            table.iloc[val_idx], transforms(config.image_size, False), targets, with_regions=regions
+        )
+        train_loader, self.val_loader, sampler = _loaders(config, train_ds, val_ds, rank, generator)
 
-    data_hash = table_hash(table)
-    known = train_ds.target_mask.numpy()
-    train_known = known.sum(0)
-    train_positive = ((train_ds.targets.numpy() >= 0.5) * known).sum(0)
-    synthetic = bool(table["synthetic"].all()) if "synthetic" in table else False
-    sources = sorted(table["source"].unique().tolist()) if "source" in table else []
-    val_description = (
-        f"lesion-grouped validation split of {' + '.join(sources) or 'the training table'} "
-        f"({len(val_ds)} images, split seed {config.split_seed})"
-    )
-    base_meta = CheckpointMeta(
-        input_size=config.image_size,
-        width_mult=config.width_mult,
-        output_stride=config.output_stride,
-        dropout=config.dropout,
-        data_hash=data_hash,
-        parent=parent,
-        extra={
-            "train_config": dataclasses.asdict(config),
-            "n_train": len(train_ds),
-            "n_val": len(val_ds),
-            "sources": sources,
-        },
-    )
-    best_meta = (
-        CheckpointMeta.from_dict(read_checkpoint(out / BEST)["meta"])
-        if (out / BEST).exists() and resume
-        else base_meta
-    )
-    stopped_early = False
-    for epoch in range(start_epoch, config.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        net.train()
-        started, running, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(
-            train_loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-            disable=not (config.progress and ctx.main), leave=False,
+        resume = read_checkpoint(config.resume) if config.resume else None
+        model, parent = _initial_model(config, resume)
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        net: torch.nn.Module = model
+        if rank.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[rank.local_rank] if device.type == "cuda" else None
+            )
+        settings = LoopSettings.of(config)
+        super().__init__(model, train_loader, out, settings, device, generator, rank, net, sampler)
+        self.dermnet = model
+        self.pos_weight = positive_weights(train_ds, config.max_pos_weight).to(device)
+        self.monitored = (
+            "the validation objective"
+            if config.select == "objective" or (config.select == "auto" and config.cam_loss > 0)
+            else "the validation mean AUROC"
+        )
+        known = train_ds.target_mask.numpy()
+        self.train_known = known.sum(0)
+        self.train_positive = ((train_ds.targets.numpy() >= 0.5) * known).sum(0)
+        self.synthetic = bool(table["synthetic"].all()) if "synthetic" in table else False
+        sources = sorted(table["source"].unique().tolist()) if "source" in table else []
+        self.val_description = (
+            f"lesion-grouped validation split of {' + '.join(sources) or 'the training table'} "
+            f"({len(val_ds)} images, split seed {config.split_seed})"
+        )
+        self.base_meta = CheckpointMeta(
+            input_size=config.image_size,
+            width_mult=config.width_mult,
+            output_stride=config.output_stride,
+            dropout=config.dropout,
+            data_hash=table_hash(table),
+            parent=parent,
+            extra=run_record(config, len(train_ds), len(val_ds), sources=sources),
+        )
+        self.resumed_best: CheckpointMeta | None = None
+        if resume is not None:
+            self.restore(resume["optimizer"], resume["scheduler"], resume.get("state", {}))
+            logger.info("resuming %s at epoch %d (best %.4f)", config.resume, self.epoch + 1, self.best)
+            if (out / BEST).exists():
+                self.resumed_best = CheckpointMeta.from_dict(read_checkpoint(out / BEST)["meta"])
+        self._validation: tuple[FloatArray, FloatArray, FloatArray] | None = None
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.to(memory_format=torch.channels_last)
+        target = batch["target"].to(self.device)
+        mask = batch["target_mask"].to(self.device)
+        with self.autocast():
+            logits, features = self.net(images, return_features=True)
+        loss = masked_bce(logits.float(), target, mask, self.pos_weight)
+        if self.config.cam_loss > 0:
+            valid = _valid_regions(batch, target, mask)
+            loss = loss + self.config.cam_loss * localisation_loss(
+                features.float(), self.dermnet.head_weights(), batch["regions"].to(self.device), valid
+            )
+        return loss, len(images)
+
+    def validate(self) -> dict[str, float]:
+        logits, targets, masks, _, localisation = predict_logits(self.dermnet, self.val_loader, self.device)
+        self._validation = (logits, targets, masks)
+        metrics = validation_metrics(logits, targets, masks)
+        if localisation is not None:
+            metrics["val_localisation"] = localisation
+            metrics["val_objective"] = metrics["val_loss"] + self.config.cam_loss * localisation
+        return metrics
+
+    def monitor(self, row: dict[str, float]) -> float:
+        # Select on what is trained: with the localisation loss on, the whole validation objective
+        # (AUROC alone kept epochs whose maps were still far from the regions).
+        if "val_objective" in row and self.config.select != "auroc":
+            return -row["val_objective"]
+        if self.config.select == "objective" or math.isnan(row["auroc_mean"]):
+            return -row["val_loss"]
+        return row["auroc_mean"]
+
+    def describe(self, row: dict[str, float]) -> str:
+        localised = f", map outside region {row['val_localisation']:.3f}" if "val_localisation" in row else ""
+        return f"val loss {row['val_loss']:.4f}, mean AUROC {row['auroc_mean']:.4f}{localised}"
+
+    def save(self, path: Path, row: dict[str, float], best: bool) -> CheckpointMeta:
+        if not best:
+            meta = dataclasses.replace(self.base_meta, epoch=self.epoch)
+            return save_checkpoint(
+                path, self.dermnet, meta, self.optimizer, self.scheduler, self.resume_state()
+            )
+        if self._validation is None:
+            raise RuntimeError("best.pt is written after validate(), which keeps the validation logits")
+        logits, targets, masks = self._validation
+        sensitivity = self.config.target_sensitivity
+        temps, thresholds = calibrate(logits, targets, masks, list(TARGETS), sensitivity)
+        meta = dataclasses.replace(
+            self.base_meta, temperatures=temps, thresholds=thresholds,
+            threshold_rule="youden" if sensitivity is None else f"sensitivity>={sensitivity}",
+            metrics=dict(row), epoch=self.epoch,
+            provenance=assess(
+                TARGETS, self.train_known, self.train_positive, targets, masks, logits,
+                synthetic=self.synthetic, data=self.val_description,
+            ),
         )  # fmt: skip
-        for step, batch in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            images = batch["image"].to(device, non_blocking=True)
-            if cuda:
-                images = images.to(memory_format=torch.channels_last)
-            target = batch["target"].to(device)
-            mask = batch["target_mask"].to(device)
-            with torch.autocast(device_type=device.type, enabled=cuda and config.amp):
-                logits, features = net(images, return_features=True)
-            loss = masked_bce(logits.float(), target, mask, pos_weight)
-            if config.cam_loss > 0:
-                valid = _valid_regions(batch, target, mask)
-                loss = loss + config.cam_loss * localisation_loss(
-                    features.float(), model.head_weights(), batch["regions"].to(device), valid
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            running += loss.item() * len(images)
-            seen += len(images)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        bar.close()
-
-        if ctx.world > 1:
-            dist.barrier()
-        if ctx.main:
-            logits_v, targets_v, masks_v, _, localisation = predict_logits(model, val_loader, device)
-            metrics = validation_metrics(logits_v, targets_v, masks_v)
-            if localisation is not None:
-                metrics["val_localisation"] = localisation
-                metrics["val_objective"] = metrics["val_loss"] + config.cam_loss * localisation
-            metrics.update(
-                epoch=epoch + 1, train_loss=running / max(1, seen), seconds=time.perf_counter() - started
-            )
-            history.append(metrics)
-            # Select on what is trained: with the localisation loss on, the whole validation objective
-            # (AUROC alone kept epochs whose maps were still far from the regions).
-            if "val_objective" in metrics and config.select != "auroc":
-                monitor = -metrics["val_objective"]
-            elif config.select == "objective" or math.isnan(metrics["auroc_mean"]):
-                monitor = -metrics["val_loss"]
-            else:
-                monitor = metrics["auroc_mean"]
-            improved = monitor > best_metric + 1e-4
-            localised = f", map outside region {localisation:.3f}" if localisation is not None else ""
-            logger.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, mean AUROC %.4f%s%s (%.0f s)",
-                epoch + 1, config.epochs, metrics["train_loss"], metrics["val_loss"], metrics["auroc_mean"],
-                localised, " (best)" if improved else "", metrics["seconds"],
-            )  # fmt: skip
-            if improved:
-                best_metric, bad_epochs = monitor, 0
-                temps, thresholds = calibrate(
-                    logits_v, targets_v, masks_v, list(TARGETS), config.target_sensitivity
-                )
-                rule = (
-                    "youden"
-                    if config.target_sensitivity is None
-                    else f"sensitivity>={config.target_sensitivity}"
-                )
-                best_meta = dataclasses.replace(
-                    base_meta, temperatures=temps, thresholds=thresholds, threshold_rule=rule,
-                    metrics=dict(metrics), epoch=epoch + 1,
-                    provenance=assess(
-                        TARGETS, train_known, train_positive, targets_v, masks_v, logits_v,
-                        synthetic=synthetic, data=val_description,
-                    ),
-                )  # fmt: skip
-                best_meta = save_checkpoint(out / BEST, model, best_meta)
-            else:
-                bad_epochs += 1
-            state = {
-                "epoch": epoch + 1,
-                "best_metric": best_metric,
-                "bad_epochs": bad_epochs,
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-                "loader_rng": generator.get_state(),
-            }
-            save_checkpoint(
-                out / LAST,
-                model,
-                dataclasses.replace(base_meta, epoch=epoch + 1),
-                optimizer,
-                scheduler,
-                state,
-            )
-            pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-        stop = torch.tensor([int(ctx.main and bad_epochs >= config.patience)])
-        if ctx.world > 1:
-            dist.broadcast(stop, src=0)
-        if bool(stop.item()):
-            logger.info("early stopping: no improvement for %d epochs", config.patience)
-            stopped_early = True
-            break
-
-    return TrainResult(
-        best=out / BEST, last=out / LAST, meta=best_meta, history=history, stopped_early=stopped_early
-    )
+        return save_checkpoint(path, self.dermnet, meta)
