@@ -211,6 +211,51 @@ def test_the_whole_loop(
     assert len(imported) == N_IMAGES
 
 
+def test_both_key_kinds_reach_the_api_sync_and_the_images(
+    label_studio: LabelStudioServer, ls: LabelStudioApi, tmp_path: Path
+) -> None:
+    """A legacy token and a personal access token, each through label-studio-sdk (config, export, sync)
+    and through the image fetcher's own pinned HTTP; a PAT Label Studio refuses says so in both."""
+    import hashlib
+
+    from PIL import Image
+
+    from backend.collection.sync import sync_from_label_studio
+    from backend.images import ImageError, ImageFetcher
+    from backend.label_studio.client import LabelStudioError, connect, label_studio_errors
+    from backend.settings import Settings
+
+    image = tmp_path / "lesion.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    project = ls.projects.create(title="Both keys (e2e)", label_config=BCC_XML).id
+    assert project is not None
+    ls.upload_files(project, [image])
+    (task,) = ls_study.tasks(ls, project)
+    pat = ls.tokens.create().token
+    assert pat.count(".") == 2  # a JWT: the SDK exchanges it, the fetcher through LabelStudioAuth
+    _, sessions = init_db(f"sqlite:///{tmp_path / 'store.sqlite'}")
+
+    def settings(key: str) -> Settings:
+        return Settings(label_studio_url=label_studio.url, label_studio_api_key=key, image_timeout=20.0)
+
+    for key in (label_studio.token, pat):
+        with connect(label_studio.url, key) as api, label_studio_errors(api.url):
+            assert "diagnosis" in api.label_config(project)
+            assert [t["id"] for t in api.export_tasks(project)] == [task["id"]]
+        loaded = ImageFetcher(settings(key)).fetch(task["data"]["image"])
+        assert loaded.sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
+        summary = sync_from_label_studio(settings(key), sessions, project)
+        assert (summary.tasks, summary.errors) == (1, 0)
+
+    forged = pat[:-6] + ("AAAAAA" if not pat.endswith("AAAAAA") else "BBBBBB")  # a signature LS refuses
+    with pytest.raises(LabelStudioError, match="refused LABEL_STUDIO_API_KEY") as refused:
+        sync_from_label_studio(settings(forged), sessions, project)
+    with pytest.raises(ImageError) as caught:
+        ImageFetcher(settings(forged)).fetch(task["data"]["image"])
+    assert caught.value.reason == "auth" and "LABEL_STUDIO_API_KEY" in str(caught.value)
+    assert forged not in str(refused.value) + str(caught.value)
+
+
 def _predictions(ls: LabelStudioApi, project: int, n: int) -> list[dict[str, Any]] | None:
     found = ls_study.predictions(ls, project)
     return found if len({p["task"] for p in found}) >= n else None
