@@ -103,7 +103,7 @@ class Settings:
         show_outputs: ``SHOW_OUTPUTS``: ``validated`` (default) pre-annotates only outputs validated
             on real images; ``all`` shows every output (a synthetic study, a model under test).
         metrics_dir: ``PROMETHEUS_MULTIPROC_DIR``, where the workers' counters meet (``serve`` sets it for
-            its workers when ``WORKERS`` > 1; see ``backend.api.metrics``).
+            its workers when ``WORKERS`` > 1; see ``backend.metrics``).
         cache_dir: ``DERMASSIST_CACHE``, where Label Studio's venv and its migrated template live for
             the demo and the end-to-end tests (default ``~/.cache/dermassist``; the Makefile's too).
     """

@@ -92,7 +92,8 @@ def test_serve_imports_neither_the_demo_nor_the_synthetic_generator():
     import sys
 
     probe = (
-        "import sys; import backend.server, backend.api.app, backend.cli, backend.training.jobs; "
+        "import sys; import backend.server, backend.api.app, backend.cli, backend.training.jobs, "
+        "backend.training.retrain; "
         "print(sorted(m for m in sys.modules if m.startswith(('backend.demo', 'model.synthetic'))))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -184,13 +185,107 @@ def test_model_parts_import_one_way():
 
 
 def test_the_routes_run_no_sql():
-    """backend/api/app.py calls repositories (consensus/repository.py) and services; it builds no query."""
-    tree = ast.parse((ROOT / "backend" / "api" / "app.py").read_text())
+    """backend/api/ calls repositories (consensus/repository.py) and services; it builds no query."""
     builders = {"select", "insert", "update", "delete", "func", "text"}
-    imported = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "sqlalchemy"
-        for alias in node.names
-    }
-    assert not imported & builders, sorted(imported & builders)
+    for path in sorted((ROOT / "backend" / "api").glob("*.py")):
+        imported = {
+            alias.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module == "sqlalchemy"
+            for alias in node.names
+        }
+        assert not imported & builders, f"{path.name} imports {sorted(imported & builders)}"
+
+
+def _project_imports(source: str, package: str) -> set[str]:
+    """The ``package.*`` modules a source imports (lazy ones included); ``from package import x`` is
+    ``package.x``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == package:
+                found.update(f"{package}.{a.name}" for a in node.names)
+            elif node.module.startswith(package + "."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith(package + "."))
+    return found
+
+
+def _layer_violations(layers: list[set[str]], module: str, imports: set[str]) -> list[str]:
+    """Imports of ``module`` that reach its own layer's neighbours or a layer above it (``layers``:
+    lowest first; a module may import its own sub-modules and anything in a lower layer)."""
+
+    def layer_of(name: str) -> tuple[int, str] | None:
+        for i, layer in enumerate(layers):
+            for unit in layer:
+                if name == unit or name.startswith(unit + "."):
+                    return i, unit
+        return None
+
+    own = layer_of(module)
+    if own is None:
+        return []
+    found = []
+    for name in sorted(imports):
+        other = layer_of(name)
+        if other is not None and other[1] != own[1] and other[0] >= own[0]:
+            found.append(f"{module} imports {name}")
+    return found
+
+
+# backend/'s rooms, lowest first: each imports only rooms below it. Label Studio's formats and client
+# know nothing of the service; images use Label Studio's auth; collection stores what LS sends; the
+# serving core runs models; training runs jobs with the serving core; the HTTP boundary (api) calls
+# them all; the demo and the CLI sit on top.
+BACKEND_LAYERS = [
+    {"backend.settings"},
+    {"backend.metrics"},
+    {"backend.label_studio"},
+    {"backend.images"},
+    {"backend.collection"},
+    {"backend.serving"},
+    {"backend.training"},
+    {"backend.api"},
+    {"backend.server"},
+    {"backend.demo"},
+    {"backend.cli"},
+]
+# consensus/: the estimators are pure (numpy / pandas), the store below the repository (its only
+# queries), the service joins estimators to the store, the export reads runs.
+CONSENSUS_LAYERS = [
+    {"consensus._validate"},
+    {"consensus.agreement", "consensus.dawid_skene", "consensus.staple"},
+    {"consensus.db", "consensus.models"},
+    {"consensus.repository"},
+    {"consensus.service"},
+    {"consensus.export"},
+]
+
+
+@pytest.mark.parametrize(
+    ("package", "layers"), [("backend", BACKEND_LAYERS), ("consensus", CONSENSUS_LAYERS)]
+)
+def test_imports_inside_a_package_point_down(package, layers):
+    modules = [p for p in sorted((ROOT / package).rglob("*.py")) if "migrations" not in p.parts]
+    named = {_module_name(p) for p in modules}
+    unplaced = sorted(
+        m
+        for m in named
+        if m != package and not any(m == u or m.startswith(u + ".") for layer in layers for u in layer)
+    )
+    assert not unplaced, f"place these modules in a layer: {unplaced}"
+    offenders = [
+        v
+        for p in modules
+        for v in _layer_violations(layers, _module_name(p), _project_imports(p.read_text(), package))
+    ]
+    assert not offenders, "; ".join(offenders)
+    # The check can fail: a lower layer reaching up, a layer's neighbours reaching each other.
+    assert _layer_violations(BACKEND_LAYERS, "backend.serving.predict", {"backend.api.state"}) == [
+        "backend.serving.predict imports backend.api.state"
+    ]
+    assert _layer_violations(CONSENSUS_LAYERS, "consensus.staple", {"consensus.dawid_skene"}) == [
+        "consensus.staple imports consensus.dawid_skene"
+    ]
+    assert _layer_violations(BACKEND_LAYERS, "backend.api.app", {"backend.serving.holder"}) == []

@@ -18,7 +18,7 @@ from flask import Flask, Response, jsonify, request
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from backend.api import metrics
+from backend import metrics
 from backend.api.operations import operations
 from backend.api.protocol import keep_refused, protocol
 from backend.api.requests import MAX_BODY_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH, ApiError, check_auth
@@ -89,7 +89,7 @@ def create_app(
     if start_runner:
         state.spool.start(state.apply_spooled)
     if start_runner and settings.sync_interval > 0 and settings.sync_projects:
-        from backend.label_studio.sync import PeriodicSync
+        from backend.collection.sync import PeriodicSync
 
         PeriodicSync(settings, sessions).start()
 
@@ -105,7 +105,7 @@ def create_app(
 
 
 def _observe(app: Flask, settings: Settings) -> None:
-    """Auth before every request; its latency and status counted after (:mod:`backend.api.metrics`)."""
+    """Auth before every request; its latency and status counted after (:mod:`backend.metrics`)."""
 
     @app.before_request
     def _before() -> None:

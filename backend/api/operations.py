@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from backend.api import metrics
+from backend import metrics
 from backend.api.state import backend
 from consensus.repository import recent_jobs, store_counts
 

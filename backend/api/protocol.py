@@ -20,7 +20,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from backend.api import metrics
+from backend import metrics
 from backend.api.requests import MAX_EVENT_BYTES, ApiError, json_body, parse_json, project_id
 from backend.api.state import backend
 from backend.collection.ingest import KNOWN_ACTIONS, TRAIN_EVENT, ingest_webhook, record_refused

@@ -26,17 +26,27 @@ One prediction per task (``{"result": [...], "score": float, "model_version": st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 from numpy.typing import NDArray
 
-from backend.serving.multitask import ImageOutput
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
 from labeling_config.parse import NON_BCC_KEY, ProjectConfig, Role
 from model.common.explain import compact_region
 from model.common.provenance import shown
+
+
+class ImageOutput(Protocol):
+    """What the BCC model says of one image (:class:`backend.serving.multitask.ImageOutput`)."""
+
+    @property
+    def probs(self) -> dict[str, float]: ...  # target key -> calibrated probability
+
+    @property
+    def maps(self) -> Any: ...  # (K, h, w) Grad-CAM maps at feature resolution, in target order
+
 
 #: Roles the BCC model fills.
 MODEL_ROLES = (Role.DIAGNOSIS, Role.PATTERNS, Role.REGIONS)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.api import metrics
+from backend import metrics
 from backend.images import ImageError, ImageFetcher
 from backend.label_studio.predictions import empty_prediction, task_prediction
 from backend.serving.lesion import LesionSystem, lesion_prediction, metadata_row, run_lesion, segment

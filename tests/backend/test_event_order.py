@@ -108,7 +108,7 @@ def test_a_delete_covers_the_version_it_deleted_even_if_label_studios_clock_is_a
 
 
 def test_sync_follows_the_same_rule(sessions):
-    from backend.label_studio.sync import sync_project
+    from backend.collection.sync import sync_project
 
     apply(sessions, CREATED)
     apply(sessions, DELETED, DELETE_AT)

@@ -12,8 +12,8 @@ import time
 
 from sqlalchemy import func, select
 
+from backend.collection.sync import sync_project
 from backend.demo.processes import free_port, start_serve, stop
-from backend.label_studio.sync import sync_project
 from consensus.db import init_db
 from consensus.models import Annotation, AnnotationEvent
 from labeling_config.parse import parse_config

@@ -8,7 +8,7 @@ import json
 from sqlalchemy import select
 
 from backend.cli import main
-from backend.label_studio.sync import sync_project
+from backend.collection.sync import sync_project
 from consensus.models import Annotation, AnnotationEvent
 from labeling_config.parse import parse_config
 from tests.backend.conftest import LS_TOKEN
@@ -105,7 +105,7 @@ def test_sync_command_says_what_is_wrong_in_one_line(settings, image_server, mon
 def test_serve_syncs_periodically(settings, sessions, image_server, small_study):
     import time
 
-    from backend.label_studio.sync import PeriodicSync
+    from backend.collection.sync import PeriodicSync
     from tests.backend.conftest import with_settings
 
     _, files = image_server

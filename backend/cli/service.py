@@ -1,0 +1,138 @@
+"""The service's subcommands: ``serve``, ``worker``, ``sync``, ``models`` (list / promote)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from backend.settings import Settings
+
+from backend.cli.common import _settings
+
+logger = logging.getLogger("dermassist")
+
+
+def _bcc_xml() -> str:
+    from labeling_config import load_config
+
+    return load_config("bcc")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the Label Studio ML backend (waitress; --dev: Flask's development server)."""
+    from backend.api.app import create_app
+    from consensus.db import init_db
+
+    settings = _settings(args)
+    engine, _ = init_db(settings.database_url)  # migrate once, before any worker starts
+    engine.dispose()
+    if args.dev:
+        app = create_app(settings, start_runner=True)
+        app.run(host=args.host, port=args.port, threaded=True)
+        return 0
+    from backend.server import serve
+
+    return serve(settings, args.host, args.port, args.http_threads)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run training jobs from Redis (REDIS_URL) with an RQ worker."""
+    from redis import Redis
+    from rq import Queue, Worker
+
+    from backend.training.jobs import RQQueue
+
+    settings = _settings(args)
+    if not settings.redis_url:
+        raise ValueError("set REDIS_URL: the worker takes its jobs from Redis")
+    connection = Redis.from_url(settings.redis_url)
+    worker = Worker([Queue(RQQueue.name, connection=connection)], connection=connection)
+    worker.work(burst=args.burst)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Reconcile the store with a Label Studio project's export (what missed webhooks left out)."""
+    from backend.label_studio.client import LabelStudioError
+    from backend.collection.sync import sync_from_label_studio, sync_project
+    from consensus.db import init_db
+    from labeling_config.parse import parse_config
+
+    settings = _settings(args)
+    if args.export:
+        import json
+
+        tasks = json.loads(Path(args.export).read_text())
+        config = parse_config(Path(args.config).read_text()) if args.config else parse_config(_bcc_xml())
+        _, sessions = init_db(settings.database_url)
+        summary = sync_project(sessions, args.project, tasks, config)
+    else:
+        _, sessions = init_db(settings.database_url)
+        try:
+            summary = sync_from_label_studio(settings, sessions, args.project)
+        except LabelStudioError as exc:
+            raise ValueError(str(exc)) from None
+    print(" ".join(f"{k}={v}" for k, v in summary.as_dict().items()))
+    return 0 if summary.errors == 0 else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the model versions, or promote a checkpoint to be served."""
+    from backend.serving import registry
+    from consensus.db import init_db
+    from consensus.models import ModelVersion
+
+    settings = _settings(args)
+    _, sessions = init_db(settings.database_url)
+    with sessions() as session:
+        if args.action == "promote-lesion":
+            from backend.serving.lesion import promote_pair
+
+            if not args.checkpoint or not args.dual:
+                raise ValueError("dermassist models promote-lesion SEGNET_CHECKPOINT DUAL_CHECKPOINT")
+            pair = promote_pair(session, Path(settings.model_dir), args.checkpoint, args.dual)
+            session.commit()
+            print(f"promoted the lesion pair {pair.version}")
+            return 0
+        if args.action == "promote":
+            if not args.checkpoint:
+                raise ValueError("dermassist models promote CHECKPOINT | VERSION | release")
+            version = _find_version(session, sessions, settings, args.checkpoint)
+            registry.promote(session, version)
+            session.commit()
+            print(f"promoted {version.version} ({version.release or version.path})")
+            return 0
+        from sqlalchemy import select
+
+        for row in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+            shown = [o.output for o in row.outputs if o.status == "validated"]
+            print(
+                f"{row.version}\t{row.system}\t{row.status.value}\t{row.created_at:%Y-%m-%d %H:%M}\t"
+                f"{row.release or row.path}\tvalidated: {', '.join(shown) or 'none'}"
+            )
+    return 0
+
+
+def _find_version(session: Any, sessions: Any, settings: Settings, name: str) -> Any:
+    """A checkpoint file (registered now), a registered version id, or ``release`` (the released model)."""
+    from backend.serving import registry
+    from backend.serving.release import install, read_release
+
+    if Path(name).is_file():
+        return registry.register(session, name, Path(settings.model_dir))
+    if name == "release":
+        release = read_release(settings.release_dir)
+        if release is None or "dermnet" not in release.models:
+            raise ValueError(f"no released model in RELEASE_DIR ({settings.release_dir})")
+        install(sessions, Path(settings.model_dir), release)  # registered (if it was not), in its own session
+        session.expire_all()
+        name = release.models["dermnet"].version
+    found = registry.find(session, name)
+    if found is None:
+        raise ValueError(
+            f"{name!r} is neither a checkpoint file nor a registered version (dermassist models list)"
+        )
+    return found

@@ -1,0 +1,218 @@
+"""Studies: ``synth`` (synthetic dermoscopy), ``demo``, ``import-ratings``, ``consensus``, ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.synthetic import SynthConfig
+
+from backend.cli.common import _database_url
+
+logger = logging.getLogger("dermassist")
+
+
+DEFAULT_DEMO_DIR = Path("runs/demo")
+
+
+def _synth_config(args: argparse.Namespace) -> SynthConfig:
+    from model.synthetic import RaterProfile, SynthConfig
+
+    return SynthConfig(
+        n=args.n,
+        size=args.size,
+        raters=args.raters,
+        seed=args.seed,
+        prevalence=args.prevalence,
+        label_noise=args.label_noise,
+        rater=RaterProfile(sensitivity=args.sensitivity, specificity=args.specificity, missing=args.missing),
+    )
+
+
+def _write_study(args: argparse.Namespace, out: Path) -> int:
+    from model.synthetic import contact_sheet, generate
+
+    summary = generate(_synth_config(args), out, progress=not args.quiet)
+    if not args.no_sheet:
+        contact_sheet(out).save(out / "contact_sheet.png")
+    print(summary.line())
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Draw a synthetic dermoscopy study with simulated dermatologists."""
+    return _write_study(args, Path(args.out))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on embedded defaults: Label Studio and the backend on localhost with a pre-annotated
+    BCC screening project: 64 real dermoscopic images (sample/ham10000) pre-annotated by the released
+    models, four simulated dermatologists, their consensus, one retraining. --synthetic runs the synthetic
+    study (a model trained on drawings); --no-label-studio the headless part of it: study, store,
+    consensus, report."""
+    if not args.no_label_studio:
+        from backend.demo.label_studio import LabelStudioUnavailableError
+        from backend.demo.run import DemoConfig, run
+
+        try:
+            return run(
+                DemoConfig(
+                    out=Path(args.out),
+                    synthetic=args.synthetic,
+                    n=args.n,
+                    size=args.size,
+                    seed=args.seed,
+                    epochs=args.epochs,
+                    ls_port=args.ls_port,
+                    backend_port=args.port,
+                    wait=not args.no_wait,
+                    progress=not args.quiet,
+                )
+            )
+        except LabelStudioUnavailableError as exc:
+            raise ValueError(
+                f"{exc}\n(or run `dermassist demo --no-label-studio` for the headless part)"
+            ) from None
+    return _headless_demo(args)
+
+
+def _headless_demo(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from consensus.db import init_db
+    from consensus.export import build_study, write_csv, write_report
+    from consensus.repository import import_ratings
+    from consensus.service import run_consensus
+
+    root = Path(args.out)
+    study_dir = root / "study"
+    _write_study(args, study_dir)
+    if args.raters == 0:
+        print(f"demo: study written to {study_dir.resolve()} (no raters: no consensus)")
+        return 0
+    database = root / "dermassist.sqlite"
+    database.unlink(missing_ok=True)  # the demo starts from a fresh store every time
+    engine, sessions = init_db(f"sqlite:///{database}")
+    try:
+        with sessions.begin() as session:
+            import_ratings(session, pd.read_csv(study_dir / "ratings.csv"), origin="demo")
+        with sessions.begin() as session:
+            run = run_consensus(session)
+        with sessions() as session:
+            study = build_study(session, run.id)
+    finally:
+        engine.dispose()
+    truth = pd.read_csv(study_dir / "labels.csv", dtype={"image_id": str}).set_index("image_id")
+    report = write_report(study, root / "consensus" / "report.html", truth)
+    write_csv(study, root / "consensus")
+    agree = (study.consensus["bcc"] == truth.loc[study.consensus.index, "bcc"]).mean()
+    print(f"demo: consensus of {study.run['n_raters']} dermatologists on {study.run['n_items']} images "
+          f"(BCC consensus agrees with the truth on {agree:.1%}); store {database}")  # fmt: skip
+    sheet = (
+        ""
+        if args.no_sheet
+        else f"\n  images with their patterns outlined: {(study_dir / 'contact_sheet.png').resolve()}"
+    )
+    print(f"demo: look at\n  the study report: {report.resolve()}{sheet}")
+    return 0
+
+
+def cmd_import_ratings(args: argparse.Namespace) -> int:
+    """Import a long ratings table (image_id, rater, label, value) into the store."""
+    import pandas as pd
+
+    from consensus.db import init_db
+    from consensus.repository import import_ratings
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        table = pd.read_csv(path, dtype={"image_id": str, "rater": str, "label": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable CSV: {exc}") from exc
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions.begin() as session:  # one transaction: the whole file or nothing
+            summary = import_ratings(session, table, origin=str(path))
+    finally:
+        engine.dispose()
+    print(
+        f"imported {summary.rows} ratings of {summary.items} images by {summary.raters} raters: "
+        f"{summary.created} annotations new, {summary.changed} changed, {summary.unchanged} unchanged"
+    )
+    return 0
+
+
+def cmd_consensus_run(args: argparse.Namespace) -> int:
+    """Run the Dawid-Skene consensus over every annotation in the store and store the run."""
+    from consensus.dawid_skene import DawidSkene, OneCoinDawidSkene
+    from consensus.db import init_db
+    from consensus.repository import consensus_table
+    from consensus.service import run_consensus
+
+    kind = OneCoinDawidSkene if args.one_coin else DawidSkene
+    estimator = kind(n_iter=args.n_iter, smoothing=args.smoothing, diag_smoothing=args.diag_smoothing)
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions.begin() as session:
+            run = run_consensus(session, estimator)
+            table = consensus_table(session, run)
+    finally:
+        engine.dispose()
+    positives = (table[table["value"] == "1"].groupby("label_key").size()).to_dict()
+    from labeling_config import TARGETS
+
+    shown = ", ".join(f"{k} {positives[k]}" for k in TARGETS if k in positives)
+    print(f"consensus run {run.id} ({run.method}): {run.n_items} items, {run.n_raters} raters, "
+          f"{run.n_answers} answers; positives: {shown}")  # fmt: skip
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a consensus run: csv (a folder), json, ls-import (Label Studio tasks), report (HTML)."""
+    import json
+
+    import pandas as pd
+    from sqlalchemy import select
+
+    from consensus.db import init_db
+    from consensus.export import build_study, write_csv, write_json, write_report
+    from consensus.models import Item
+
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions() as session:
+            study = build_study(session, args.run)
+            images = {e: i for e, i in session.execute(select(Item.external_id, Item.image)) if i}
+    finally:
+        engine.dispose()
+    out = Path(args.out)
+    if args.format == "csv":
+        written = write_csv(study, out)
+        print(f"consensus run {study.run['id']}: {len(written)} files in {out}")
+    elif args.format == "json":
+        write_json(study, out)
+        print(f"consensus run {study.run['id']}: {len(study.consensus)} images -> {out}")
+    elif args.format == "report":
+        truth = None
+        if args.truth:
+            truth = pd.read_csv(args.truth, dtype={"image_id": str}).set_index("image_id")
+        write_report(study, out, truth)
+        print(f"consensus run {study.run['id']}: report -> {out}")
+    else:
+        from backend.label_studio.export import ls_import_tasks
+        from labeling_config import parse_config
+
+        config = parse_config(Path(args.config).read_text(encoding="utf-8"))
+        tasks = ls_import_tasks(study.consensus, config, images, args.image_template, study.run["id"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
+        print(f"consensus run {study.run['id']}: {len(tasks)} Label Studio tasks -> {out}")
+    for note in study.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
