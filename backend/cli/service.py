@@ -56,8 +56,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Reconcile the store with a Label Studio project's export (what missed webhooks left out)."""
-    from backend.label_studio.client import LabelStudioError
     from backend.collection.sync import sync_from_label_studio, sync_project
+    from backend.label_studio.client import LabelStudioError
     from consensus.db import init_db
     from labeling_config.parse import parse_config
 

@@ -9,8 +9,8 @@ any split) is not worse and it loses no validated output. Either way the version
 ``model_versions``. The lesion pair is retrained by :mod:`backend.training.lesion` in the same job.
 
 Every trigger (Label Studio's Train button, the update policy, ``dermassist train --from-db``) queues
-the same job with the same defaults: what a job may set is its ``params`` (:data:`PARAMS`), every other
-figure comes from :class:`backend.settings.Settings`.
+the same job with the same defaults (:data:`DEFAULTS`; ``epochs``: ``TRAIN_EPOCHS``); a job's ``params``
+override them, every other figure comes from :class:`backend.settings.Settings`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from model.common.data import is_synthetic
 from model.common.provenance import Provenance
 
 logger = logging.getLogger(__name__)
+
+#: The BCC model's training defaults for every job, whatever queued it; a job's ``params`` override them.
+DEFAULTS: dict[str, Any] = {"batch_size": 16, "image_size": 224, "patience": 3, "max_steps_per_epoch": None}
 
 
 def project_provenance(
@@ -182,14 +185,15 @@ def train_dermnet(
             f"only {len(data.table)} training items with consensus and an image: too few to train"
         )
     out = Path(settings.model_dir) / "jobs" / str(job_id)
+    job = {**DEFAULTS, **params}
     config = TrainConfig(
         out=str(out),
         weights=parent_path or params.get("weights"),
         epochs=int(params.get("epochs", settings.train_epochs)),
-        batch_size=int(params.get("batch_size", 16)),
-        image_size=int(params.get("image_size", 224)),
-        max_steps_per_epoch=params.get("max_steps_per_epoch"),
-        patience=int(params.get("patience", 3)),
+        batch_size=int(job["batch_size"]),
+        image_size=int(job["image_size"]),
+        max_steps_per_epoch=job["max_steps_per_epoch"],
+        patience=int(job["patience"]),
         threads=settings.threads,
         progress=False,
         amp=True,
