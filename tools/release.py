@@ -19,7 +19,7 @@ is typed in by hand.
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from labeling_config import PATTERN_KEYS, TARGET_NAMES
-from model.common.checkpoint import atomic_write_bytes, weights_version
+from model.common.checkpoint import read_checkpoint, write_checkpoint
 from model.common.files import file_sha256
 from model.common.provenance import MIN_AUROC, MIN_DICE, Provenance, from_auroc, record
 
@@ -111,26 +111,18 @@ def dual_provenance(dual: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def convert(source: Path, target: Path, kind: str, provenance: dict[str, dict[str, Any]], name: str) -> str:
-    """Write ``source`` as a release file (fp16 weights, provenance, no optimizer state); its version."""
-    raw = torch.load(source, map_location="cpu", weights_only=False)
-    state = _half(raw["state_dict"])
-    keep = {k: v for k, v in raw.items() if k not in ("optimizer", "scheduler", "state", "state_dict")}
-    keep["state_dict"] = state
-    keep["provenance"] = provenance
-    digest = weights_version(state).split("-", 1)[1]
-    version = f"{kind}-{digest}"
-    if "meta" in keep:  # dermnet and segnet carry a meta dict with their version (prefix kept)
-        meta = dict(keep["meta"])
-        meta["extra"] = {**meta.get("extra", {}), "fp32_version": meta.get("version"), "release": name}
-        version = f"{str(meta.get('version', kind)).split('-', 1)[0]}-{digest}"
-        meta["version"] = version
-        if kind == "dermnet":
-            meta["provenance"] = provenance
-        keep["meta"] = meta
-    buffer = io.BytesIO()
-    torch.save(keep, buffer)
-    atomic_write_bytes(target, buffer.getvalue())
-    return version
+    """Write ``source`` as a release file (fp16 weights, provenance, no optimizer state); its version.
+
+    The file has the one checkpoint format (``model.common.checkpoint``); its version is the fp16
+    weights' (``<dermnet|segnet|dual>-<hash>``), the training run's fp32 version is kept in ``extra``.
+    """
+    checkpoint = read_checkpoint(source)
+    meta = dataclasses.replace(
+        checkpoint.meta,
+        provenance=provenance,
+        extra={**checkpoint.meta.extra, "fp32_version": checkpoint.meta.version, "release": name},
+    )
+    return write_checkpoint(target, meta, _half(checkpoint.state_dict)).version
 
 
 def _row(key: str, entry: dict[str, Any]) -> str:
@@ -277,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{target} is {size / 1e6:.1f} MB, over the 15 MB limit")
         total += size
         sha = file_sha256(target)
-        fp32 = torch.load(source, map_location="cpu", weights_only=False).get("meta", {}).get("version")
+        fp32 = read_checkpoint(source).meta.version
         facts = {
             **recipe[kind],
             "file": target.name,

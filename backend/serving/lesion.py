@@ -75,18 +75,19 @@ def pair_candidate(segnet: str | Path, dual: str | Path) -> Candidate:
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
-    from model.common.checkpoint import read_checkpoint
     from model.lesion.segmentation import load_segnet
     from model.lesion.train_dual import load_dual
 
-    load_segnet(segnet)  # refuse wrong files before anything is registered
+    _, seg_meta = load_segnet(segnet)  # refuse wrong files before anything is registered
     _, dual_meta = load_dual(dual)
     return Candidate(
         system=LESION,
         version=pair_version(Path(segnet), Path(dual)),
         files={SEG_FILE: Path(segnet), DUAL_FILE: Path(dual)},
         outputs=(LESION_OUTPUT, DIAGNOSIS_OUTPUT),
-        provenance=pair_provenance(read_checkpoint(segnet), dual_meta),
+        provenance=pair_provenance(
+            {"provenance": seg_meta.provenance, "meta": seg_meta.to_dict()}, dual_meta
+        ),
     )
 
 
@@ -150,7 +151,6 @@ def load_pair(segnet: str | Path, dual: str | Path, version: str | None = None) 
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
-    from model.common.checkpoint import read_checkpoint
     from model.lesion.segmentation import load_segnet
     from model.lesion.train_dual import load_dual
 
@@ -164,7 +164,9 @@ def load_pair(segnet: str | Path, dual: str | Path, version: str | None = None) 
         dual=dual_net.eval(),
         image_size=int(config["image_size"]),
         lesion_size=int(config["lesion_size"]),
-        provenance=pair_provenance(read_checkpoint(segnet), dual_meta),
+        provenance=pair_provenance(
+            {"provenance": seg_meta.provenance, "meta": seg_meta.to_dict()}, dual_meta
+        ),
     )
 
 

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.common.checkpoint import CheckpointMeta
 from model.common.explain import explain
-from model.multitask.network import DermNet, load_checkpoint
+from model.multitask.network import CheckpointMeta, DermNet, load_checkpoint
 
 logger = logging.getLogger(__name__)
 

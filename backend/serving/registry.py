@@ -22,8 +22,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
-from model.common.checkpoint import CheckpointMeta, atomic_copy, read_checkpoint
+from model.common.checkpoint import atomic_copy, read_checkpoint
 from model.common.provenance import Provenance, record, status_of
+from model.multitask.network import CheckpointMeta
 
 MULTITASK, LESION = "multitask", "lesion"  # the served systems
 
@@ -52,7 +53,7 @@ def checkpoint_candidate(checkpoint: str | Path) -> Candidate:
     Raises:
         FileNotFoundError, ValueError: the file is missing or not a dermassist checkpoint.
     """
-    meta = CheckpointMeta.from_dict(read_checkpoint(checkpoint)["meta"])
+    meta = read_checkpoint(checkpoint, CheckpointMeta).meta
     return Candidate(
         system=MULTITASK,
         version=meta.version,

@@ -81,17 +81,9 @@ def lost_outputs(current: dict[str, dict[str, Any]], candidate: dict[str, dict[s
 
 def stamp_provenance(checkpoint: Path, provenance: dict[str, dict[str, Any]]) -> None:
     """Write the provenance into the checkpoint's metadata (same weights, same version), atomically."""
-    import io
+    from model.common.checkpoint import update_meta
 
-    import torch
-
-    from model.common.checkpoint import atomic_write_bytes, read_checkpoint
-
-    raw = read_checkpoint(checkpoint)
-    raw["meta"]["provenance"] = provenance
-    buffer = io.BytesIO()
-    torch.save(raw, buffer)
-    atomic_write_bytes(checkpoint, buffer.getvalue())
+    update_meta(checkpoint, provenance=provenance)
 
 
 def _why(provenance: dict[str, dict[str, Any]], keys: list[str]) -> str:
@@ -199,12 +191,13 @@ def train_dermnet(
         amp=True,
     )
     if parent_path is not None:
-        from model.common.checkpoint import read_checkpoint
+        from model.common.checkpoint import read_meta
+        from model.multitask.network import DermNetMeta
 
-        parent_meta = read_checkpoint(parent_path)["meta"]
-        config.image_size = int(parent_meta.get("input_size", config.image_size))
-        config.output_stride = int(parent_meta.get("output_stride", 32))
-        config.width_mult = float(parent_meta.get("width_mult", 1.0))
+        parent_meta = read_meta(parent_path, DermNetMeta)
+        config.image_size = parent_meta.input_size
+        config.output_stride = parent_meta.output_stride
+        config.width_mult = parent_meta.width_mult
     result = train(config, data.table, data.targets)
     note(f"trained {result.meta.version} ({len(result.history)} epochs)")
     synthetic = images is not None and is_synthetic(images)

@@ -1,14 +1,30 @@
-"""Checkpoints that carry their metadata, written atomically.
+"""Checkpoints: one format for every system, read through one function, written atomically.
 
-A checkpoint is one ``torch.save`` dict::
+A checkpoint is one ``torch.save`` dict of plain types and tensors (so it loads with
+``weights_only=True``)::
 
-    {"format": 1, "meta": {...}, "state_dict": ..., "optimizer": ..., "scheduler": ..., "epoch": int}
+    {"format": 2,
+     "meta": {"system": "multitask", "arch": "dermnet-mobilenet_v2", "version": "dermnet-<hash>",
+              "data_hash": ..., "metrics": {...}, "epoch": int, "parent": ..., "provenance": {...},
+              "extra": {...}, "config": {...}},
+     "state_dict": {...},
+     "optimizer": ..., "scheduler": ..., "state": ...}      # last.pt only: what resuming needs
 
-``meta`` (a :class:`CheckpointMeta` as a plain dict) says what the weights mean: the targets in head
-order with their display names, input size, normalisation, per-output decision thresholds and
-temperatures, the training data hash, the metrics and a version id. Writing goes to a temporary file
-in the same folder, is flushed to disk, then renamed over the target, so a killed process leaves
-either the old file or the new one, never half of one.
+``meta`` (a :class:`ModelMeta`) says what the weights are and mean. Its common part is the same for
+every system: which system and architecture, a version derived from the weights, the training data
+hash, the validation metrics, the epoch, the parent version, each output's provenance
+(:mod:`model.common.provenance`) and anything else worth keeping (``extra``: the training config,
+split sizes, ...). Its ``config`` part is the system's own: what rebuilds the network and reads its
+outputs (input size, normalisation, thresholds, ...). Each system declares that part as a subclass
+of :class:`ModelMeta` with typed fields (``model.multitask.network.DermNetMeta``,
+``model.lesion.segmentation.SegMeta``, ``model.lesion.dual.DualMeta``); :mod:`model.systems` maps the
+``system`` names to them.
+
+:func:`read_checkpoint` is the one reader. It also reads the layouts written before this format
+(DermNet's and the U-Net's format 1 with a flat ``meta``, the dual-encoder's unversioned dict), the
+released weights in ``models/`` among them, and converts them on read; only the new format is
+written (:func:`save_checkpoint`, :func:`write_checkpoint`, through
+:func:`model.common.files.atomic_write_bytes`).
 """
 
 from __future__ import annotations
@@ -16,77 +32,140 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Generic, Self, TypeVar, overload
 
+import numpy as np
 import torch
+from torch import nn
 
-from labeling_config import TARGET_NAMES, TARGETS
 from model.common.files import atomic_copy, atomic_write_bytes
 
-FORMAT = 1
-ARCH = "dermnet-mobilenet_v2"
+FORMAT = 2
+# What this module knows of the layouts written before FORMAT 2, to convert them on read.
+_FORMAT_1 = 1  # DermNet and U-Net: {"format": 1, "meta": {flat fields}, "state_dict", ...}
+_SEGNET_ARCH_PREFIX = "segnet-"
+_DUAL_ARCH = "dual-encoder"  # the dual-encoder's dict: {"arch", "config", "state_dict", "epoch", ...}
+_DUAL_CONFIG = ("backbone", "width_mult", "use_lesion", "use_metadata", "image_size", "lesion_size")
+_SYSTEM_OF_LEGACY = {"dermnet": "multitask", "segnet": "lesion-segmentation", "dual": "lesion-dual"}
 
 
 @dataclass
-class CheckpointMeta:
-    """What a checkpoint's weights mean. Stored as a plain dict inside the checkpoint.
+class ModelMeta:
+    """What a checkpoint's weights are and mean. Stored as a plain dict inside the checkpoint.
+
+    Each system subclasses it, giving its ``config`` part typed fields (with their defaults) and its
+    ``SYSTEM`` name and ``VERSION_PREFIX``. A plain ``ModelMeta`` (what :func:`read_checkpoint` gives
+    without a system's class) keeps the ``config`` part as a dict.
 
     Attributes:
-        version: identifier of these weights (``dermnet-<hash>``); set by :func:`save_checkpoint`.
-        arch: architecture name.
-        targets: output keys in head order.
-        target_names: display names of the outputs.
-        input_size: square side the network is fed.
-        mean: normalisation mean (applied inside the network).
-        std: normalisation std.
-        width_mult: MobileNet-V2 width multiplier.
-        output_stride: 32 or 16 (see ``model.multitask.network.DermNet``).
-        dropout: dropout before the heads.
-        thresholds: per-output decision threshold on the calibrated probability.
-        temperatures: per-output temperature (logit / T before the sigmoid).
-        threshold_rule: how thresholds were chosen (``youden`` or ``sensitivity>=x``).
-        data_hash: hash of the training table (ids + targets).
+        system: which system the weights belong to (``multitask``, ``lesion-segmentation``,
+            ``lesion-dual``; see :mod:`model.systems`).
+        arch: the architecture's name.
+        version: identifier of these weights (``<prefix>-<hash>``); set when the checkpoint is written.
+        data_hash: hash of the training table (``model.common.data.table_hash``).
         metrics: validation metrics.
         epoch: epochs completed.
         parent: version this one was trained from, if any.
-        provenance: per output key, where it comes from (:mod:`model.common.provenance`: validated on real
-            images with the figure and its data, unvalidated, synthetic or untrained).
-        extra: anything else worth keeping (training configuration, ...).
+        provenance: per output key, where it comes from (:mod:`model.common.provenance`: validated on
+            real images with the figure and its data, unvalidated, synthetic or untrained).
+        extra: anything else worth keeping (training configuration, split sizes, ...).
+        config: the system's own part, for a class without typed fields for it (a subclass's typed
+            fields replace it: there it stays empty).
     """
 
+    SYSTEM: ClassVar[str] = ""
+    VERSION_PREFIX: ClassVar[str] = ""  # a plain ModelMeta keeps the prefix of the version it has
+    DESCRIPTION: ClassVar[str] = "dermassist"  # what its loader reads, for errors
+
+    system: str = ""
+    arch: str = ""
     version: str = ""
-    arch: str = ARCH
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
-    target_names: dict[str, str] = field(default_factory=lambda: dict(TARGET_NAMES))
-    input_size: int = 224
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    width_mult: float = 1.0
-    output_stride: int = 32
-    dropout: float = 0.2
-    thresholds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0.5))
-    temperatures: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 1.0))
-    threshold_rule: str = "default"
     data_hash: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     parent: str | None = None
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def version_prefix(self) -> str:
+        """What versions of this system begin with (``dermnet``, ``segnet``, ``dual``, ...)."""
+        if self.VERSION_PREFIX:
+            return self.VERSION_PREFIX
+        return self.version.split("-", 1)[0] if "-" in self.version else "model"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
-        """Build from a stored dict, ignoring keys this version does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def config_fields(cls) -> tuple[str, ...]:
+        """The names of this class's typed ``config`` fields (none for a plain ``ModelMeta``)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _COMMON)
+
+    def config_part(self) -> dict[str, Any]:
+        """The ``config`` part as stored: the typed fields (and any untyped ones)."""
+        return {**self.config, **{name: getattr(self, name) for name in self.config_fields()}}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The stored form: the common fields, and the system's part under ``config``."""
+        common = {name: getattr(self, name) for name in _COMMON if name != "config"}
+        stored: dict[str, Any] = _plain({**common, "config": self.config_part()})
+        return stored
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a stored dict (``config`` nested, or flat as format 1 stored it), ignoring keys
+        this version does not know."""
+        flat = {**data.get("config", {}), **{k: v for k, v in data.items() if k != "config"}}
+        typed = cls.config_fields()
+        known = {k: v for k, v in flat.items() if k in typed or (k in _COMMON and k != "config")}
+        if not typed:  # a plain ModelMeta keeps the system's part as a dict
+            known["config"] = {k: v for k, v in flat.items() if k not in _COMMON}
+        if not known.get("system"):
+            known.pop("system", None)  # a subclass's own default
+        return cls(**known)
+
+    @classmethod
+    def from_meta(cls, meta: ModelMeta, source: str | Path = "the checkpoint") -> Self:
+        """This system's typed view of ``meta``.
+
+        Raises:
+            ValueError: ``meta`` belongs to another system.
+        """
+        if cls.SYSTEM and meta.system != cls.SYSTEM:
+            raise ValueError(
+                f"{source} holds a {meta.arch or meta.system!r} model ({meta.system or 'no'} system); "
+                f"this loader reads {cls.DESCRIPTION} checkpoints ({cls.SYSTEM})"
+            )
+        return cls.from_dict(meta.to_dict())
 
 
-def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
+M = TypeVar("M", bound=ModelMeta)
+N = TypeVar("N", bound=nn.Module)
+_COMMON = tuple(f.name for f in dataclasses.fields(ModelMeta))
+
+
+@dataclass
+class Checkpoint(Generic[M]):
+    """A checkpoint as :func:`read_checkpoint` gives it.
+
+    Attributes:
+        meta: the metadata (the system's class when the reader was given one).
+        state_dict: the weights (on the CPU).
+        optimizer: optimizer state, in a ``last.pt``.
+        scheduler: scheduler state, in a ``last.pt``.
+        state: the training loop's progress (``model.common.training.EpochLoop.resume_state``), in a
+            ``last.pt``.
+    """
+
+    meta: M
+    state_dict: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+
+
+def weights_version(state_dict: dict[str, torch.Tensor], prefix: str = "dermnet") -> str:
     """A version id derived from the weights: the same weights always get the same id."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
@@ -95,18 +174,54 @@ def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(
             tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes()
         )
-    return f"dermnet-{digest.hexdigest()[:12]}"
+    return f"{prefix}-{digest.hexdigest()[:12]}"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy scalars and arrays turned into Python numbers and lists (tensors kept), so
+    the checkpoint loads with ``weights_only=True``."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
+
+
+def write_checkpoint(
+    path: str | Path,
+    meta: M,
+    state_dict: dict[str, torch.Tensor],
+    optimizer: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+) -> M:
+    """Write weights and metadata in the one format, atomically; the metadata as stored (``version``
+    set from the weights)."""
+    meta = dataclasses.replace(meta, version=weights_version(state_dict, meta.version_prefix()))
+    payload: dict[str, Any] = {"format": FORMAT, "meta": meta.to_dict(), "state_dict": state_dict}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer
+    if scheduler is not None:
+        payload["scheduler"] = scheduler
+    if state is not None:
+        payload["state"] = _plain(state)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return meta
 
 
 def save_checkpoint(
     path: str | Path,
-    model: torch.nn.Module,
-    meta: CheckpointMeta,
+    model: nn.Module,
+    meta: M,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     state: dict[str, Any] | None = None,
-) -> CheckpointMeta:
-    """Save weights, metadata and (for resuming) optimizer and scheduler state, atomically.
+) -> M:
+    """Save a network's weights, its metadata and (for resuming) optimizer and scheduler state, atomically.
 
     Args:
         path: file to write.
@@ -119,48 +234,128 @@ def save_checkpoint(
     Returns:
         The metadata as stored (with its version).
     """
-    module: torch.nn.Module = getattr(model, "module", model)
+    module: nn.Module = getattr(model, "module", model)
     state_dict = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    meta = dataclasses.replace(meta, version=weights_version(state_dict))
-    payload: dict[str, Any] = {"format": FORMAT, "meta": meta.to_dict(), "state_dict": state_dict}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        payload["scheduler"] = scheduler.state_dict()
-    if state is not None:
-        payload["state"] = state
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return meta
+    return write_checkpoint(
+        path,
+        meta,
+        state_dict,
+        optimizer.state_dict() if optimizer is not None else None,
+        scheduler.state_dict() if scheduler is not None else None,
+        state,
+    )
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict (weights, meta, optimizer, ...), loaded on the CPU.
+@overload
+def read_checkpoint(path: str | Path) -> Checkpoint[ModelMeta]: ...
+@overload
+def read_checkpoint(path: str | Path, kind: type[M]) -> Checkpoint[M]: ...
+def read_checkpoint(path: str | Path, kind: type[ModelMeta] = ModelMeta) -> Checkpoint[Any]:
+    """The one reader: a checkpoint of any system, in any layout this project wrote, on the CPU.
+
+    Args:
+        path: the file.
+        kind: the system's metadata class, to get its typed view (and refuse other systems' files);
+            a plain :class:`ModelMeta` by default.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a dermassist checkpoint.
+        ValueError: the file is not a dermassist checkpoint, or (with ``kind``) another system's.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        # weights_only=False: optimizer and scheduler states hold plain Python objects. Only load
-        # checkpoints you (or your training job) wrote.
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "meta" not in raw:
-        raise ValueError(f"{path} is not a dermassist checkpoint (format {FORMAT})")
-    return raw
+    stored = _current_layout(raw, path)
+    meta = ModelMeta.from_dict(stored["meta"])
+    return Checkpoint(
+        meta=kind.from_meta(meta, path) if kind is not ModelMeta else meta,
+        state_dict=stored["state_dict"],
+        optimizer=stored.get("optimizer"),
+        scheduler=stored.get("scheduler"),
+        state=stored.get("state"),
+    )
+
+
+def load_network(path: str | Path, kind: type[M], build: Callable[[M], N]) -> tuple[N, M]:
+    """A checkpoint's network, rebuilt by ``build`` from its metadata, with its weights, in eval mode.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a dermassist checkpoint, another system's, or one ``build`` refuses.
+    """
+    checkpoint = read_checkpoint(path, kind)
+    model = build(checkpoint.meta)
+    model.load_state_dict(checkpoint.state_dict)
+    model.eval()
+    return model, checkpoint.meta
+
+
+def read_meta(path: str | Path, kind: type[M]) -> M:
+    """The metadata of a checkpoint as ``kind`` (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path, kind).meta
+
+
+def update_meta(path: str | Path, **changes: Any) -> ModelMeta:
+    """Rewrite a checkpoint with some metadata fields replaced (same weights, so the same version),
+    in the current format, atomically; the metadata written."""
+    checkpoint = read_checkpoint(path)
+    meta = dataclasses.replace(checkpoint.meta, **changes)
+    return write_checkpoint(
+        path, meta, checkpoint.state_dict, checkpoint.optimizer, checkpoint.scheduler, checkpoint.state
+    )
+
+
+def _current_layout(raw: Any, path: Path) -> dict[str, Any]:
+    """``raw`` in the current layout: format 2 as it is, the earlier layouts converted."""
+    if isinstance(raw, dict) and raw.get("format") == FORMAT and isinstance(raw.get("meta"), dict):
+        return raw
+    if isinstance(raw, dict) and raw.get("format") == _FORMAT_1 and isinstance(raw.get("meta"), dict):
+        flat = dict(raw["meta"])
+        legacy = "segnet" if str(flat.get("arch", "")).startswith(_SEGNET_ARCH_PREFIX) else "dermnet"
+        meta = {k: v for k, v in flat.items() if k in _COMMON}
+        meta["config"] = {k: v for k, v in flat.items() if k not in _COMMON}
+        meta["system"] = _SYSTEM_OF_LEGACY[legacy]
+        return _with_provenance({**raw, "format": FORMAT, "meta": meta}, raw)
+    if isinstance(raw, dict) and raw.get("arch") == _DUAL_ARCH and "state_dict" in raw:
+        config = dict(raw.get("config", {}))
+        extra: dict[str, Any] = {"train_config": config}
+        extra.update({k: raw[k] for k in ("n_val", "synthetic") if k in raw})
+        meta = {
+            "system": _SYSTEM_OF_LEGACY["dual"],
+            "arch": _DUAL_ARCH,
+            "version": weights_version(raw["state_dict"], "dual"),
+            "data_hash": raw.get("data_hash", ""),
+            "metrics": raw.get("metrics", {}),
+            "epoch": int(raw.get("epoch", 0)),
+            "extra": extra,
+            "config": {k: config[k] for k in _DUAL_CONFIG if k in config},
+        }
+        return _with_provenance({"format": FORMAT, "meta": meta, "state_dict": raw["state_dict"]}, raw)
+    raise ValueError(f"{path} is not a dermassist checkpoint (format {FORMAT} or an earlier layout)")
+
+
+def _with_provenance(stored: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """The release tool wrote provenance beside ``meta`` in the earlier layouts: it moves into ``meta``."""
+    if raw.get("provenance") and not stored["meta"].get("provenance"):
+        stored["meta"]["provenance"] = raw["provenance"]
+    return stored
 
 
 __all__ = [
-    "CheckpointMeta",
+    "FORMAT",
+    "Checkpoint",
+    "ModelMeta",
     "atomic_copy",
     "atomic_write_bytes",
+    "load_network",
     "read_checkpoint",
+    "read_meta",
     "save_checkpoint",
+    "update_meta",
     "weights_version",
+    "write_checkpoint",
 ]

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,8 +31,10 @@ from numpy.typing import NDArray
 from torch import nn
 
 from labeling_config import HAM_CLASSES, SEXES, SITES
+from model.common.checkpoint import ModelMeta, load_network
 from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_features_state
 
+ARCH = "dual-encoder"
 BACKBONES = ("mobilenet_v2", "densenet201")
 AGE_SCALE = 100.0
 
@@ -170,6 +173,7 @@ class DualNet(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
+        self.width_mult, self.dim, self.heads, self.dropout_p = width_mult, dim, heads, dropout
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.backbone, self.use_lesion, self.use_metadata = backbone, use_lesion, use_metadata
@@ -188,6 +192,18 @@ class DualNet(nn.Module):
         self.fuse = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused, dim), nn.GELU(), nn.Dropout(dropout))
         self.diagnosis_head = nn.Linear(dim, len(HAM_CLASSES))
         self.bcc_head = nn.Linear(dim, 1)
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this architecture (stored in checkpoints)."""
+        return {
+            "backbone": self.backbone,
+            "width_mult": self.width_mult,
+            "dim": self.dim,
+            "heads": self.heads,
+            "use_lesion": self.use_lesion,
+            "use_metadata": self.use_metadata,
+            "dropout": self.dropout_p,
+        }
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean: torch.Tensor = self.mean  # type: ignore[assignment]
@@ -252,6 +268,61 @@ def split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits[:, : len(HAM_CLASSES)].softmax(dim=1), torch.sigmoid(logits[:, len(HAM_CLASSES)])
 
 
+@dataclass
+class DualMeta(ModelMeta):
+    """What a dual-encoder checkpoint's weights mean: :class:`~model.common.checkpoint.ModelMeta` with
+    the classifier's part (these fields are stored under ``config``).
+
+    Attributes:
+        backbone, width_mult, dim, heads, use_lesion, use_metadata, dropout: the :class:`DualNet`
+            arguments.
+        image_size: side of the whole-image input.
+        lesion_size: side of the lesion crop.
+
+    ``version`` is ``dual-<hash>``; the ``extra`` of a trained one holds the training config
+    (``train_config``), the validation split's size (``n_val``) and whether the data were synthetic.
+    """
+
+    SYSTEM: ClassVar[str] = "lesion-dual"
+    VERSION_PREFIX: ClassVar[str] = "dual"
+    DESCRIPTION: ClassVar[str] = "dual-encoder"
+
+    system: str = SYSTEM
+    arch: str = ARCH
+    backbone: str = "mobilenet_v2"
+    width_mult: float = 1.0
+    dim: int = 128
+    heads: int = 4
+    use_lesion: bool = True
+    use_metadata: bool = True
+    dropout: float = 0.2
+    image_size: int = 160
+    lesion_size: int = 128
+
+
+def dual_from_meta(meta: DualMeta) -> DualNet:
+    """An untrained :class:`DualNet` with the architecture ``meta`` describes."""
+    return DualNet(
+        backbone=meta.backbone,
+        width_mult=meta.width_mult,
+        dim=meta.dim,
+        heads=meta.heads,
+        use_lesion=meta.use_lesion,
+        use_metadata=meta.use_metadata,
+        dropout=meta.dropout,
+    )
+
+
+def load_dual_checkpoint(path: str | Path) -> tuple[DualNet, DualMeta]:
+    """Load a dual-encoder checkpoint's network (in eval mode) and its metadata.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a dermassist checkpoint, or another system's.
+    """
+    return load_network(path, DualMeta, dual_from_meta)
+
+
 def build_dual(weights: str | None = None, **kwargs: Any) -> DualNet:
     """A :class:`DualNet`; ``weights="imagenet"`` starts both MobileNet-V2 encoders from torchvision's
     ImageNet file in the local cache (``make weights``; nothing is downloaded).
@@ -265,7 +336,7 @@ def build_dual(weights: str | None = None, **kwargs: Any) -> DualNet:
         return model
     if weights != "imagenet":
         raise ValueError(
-            f"weights must be None or 'imagenet', got {weights!r} (load checkpoints with torch.load)"
+            f"weights must be None or 'imagenet', got {weights!r} (checkpoints: load_dual_checkpoint)"
         )
     if model.backbone != "mobilenet_v2" or kwargs.get("width_mult", 1.0) != 1.0:
         raise ValueError("local ImageNet weights exist for MobileNet-V2 at width 1.0 only")

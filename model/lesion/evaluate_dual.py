@@ -38,8 +38,8 @@ from model.common.data import load_table, read_binary_mask, table_hash
 from model.common.explain import explain
 from model.common.metrics import bootstrap, map_agreement
 from model.common.report import overlay
-from model.lesion.dual import ImageBranch
-from model.lesion.train_dual import DualDataset, collate, load_dual, metrics, validation_rows
+from model.lesion.dual import ImageBranch, load_dual_checkpoint
+from model.lesion.train_dual import DualDataset, collate, metrics, validation_rows
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ def evaluate_dual(
     """
     if split not in ("val", "all"):
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
-    model, meta = load_dual(checkpoint)
-    config = meta["config"]
+    model, meta = load_dual_checkpoint(checkpoint)
+    config = {**meta.extra.get("train_config", {}), **meta.config_part()}
     table = load_table(data) if table is None else table
     if "dx" not in table.columns:
         raise ValueError(f"{data} has no dx column: the diagnosis evaluation needs HAM10000 diagnoses")
-    if meta.get("data_hash") and meta["data_hash"] != table_hash(table):
+    if meta.data_hash and meta.data_hash != table_hash(table):
         logger.warning(
             "the data differ from those %s was trained on: the validation split may differ", checkpoint
         )
@@ -228,7 +228,7 @@ def evaluate_dual(
         "model": {
             k: config[k] for k in ("backbone", "use_lesion", "use_metadata", "image_size", "lesion_size")
         },
-        "epoch": meta.get("epoch"),
+        "epoch": meta.epoch,
         "n": len(rows),
         **{k: v for k, v in point.items() if k in ("auroc_per_class",)},
         **intervals,

@@ -40,14 +40,13 @@ Loss: :func:`dice_bce_loss`. Metrics on binary masks: :func:`dice`, :func:`iou`,
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from model.common.checkpoint import FORMAT, atomic_write_bytes, read_checkpoint, weights_version
+from model.common.checkpoint import ModelMeta, load_network, save_checkpoint
 from model.common.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -439,12 +438,11 @@ def load_imagenet_encoder(model: SegNet) -> None:
 
 
 @dataclass
-class SegMeta:
-    """What a segmentation checkpoint's weights mean. Stored as a plain dict inside the checkpoint.
+class SegMeta(ModelMeta):
+    """What a segmentation checkpoint's weights mean: :class:`~model.common.checkpoint.ModelMeta` with
+    the U-Net's part (these fields are stored under ``config``).
 
     Attributes:
-        version: identifier of these weights (``segnet-<hash>``); set by :func:`save_segnet`.
-        arch: ``segnet-<encoder>`` (DermNet's loader refuses it by this name).
         encoder: encoder name.
         input_size: square side the network is fed.
         width_mult: MobileNet-V2 width multiplier.
@@ -454,14 +452,16 @@ class SegMeta:
         mean: normalisation mean (applied inside the network).
         std: normalisation std.
         threshold: probability at and above which a pixel is lesion.
-        data_hash: ``model.common.data.table_hash`` of the rows trained on.
-        metrics: validation metrics.
-        epoch: epochs completed.
-        parent: version this one was trained from, if any.
-        extra: anything else worth keeping (training configuration, split sizes, ...).
+
+    ``arch`` is ``segnet-<encoder>`` and ``version`` ``segnet-<hash>``; the ``extra`` of a trained one
+    holds the training config, the split sizes and whether the data were synthetic.
     """
 
-    version: str = ""
+    SYSTEM: ClassVar[str] = "lesion-segmentation"
+    VERSION_PREFIX: ClassVar[str] = "segnet"
+    DESCRIPTION: ClassVar[str] = "lesion segmentation (U-Net)"
+
+    system: str = SYSTEM
     arch: str = f"{ARCH_PREFIX}mobilenet_v2"
     encoder: str = "mobilenet_v2"
     input_size: int = DEFAULT_INPUT_SIZE
@@ -472,20 +472,6 @@ class SegMeta:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     threshold: float = 0.5
-    data_hash: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    epoch: int = 0
-    parent: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SegMeta:
-        """Build from a stored dict, ignoring keys this version does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def save_segnet(
@@ -496,35 +482,16 @@ def save_segnet(
     scheduler: Any | None = None,
     state: dict[str, Any] | None = None,
 ) -> SegMeta:
-    """Save weights and metadata (and, for resuming, optimizer and scheduler state) atomically.
-
-    The file has ``model.common.checkpoint``'s layout (``format``, ``meta``, ``state_dict``, ...), so
-    ``model.common.checkpoint.read_checkpoint`` reads it. The architecture fields of ``meta`` are taken from
-    ``model``, so they cannot disagree with the weights.
+    """:func:`~model.common.checkpoint.save_checkpoint` of a SegNet, the architecture fields of ``meta``
+    taken from ``model`` (so they cannot disagree with the weights).
 
     Returns:
         The metadata as stored (with its version).
     """
-    module: nn.Module = getattr(model, "module", model)
-    state_dict = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    hparams = model.hparams()
-    meta = dataclasses.replace(
-        meta,
-        **hparams,
-        arch=f"{ARCH_PREFIX}{hparams['encoder']}",
-        version=ARCH_PREFIX + weights_version(state_dict).split("-", 1)[1],
-    )
-    payload: dict[str, Any] = {"format": FORMAT, "meta": meta.to_dict(), "state_dict": state_dict}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        payload["scheduler"] = scheduler.state_dict()
-    if state is not None:
-        payload["state"] = state
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return meta
+    module: SegNet = getattr(model, "module", model)
+    hparams = module.hparams()
+    meta = dataclasses.replace(meta, **hparams, arch=f"{ARCH_PREFIX}{hparams['encoder']}")
+    return save_checkpoint(path, module, meta, optimizer, scheduler, state)
 
 
 def segnet_from_meta(meta: SegMeta) -> SegNet:
@@ -546,16 +513,9 @@ def load_segnet(path: str | Path) -> tuple[SegNet, SegMeta]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a dermassist checkpoint, or one of another architecture (e.g. a DermNet).
+        ValueError: not a dermassist checkpoint, or another system's (e.g. a DermNet).
     """
-    raw = read_checkpoint(path)
-    meta = SegMeta.from_dict(raw["meta"])
-    if not str(meta.arch).startswith(ARCH_PREFIX):
-        raise ValueError(f"{path} holds a {meta.arch!r} model; this loader reads {ARCH_PREFIX}* models")
-    model = segnet_from_meta(meta)
-    model.load_state_dict(raw["state_dict"])
-    model.eval()
-    return model, meta
+    return load_network(path, SegMeta, segnet_from_meta)
 
 
 def build_segnet(

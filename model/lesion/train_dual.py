@@ -28,15 +28,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from labeling_config import HAM_CLASSES
-from model.common.checkpoint import atomic_write_bytes
+from model.common.checkpoint import save_checkpoint
 from model.common.data import load_table, read_binary_mask, split_by_lesion, table_hash
 from model.common.files import atomic_write_text
 from model.common.training import BEST, EpochLoop, LoopSettings, choose_device, seed_everything
-from model.lesion.dual import DualNet, build_dual, encode_metadata, lesion_crop
+from model.lesion.dual import (
+    DualMeta,
+    DualNet,
+    build_dual,
+    encode_metadata,
+    lesion_crop,
+    load_dual_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
-ARCH = "dual-encoder"
 # What a fine-tuned model takes from its parent checkpoint.
 INHERITED = ("backbone", "width_mult", "use_lesion", "use_metadata", "image_size", "lesion_size")
 IGNORE = -100
@@ -210,32 +216,52 @@ def metrics(pred: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _save(path: Path, model: DualNet, config: DualConfig, extra: dict[str, Any]) -> None:
-    import io
+def save_dual(
+    path: str | Path,
+    model: DualNet,
+    config: DualConfig,
+    meta: DualMeta | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    state: dict[str, Any] | None = None,
+) -> DualMeta:
+    """:func:`~model.common.checkpoint.save_checkpoint` of a dual-encoder model: the architecture from
+    ``model`` (so it cannot disagree with the weights), the input sizes and ``extra["train_config"]``
+    from ``config``, the rest from ``meta`` (default: none).
 
-    buffer = io.BytesIO()
-    torch.save({"arch": ARCH, "config": asdict(config), "state_dict": model.state_dict(), **extra}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    Returns:
+        The metadata as stored (with its version).
+    """
+    base = meta if meta is not None else DualMeta()
+    meta = replace(
+        base, **model.hparams(), image_size=config.image_size, lesion_size=config.lesion_size,
+        extra={**base.extra, "train_config": asdict(config)},
+    )  # fmt: skip
+    return save_checkpoint(path, model, meta, optimizer, scheduler, state)
 
 
 def load_dual(path: str | Path) -> tuple[DualNet, dict[str, Any]]:
-    """A trained dual-encoder model (eval mode) and its checkpoint's metadata.
+    """A trained dual-encoder model (eval mode) and its checkpoint's metadata as a dict of the layout this
+    loader returned before checkpoints had one format (``arch``, ``config``: the training config with the
+    architecture, ``epoch``, ``metrics``, ``data_hash``, ``provenance``, ``n_val``, ``synthetic``, and now
+    ``version``). New code: :func:`model.lesion.dual.load_dual_checkpoint` or :func:`model.systems.load`.
 
     Raises:
-        ValueError: not a dual-encoder checkpoint.
+        FileNotFoundError: no such file.
+        ValueError: not a dermassist checkpoint, or another system's.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(raw, dict) or raw.get("arch") != ARCH:
-        raise ValueError(f"{path} is not a dual-encoder checkpoint")
-    cfg = raw["config"]
-    model = DualNet(
-        backbone=cfg["backbone"],
-        width_mult=cfg["width_mult"],
-        use_lesion=cfg["use_lesion"],
-        use_metadata=cfg["use_metadata"],
-    )
-    model.load_state_dict(raw["state_dict"])
-    return model.eval(), {k: v for k, v in raw.items() if k != "state_dict"}
+    model, meta = load_dual_checkpoint(path)
+    described = {
+        "arch": meta.arch,
+        "version": meta.version,
+        "config": {**meta.extra.get("train_config", {}), **meta.config_part()},
+        "epoch": meta.epoch,
+        "metrics": meta.metrics,
+        "data_hash": meta.data_hash,
+        "provenance": meta.provenance,
+    }
+    described.update({k: meta.extra[k] for k in ("n_val", "synthetic") if k in meta.extra})
+    return model, described
 
 
 def split_rows(df: pd.DataFrame, config: DualConfig | dict[str, Any]) -> tuple[NDArray[Any], NDArray[Any]]:
@@ -279,9 +305,10 @@ class DualTraining(EpochLoop):
     def __init__(self, config: DualConfig, df: pd.DataFrame) -> None:
         generator = seed_everything(config.seed)
         if config.weights not in (None, "imagenet"):  # fine-tuning: the parent's architecture and input sizes
-            model, parent = load_dual(config.weights)
+            model, parent = load_dual_checkpoint(config.weights)
             model.train()
-            config = replace(config, **{k: parent["config"][k] for k in INHERITED})
+            config = replace(config, **{k: getattr(parent, k) for k in INHERITED})
+            self.parent: str | None = parent.version
         else:
             model = build_dual(
                 config.weights,
@@ -290,6 +317,7 @@ class DualTraining(EpochLoop):
                 use_lesion=config.use_lesion,
                 use_metadata=config.use_metadata,
             )
+            self.parent = None
         self.config, self.df = config, df
         train_idx, val_idx = split_rows(df, config)
         train_df, self.val_df = df.iloc[train_idx], df.iloc[val_idx]
@@ -345,11 +373,15 @@ class DualTraining(EpochLoop):
             f"{k} {v:.4f}" for k, v in self.found.items() if isinstance(v, float)
         )
 
-    def save(self, path: Path, row: dict[str, float], best: bool) -> dict[str, Any]:
-        extra: dict[str, Any] = {"epoch": self.epoch, "metrics": self.found, "data_hash": self.data_hash}
+    def save(self, path: Path, row: dict[str, float], best: bool) -> DualMeta:
+        synthetic = bool(self.df["synthetic"].all()) if "synthetic" in self.df else False
+        meta = DualMeta(
+            data_hash=self.data_hash, metrics=self.found, epoch=self.epoch, parent=self.parent,
+            extra={"n_val": len(self.val_df), "synthetic": synthetic},
+        )  # fmt: skip
         if best:
             self.best_found = self.found
-            synthetic = bool(self.df["synthetic"].all()) if "synthetic" in self.df else False
-            extra.update(n_val=len(self.val_df), synthetic=synthetic)
-        _save(path, self.dual, self.config, extra)
-        return extra
+            return save_dual(path, self.dual, self.config, meta)
+        return save_dual(
+            path, self.dual, self.config, meta, self.optimizer, self.scheduler, self.resume_state()
+        )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch.utils.data import DataLoader
 
-from model.common.checkpoint import atomic_write_bytes, read_checkpoint
+from model.common.checkpoint import atomic_write_bytes, read_meta
 from model.common.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
 from model.common.metrics import bootstrap_means
 from model.common.training import (
@@ -223,7 +223,7 @@ class SegTraining(EpochLoop):
         model = build_segnet(config.weights, config.width_mult, config.encoder, config.image_size)
         parent = None
         if config.weights not in (None, "imagenet"):
-            parent = read_checkpoint(str(config.weights))["meta"]["version"]
+            parent = read_meta(str(config.weights), SegMeta).version
         model.to(device)
         settings = LoopSettings.of(config)
         super().__init__(model, train_loader, out, settings, device, generator)

@@ -36,13 +36,12 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from torch.utils.data import DataLoader
 
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
-from model.common.checkpoint import CheckpointMeta
 from model.common.data import DermDataset, load_table, read_binary_mask, split_sources, table_hash
 from model.common.explain import LIBRARY_METHODS, explain, library_cams
 from model.common.metrics import bootstrap, map_agreement
 from model.common.report import overlay
 from model.common.training import transforms
-from model.multitask.network import load_checkpoint
+from model.multitask.network import DermNetMeta, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +56,11 @@ class Predictions:
     table: pd.DataFrame
     probs: Array  # (N, K)
     raw_cams: Array  # (N, K, h, w)
-    meta: CheckpointMeta
+    meta: DermNetMeta
 
 
 def predict(
-    model: Any, meta: CheckpointMeta, table: pd.DataFrame, batch_size: int = 32, cam_method: str = "gradcam"
+    model: Any, meta: DermNetMeta, table: pd.DataFrame, batch_size: int = 32, cam_method: str = "gradcam"
 ) -> Predictions:
     """Probabilities and Grad-CAM maps of every row, from one pass per batch.
 

@@ -8,18 +8,21 @@ Grad-CAM, ONNX export — feeds the same thing) and returns one logit per target
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v2
 
-from labeling_config import PATTERN_KEYS, TARGETS
-from model.common.checkpoint import ARCH, CheckpointMeta, read_checkpoint
+from labeling_config import PATTERN_KEYS, TARGET_NAMES, TARGETS
+from model.common.checkpoint import ModelMeta, load_network
 from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_features_state, imagenet_weights_path
 
 logger = logging.getLogger(__name__)
+
+ARCH = "dermnet-mobilenet_v2"
 
 
 class DermNet(nn.Module):
@@ -174,34 +177,89 @@ def build_model(
     return model
 
 
-__all__ = ["TARGETS", "DermNet", "build_model", "load_checkpoint", "load_imagenet_features"]
+@dataclass
+class DermNetMeta(ModelMeta):
+    """What a DermNet checkpoint's weights mean: :class:`~model.common.checkpoint.ModelMeta` with the
+    multitask system's part (these fields are stored under ``config``).
+
+    Attributes:
+        targets: output keys in head order.
+        target_names: display names of the outputs.
+        input_size: square side the network is fed.
+        mean: normalisation mean (applied inside the network).
+        std: normalisation std.
+        width_mult: MobileNet-V2 width multiplier.
+        output_stride: 32 or 16 (see :class:`DermNet`).
+        dropout: dropout before the heads.
+        thresholds: per-output decision threshold on the calibrated probability.
+        temperatures: per-output temperature (logit / T before the sigmoid).
+        threshold_rule: how thresholds were chosen (``youden`` or ``sensitivity>=x``).
+    """
+
+    SYSTEM: ClassVar[str] = "multitask"
+    VERSION_PREFIX: ClassVar[str] = "dermnet"
+    DESCRIPTION: ClassVar[str] = "DermNet"
+
+    system: str = SYSTEM
+    arch: str = ARCH
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    target_names: dict[str, str] = field(default_factory=lambda: dict(TARGET_NAMES))
+    input_size: int = 224
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    width_mult: float = 1.0
+    output_stride: int = 32
+    dropout: float = 0.2
+    thresholds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0.5))
+    temperatures: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 1.0))
+    threshold_rule: str = "default"
 
 
-def load_checkpoint(path: str | Path) -> tuple[DermNet, CheckpointMeta]:
-    """Load a checkpoint's network (in eval mode) and its metadata.
+CheckpointMeta = DermNetMeta  # the name callers have used
+
+
+def dermnet_from_meta(meta: DermNetMeta) -> DermNet:
+    """An untrained DermNet with the architecture ``meta`` describes.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a dermassist checkpoint, another architecture, or targets that differ
-            from this version's schema.
+        ValueError: another architecture, or targets that differ from this version's schema.
     """
-    raw = read_checkpoint(path)
-    meta = CheckpointMeta.from_dict(raw["meta"])
     if meta.arch != ARCH:
-        raise ValueError(f"{path} holds a {meta.arch!r} model; this loader reads {ARCH!r}")
+        raise ValueError(f"the checkpoint holds a {meta.arch!r} model; this loader reads {ARCH!r}")
     if list(meta.targets) != list(TARGETS):
         raise ValueError(
-            f"{path} was trained for the targets {meta.targets}, but the schema now has {list(TARGETS)}; "
-            "retrain it (the schema lives in labeling_config/schema.py)"
+            f"the checkpoint was trained for the targets {meta.targets}, but the schema now has "
+            f"{list(TARGETS)}; retrain it (the schema lives in labeling_config/schema.py)"
         )
-    model = DermNet(
+    return DermNet(
         num_patterns=len(meta.targets) - 1,
         dropout=meta.dropout,
         width_mult=meta.width_mult,
         output_stride=meta.output_stride,
-        mean=tuple(meta.mean),  # type: ignore[arg-type]
-        std=tuple(meta.std),  # type: ignore[arg-type]
+        mean=(meta.mean[0], meta.mean[1], meta.mean[2]),
+        std=(meta.std[0], meta.std[1], meta.std[2]),
     )
-    model.load_state_dict(raw["state_dict"])
-    model.eval()
-    return model, meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[DermNet, DermNetMeta]:
+    """Load a DermNet checkpoint's network (in eval mode) and its metadata.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a dermassist checkpoint, another system's, or targets that differ from this
+            version's schema.
+    """
+    return load_network(path, DermNetMeta, dermnet_from_meta)
+
+
+__all__ = [
+    "ARCH",
+    "TARGETS",
+    "CheckpointMeta",
+    "DermNet",
+    "DermNetMeta",
+    "build_model",
+    "dermnet_from_meta",
+    "load_checkpoint",
+    "load_imagenet_features",
+]

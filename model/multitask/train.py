@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from torch.utils.data import DataLoader, DistributedSampler
 
 from labeling_config import TARGETS
-from model.common.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
+from model.common.checkpoint import Checkpoint, read_checkpoint, read_meta, save_checkpoint
 from model.common.data import DermDataset, load_tables, split_sources, table_hash
 from model.common.provenance import assess
 from model.common.training import (
@@ -49,7 +49,7 @@ from model.common.training import (
     transforms,
 )
 from model.multitask.calibrate import calibrate
-from model.multitask.network import DermNet, build_model
+from model.multitask.network import DermNet, DermNetMeta, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -299,18 +299,18 @@ def _loaders(
     return train_loader, DataLoader(val_ds, batch_size=config.batch_size, num_workers=config.workers), sampler
 
 
-def _initial_model(config: TrainConfig, resume: dict[str, Any] | None) -> tuple[DermNet, str | None]:
+def _initial_model(config: TrainConfig, resume: Checkpoint[DermNetMeta] | None) -> tuple[DermNet, str | None]:
     """The network to start from (a resumed run's weights replace any initialisation) and its parent."""
     if resume is not None:
         model = DermNet(
             dropout=config.dropout, width_mult=config.width_mult, output_stride=config.output_stride
         )
-        model.load_state_dict(resume["state_dict"])
-        return model, resume["meta"].get("parent")
+        model.load_state_dict(resume.state_dict)
+        return model, resume.meta.parent
     model = build_model(config.weights, config.dropout, config.width_mult, config.output_stride)
     parent = None
     if config.weights not in (None, "imagenet"):
-        parent = read_checkpoint(str(config.weights))["meta"]["version"]
+        parent = read_meta(str(config.weights), DermNetMeta).version
     return model, parent
 
 
@@ -337,7 +337,7 @@ class MultitaskTraining(EpochLoop):
         )
         train_loader, self.val_loader, sampler = _loaders(config, train_ds, val_ds, rank, generator)
 
-        resume = read_checkpoint(config.resume) if config.resume else None
+        resume = read_checkpoint(config.resume, DermNetMeta) if config.resume else None
         model, parent = _initial_model(config, resume)
         model.to(device)
         if device.type == "cuda":
@@ -365,7 +365,7 @@ class MultitaskTraining(EpochLoop):
             f"lesion-grouped validation split of {' + '.join(sources) or 'the training table'} "
             f"({len(val_ds)} images, split seed {config.split_seed})"
         )
-        self.base_meta = CheckpointMeta(
+        self.base_meta = DermNetMeta(
             input_size=config.image_size,
             width_mult=config.width_mult,
             output_stride=config.output_stride,
@@ -374,12 +374,14 @@ class MultitaskTraining(EpochLoop):
             parent=parent,
             extra=run_record(config, len(train_ds), len(val_ds), sources=sources),
         )
-        self.resumed_best: CheckpointMeta | None = None
+        self.resumed_best: DermNetMeta | None = None
         if resume is not None:
-            self.restore(resume["optimizer"], resume["scheduler"], resume.get("state", {}))
+            if resume.optimizer is None or resume.scheduler is None:
+                raise ValueError(f"{config.resume} holds no optimizer state: resume from a last.pt")
+            self.restore(resume.optimizer, resume.scheduler, resume.state or {})
             logger.info("resuming %s at epoch %d (best %.4f)", config.resume, self.epoch + 1, self.best)
             if (out / BEST).exists():
-                self.resumed_best = CheckpointMeta.from_dict(read_checkpoint(out / BEST)["meta"])
+                self.resumed_best = read_meta(out / BEST, DermNetMeta)
         self._validation: tuple[FloatArray, FloatArray, FloatArray] | None = None
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -420,7 +422,7 @@ class MultitaskTraining(EpochLoop):
         localised = f", map outside region {row['val_localisation']:.3f}" if "val_localisation" in row else ""
         return f"val loss {row['val_loss']:.4f}, mean AUROC {row['auroc_mean']:.4f}{localised}"
 
-    def save(self, path: Path, row: dict[str, float], best: bool) -> CheckpointMeta:
+    def save(self, path: Path, row: dict[str, float], best: bool) -> DermNetMeta:
         if not best:
             meta = dataclasses.replace(self.base_meta, epoch=self.epoch)
             return save_checkpoint(

@@ -32,8 +32,8 @@ def png_bytes(width: int = 96, height: int = 72, seed: int = 0) -> bytes:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small DermNet with non-trivial weights; pattern thresholds 0 so every pattern is predicted."""
     from labeling_config import PATTERN_KEYS, TARGETS
-    from model.common.checkpoint import CheckpointMeta, save_checkpoint
-    from model.multitask.network import DermNet
+    from model.common.checkpoint import save_checkpoint
+    from model.multitask.network import CheckpointMeta, DermNet
 
     torch.manual_seed(0)
     model = DermNet(width_mult=0.35)
@@ -50,7 +50,7 @@ def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
     """A small segmentation U-Net (biased so its mask is not empty) and dual-encoder classifier, saved."""
     from model.lesion.dual import DualNet
     from model.lesion.segmentation import SegMeta, SegNet, save_segnet
-    from model.lesion.train_dual import DualConfig, _save
+    from model.lesion.train_dual import DualConfig, save_dual
 
     torch.manual_seed(0)
     segnet = SegNet(width_mult=0.35, input_size=64)
@@ -59,7 +59,7 @@ def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
             p.add_(0.02 * torch.randn_like(p))
     save_segnet(root / "seg.pt", segnet, SegMeta())
     config = DualConfig(data="-", width_mult=0.35, image_size=64, lesion_size=48)
-    _save(root / "dual.pt", DualNet(width_mult=0.35), config, {"epoch": 0})
+    save_dual(root / "dual.pt", DualNet(width_mult=0.35), config)
     return root / "seg.pt", root / "dual.pt"
 
 

@@ -164,8 +164,8 @@ def test_a_promoted_model_replaces_the_release_and_promote_release_returns(
 def _retrained(path: Path) -> None:
     import torch
 
-    from model.common.checkpoint import CheckpointMeta, save_checkpoint
-    from model.multitask.network import DermNet
+    from model.common.checkpoint import save_checkpoint
+    from model.multitask.network import CheckpointMeta, DermNet
 
     torch.manual_seed(5)
     save_checkpoint(path, DermNet(width_mult=0.35), CheckpointMeta(input_size=64, width_mult=0.35))

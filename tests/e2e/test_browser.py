@@ -36,8 +36,8 @@ def _prediction(image: Path, tmp_path: Path) -> dict[str, Any]:
     from backend.serving import registry
     from backend.settings import Settings
     from consensus.db import init_db
-    from model.common.checkpoint import CheckpointMeta, save_checkpoint
-    from model.multitask.network import DermNet
+    from model.common.checkpoint import save_checkpoint
+    from model.multitask.network import CheckpointMeta, DermNet
 
     torch.manual_seed(1)
     checkpoint = tmp_path / "tiny.pt"

@@ -46,8 +46,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from model.common.checkpoint import CheckpointMeta, save_checkpoint
-    from model.multitask.network import DermNet
+    from model.common.checkpoint import save_checkpoint
+    from model.multitask.network import CheckpointMeta, DermNet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("e2e-model") / "tiny.pt"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from labeling_config import PATTERN_KEYS
-from model.common.checkpoint import CheckpointMeta, save_checkpoint
+from model.common.checkpoint import save_checkpoint
 from model.common.metrics import bootstrap, map_agreement
 from model.multitask.evaluate import evaluate, threshold_metrics
-from model.multitask.network import DermNet
+from model.multitask.network import CheckpointMeta, DermNet
 
 
 def test_threshold_metrics_on_a_known_confusion_matrix():

@@ -270,8 +270,8 @@ def test_train_seg_writes_checkpoints_and_history_and_skips_rows_without_masks(s
     assert meta.version.startswith("segnet-") and meta.version == result.meta.version
     assert meta.data_hash and meta.epoch == 1 and "val_dice" in meta.metrics
     assert meta.extra["n_train"] + meta.extra["n_val"] == 7
-    raw = read_checkpoint(result.last)
-    assert {"optimizer", "scheduler", "state"} <= set(raw)
+    last = read_checkpoint(result.last)
+    assert last.optimizer and last.scheduler and last.state and last.state["epoch"] == 1
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [1] and {"val_dice", "val_iou", "train_loss"} <= set(history.columns)
     with torch.no_grad():
@@ -297,7 +297,7 @@ def test_evaluate_seg_writes_metrics_with_intervals_and_a_gallery(seg_study, seg
     stored = json.loads((tmp_path / "metrics.json").read_text())
     assert stored == result
     assert stored["n_images"] == (
-        7 if split == "all" else read_checkpoint(out / "best.pt")["meta"]["extra"]["n_val"]
+        7 if split == "all" else read_checkpoint(out / "best.pt").meta.extra["n_val"]
     )
     for key in ("dice", "iou", "boundary_f"):
         assert set(stored[key]) == {"mean", "low", "high"}

@@ -48,7 +48,7 @@ def test_same_seed_same_weights(small_study, tmp_path):
     a = train(tiny(small_study, tmp_path / "a", epochs=1))
     b = train(tiny(small_study, tmp_path / "b", epochs=1))
     c = train(tiny(small_study, tmp_path / "c", epochs=1, seed=1))
-    version = lambda r: read_checkpoint(r.last)["meta"]["version"]  # noqa: E731
+    version = lambda r: read_checkpoint(r.last).meta.version  # noqa: E731
     assert version(a) == version(b) != version(c)
 
 
@@ -56,7 +56,8 @@ def test_resume_continues_where_it_stopped(small_study, tmp_path):
     train(tiny(small_study, tmp_path, epochs=1))
     resumed = train(tiny(small_study, tmp_path, epochs=2, resume=str(tmp_path / "last.pt")))
     assert [h["epoch"] for h in resumed.history] == [1, 2]
-    assert read_checkpoint(tmp_path / "last.pt")["state"]["epoch"] == 2
+    state = read_checkpoint(tmp_path / "last.pt").state
+    assert state is not None and state["epoch"] == 2
 
 
 def test_screening_thresholds_follow_the_target_sensitivity(small_study, tmp_path):
@@ -115,7 +116,8 @@ def test_killing_training_mid_epoch_leaves_a_resumable_checkpoint(small_study, t
     finally:
         if proc.poll() is None:
             proc.kill()
-    state = read_checkpoint(out / "last.pt")["state"]
+    state = read_checkpoint(out / "last.pt").state
+    assert state is not None
     assert state["epoch"] >= 1
     load_checkpoint(out / "best.pt")
     resumed = train(tiny(small_study, out, epochs=state["epoch"] + 1, batch_size=4, max_steps_per_epoch=None,

@@ -80,9 +80,14 @@ def test_train_dual_writes_checkpoints_that_load(ham_like, tmp_path, lesion, met
 
 
 def test_load_dual_refuses_other_checkpoints(tmp_path):
+    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
+
     torch.save({"arch": "segnet"}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not a dual-encoder checkpoint"):
+    with pytest.raises(ValueError, match="not a dermassist checkpoint"):
         load_dual(tmp_path / "x.pt")
+    save_segnet(tmp_path / "seg.pt", SegNet(width_mult=0.35, input_size=64), SegMeta())
+    with pytest.raises(ValueError, match=r"holds a 'segnet-mobilenet_v2' model.*reads dual-encoder"):
+        load_dual(tmp_path / "seg.pt")
 
 
 def test_evaluate_dual_scores_the_validation_split_with_maps(ham_like, tmp_path):
