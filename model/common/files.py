@@ -8,12 +8,13 @@ new one, never half of one. Checkpoints, reports and histories are all written t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
@@ -24,6 +25,11 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """``value`` as indented JSON (NaN allowed, as Python writes it), atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def atomic_copy(source: str | Path, target: str | Path) -> None:
@@ -63,4 +69,4 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text", "file_sha256"]
+__all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text", "file_sha256", "write_json"]

@@ -1,11 +1,17 @@
-"""What both systems' HTML reports share: figures as inlined PNGs, and Grad-CAM overlays.
+"""The one report writer both systems use: Jinja2 pages with inlined figures, and Grad-CAM overlays.
 
-Reports are Jinja2 templates in each system's ``templates/`` folder (autoescaped); figures are
-matplotlib figures rendered to base64 PNGs and inlined, so one HTML file carries everything.
+A report is a template in its system's ``templates/`` folder that extends ``report.html`` (the page
+and its style) and imports ``macros.html`` (a figure with its 95% interval, an inlined plot), both in
+``model/common/templates``. :func:`write_report` renders it (autoescaped) and writes it atomically.
+Figures are matplotlib figures turned into base64 PNGs (:func:`figure_png`), so one HTML file carries
+everything.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,57 @@ from PIL import Image
 
 from model.common.data import read_binary_mask
 from model.common.explain import scale_maps
+from model.common.files import atomic_write_text
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (reports are drawn without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig: Any) -> str:
+    """A matplotlib figure as a base64 PNG (110 dpi, cropped to its content), the figure closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def confusion_png(
+    counts: NDArray[Any], labels: Sequence[str], title: str, size: tuple[float, float] = (5.2, 4.6)
+) -> str:
+    """A confusion matrix (rows: reference, columns: predicted) coloured by row share, with its counts."""
+    counts = np.asarray(counts)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = pyplot().subplots(figsize=size)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (a, b), n in np.ndenumerate(counts):
+        ax.text(b, a, str(n), ha="center", va="center", fontsize=8 if len(labels) > 3 else 13,
+                color="white" if share[a, b] > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="reference", title=title)
+    return figure_png(fig)
+
+
+def render(package: str, template: str, **values: Any) -> str:
+    """A page from ``package``'s ``templates/`` folder, which may extend and import the common ones
+    (Jinja2, autoescaped)."""
+    from jinja2 import ChoiceLoader, Environment, PackageLoader, select_autoescape
+
+    loader = ChoiceLoader([PackageLoader(package), PackageLoader("model.common")])
+    environment = Environment(loader=loader, autoescape=select_autoescape(["html"]))
+    return environment.get_template(template).render(**values)
+
+
+def write_report(path: str | Path, package: str, template: str, **values: Any) -> None:
+    """:func:`render` a page and write it atomically."""
+    atomic_write_text(path, render(package, template, **values))
 
 
 def overlay(image_path: str, raw: NDArray[Any], mask_path: str | None) -> NDArray[np.uint8]:
@@ -36,4 +93,4 @@ def overlay(image_path: str, raw: NDArray[Any], mask_path: str | None) -> NDArra
     return pixels
 
 
-__all__ = ["overlay"]
+__all__ = ["confusion_png", "figure_png", "overlay", "pyplot", "render", "write_report"]

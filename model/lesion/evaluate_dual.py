@@ -6,20 +6,17 @@ On the checkpoint's own lesion-grouped validation split (or every row):
   AUROC, each with a 95% interval from a bootstrap over lesions (an image's siblings move together);
 - where does the image encoder look: the Grad-CAM map of the predicted diagnosis, from the one
   forward pass (:func:`model.common.explain.explain` through :class:`model.lesion.dual.ImageBranch`),
-  resized to
-  the image's own size; the share of its energy inside the reference lesion mask, beside the mask's
+  resized to the image's own size; the share of its energy inside the reference lesion mask, beside the mask's
   area share (what a uniform map scores) and the pointing game (the map's peak inside the lesion).
 
 The lesion crop comes from the reference mask (as in training) or, with ``segnet``, from a
-segmentation checkpoint's mask, as the backend serves it. The report (``report.html``) holds the
-tables, the confusion matrix and a gallery of maps.
+segmentation checkpoint's mask, as the backend serves it. The report (``report.html``,
+:mod:`model.common.report` on ``templates/dual_evaluation.html``) holds the tables, the confusion matrix
+and a gallery of maps.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import warnings
@@ -36,8 +33,9 @@ from torch.utils.data import DataLoader
 from labeling_config import HAM_CLASSES
 from model.common.data import load_table, read_binary_mask, table_hash
 from model.common.explain import explain
+from model.common.files import write_json
 from model.common.metrics import bootstrap, map_agreement
-from model.common.report import overlay
+from model.common.report import confusion_png, figure_png, overlay, pyplot, write_report
 from model.lesion.dual import ImageBranch, load_dual_checkpoint
 from model.lesion.train_dual import DualDataset, collate, metrics, validation_rows
 
@@ -68,51 +66,17 @@ def _predicted_masks(segnet_path: str | Path, rows: pd.DataFrame, out: Path) -> 
     return pd.Series(paths, index=rows.index), np.asarray(dices, dtype=float)
 
 
-def _confusion_png(dx: Array, predicted: Array) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(HAM_CLASSES)
-    counts = np.zeros((k, k), int)
-    np.add.at(counts, (dx, predicted), 1)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for a in range(k):
-        for b in range(k):
-            ax.text(b, a, str(counts[a, b]), ha="center", va="center", fontsize=8,
-                    color="white" if share[a, b] > 0.6 else "black")  # fmt: skip
-    ax.set_xticks(range(k), HAM_CLASSES)
-    ax.set_yticks(range(k), HAM_CLASSES)
-    ax.set(xlabel="predicted", ylabel="reference", title="diagnosis (row-normalised colour, counts)")
-    return _fig_png(fig)
-
-
-def _fig_png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def _gallery_png(rows: pd.DataFrame, raw: Array, predicted: Array, n: int, seed: int) -> str | None:
-    import matplotlib.pyplot as plt
-
     if len(rows) == 0 or n <= 0:
         return None
     picked = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
-    fig, axes = plt.subplots(1, len(picked), figsize=(2.6 * len(picked), 2.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(picked), figsize=(2.6 * len(picked), 2.6), squeeze=False)
     for ax, i in zip(axes[0], picked, strict=True):
         row = rows.iloc[i]
         ax.imshow(overlay(row["image_path"], raw[i, predicted[i]], row["mask_path"]))
         ax.set_title(f"{row['dx']} -> {HAM_CLASSES[predicted[i]]}", fontsize=9)
         ax.axis("off")
-    return _fig_png(fig)
+    return figure_png(fig)
 
 
 def evaluate_dual(
@@ -238,7 +202,7 @@ def evaluate_dual(
         result["predicted_mask_dice"] = bootstrap(
             lambda index: {"dice": float(np.nanmean(mask_dice[index]))}, groups, n_boot, seed
         )["dice"]
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "metrics.json", result)
     per_image = rows[["image_id", "lesion_id", "dx"]].assign(
         predicted=[HAM_CLASSES[k] for k in predicted], bcc_probability=bcc,
         **{f"p_{name}": probs[:, k] for k, name in enumerate(HAM_CLASSES)},
@@ -255,42 +219,19 @@ def evaluate_dual(
 def _write_report(
     path: Path, result: dict[str, Any], dx: Array, predicted: Array, gallery: str | None
 ) -> None:
+    """``templates/dual_evaluation.html``: the figures with their intervals, the confusion matrix and the
+    Grad-CAM gallery."""
     known = dx >= 0
-
-    def fmt(entry: Any) -> str:
-        if isinstance(entry, dict) and "value" in entry:
-            return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
-        return "n/a" if entry is None else f"{entry:.3f}"
-
-    cam = result["gradcam_predicted_class"]
-    rows = "".join(
-        f"<tr><td>{name}</td><td>{fmt(result.get(name))}</td></tr>"
-        for name in ("balanced_accuracy", "auroc_macro", "auroc_bcc")
-    )
-    per_class = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>"
-        for k, v in result.get("auroc_per_class", {}).items()
-    )
-    cam_rows = "".join(
-        f"<tr><td>{name}</td><td>{fmt(cam.get(name))}</td></tr>"
-        for name in ("energy_inside", "area", "pointing")
-    )
-    images = f'<img src="data:image/png;base64,{_confusion_png(dx[known], predicted[known])}">'
-    if gallery:
-        images += (
-            "<h2>Grad-CAM of the predicted class (white: reference lesion outline)</h2>"
-            f'<img src="data:image/png;base64,{gallery}">'
-        )
-    path.write_text(
-        f"""<!doctype html><meta charset="utf-8"><title>dual-encoder evaluation</title>
-<h1>Dual-encoder evaluation</h1>
-<p>{html.escape(result["checkpoint"])}: {result["n"]} images ({html.escape(result["split"])}),
-lesion crops from {html.escape(result["lesion_masks"])} masks;
-model {html.escape(json.dumps(result["model"]))}.
-Intervals: 95% bootstrap over lesions.</p>
-<table><tr><th>metric</th><th>value</th></tr>{rows}</table>
-<h2>AUROC per class (one vs rest)</h2><table>{per_class}</table>
-<h2>Grad-CAM energy inside the lesion ({cam["n"]} images)</h2><table>{cam_rows}</table>
-{images}
-"""
+    k = len(HAM_CLASSES)
+    counts = np.zeros((k, k), int)
+    np.add.at(counts, (dx[known], predicted[known]), 1)
+    write_report(
+        path,
+        "model.lesion",
+        "dual_evaluation.html",
+        result=result,
+        model=json.dumps(result["model"]),
+        cam=result["gradcam_predicted_class"],
+        confusion=confusion_png(counts, HAM_CLASSES, "diagnosis (row-normalised colour, counts)"),
+        gallery=gallery,
     )

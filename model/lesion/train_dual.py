@@ -10,7 +10,6 @@ ablation runs (image only, + lesion, + metadata) see the same images.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from labeling_config import HAM_CLASSES
 from model.common.checkpoint import save_checkpoint
 from model.common.data import load_table, read_binary_mask, split_by_lesion, table_hash
-from model.common.files import atomic_write_text
+from model.common.files import write_json
 from model.common.training import BEST, EpochLoop, LoopSettings, choose_device, seed_everything
 from model.lesion.dual import (
     DualMeta,
@@ -289,9 +288,7 @@ def train_dual(config: DualConfig, table: pd.DataFrame | None = None) -> dict[st
     result = run.fit(None)
     seconds = time.monotonic() - started
     out = Path(run.config.out)
-    atomic_write_text(
-        out / "metrics.json", json.dumps({"validation": run.best_found, "seconds": seconds}, indent=2)
-    )
+    write_json(out / "metrics.json", {"validation": run.best_found, "seconds": seconds})
     return {"best": out / BEST, "metrics": run.best_found, "history": result.history, "seconds": seconds}
 
 

@@ -18,7 +18,6 @@ reference contour).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch.utils.data import DataLoader
 
-from model.common.checkpoint import atomic_write_bytes, read_meta
+from model.common.checkpoint import read_meta
 from model.common.data import DataError, DermDataset, load_table, split_by_lesion, table_hash
+from model.common.files import write_json
 from model.common.metrics import bootstrap_means
 from model.common.training import (
     EpochLoop,
@@ -421,7 +421,7 @@ def evaluate_seg(
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_json(out / "metrics.json", result)
     frame.to_csv(out / "per_image.csv", index=False)
     _gallery(out / "gallery.png", cases, gallery_size)
     logger.info(

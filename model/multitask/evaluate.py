@@ -18,9 +18,6 @@ one lesion are resampled together, as they are not independent):
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +35,10 @@ from torch.utils.data import DataLoader
 from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATTERN_KEYS, PATTERNS, TARGETS
 from model.common.data import DermDataset, load_table, read_binary_mask, split_sources, table_hash
 from model.common.explain import LIBRARY_METHODS, explain, library_cams
+from model.common.files import write_json
 from model.common.metrics import bootstrap, map_agreement
-from model.common.report import overlay
+from model.common.report import confusion_png, figure_png, overlay, pyplot
+from model.common.report import write_report as write_report_page
 from model.common.training import transforms
 from model.multitask.network import DermNetMeta, load_checkpoint
 
@@ -209,18 +208,8 @@ def explanation_metrics(pred: Predictions, threshold: float = 0.5) -> dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def _curves(pred: Predictions) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for k, key in enumerate(TARGETS):
         rows = pred.table[key].notna().to_numpy()
@@ -246,28 +235,18 @@ def _curves(pred: Predictions) -> str:
     axes[2].plot([0, 1], [0, 1], ":", color="grey")
     axes[2].set(xlabel="predicted probability", ylabel="observed frequency", title="Calibration")
     axes[0].legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _confusion(pred: Predictions) -> str:
-    import matplotlib.pyplot as plt
-
     y = pred.table[DIAGNOSIS_KEY].to_numpy().astype(int)
     d = (pred.probs[:, 0] >= pred.meta.thresholds.get(DIAGNOSIS_KEY, 0.5)).astype(int)
     matrix = np.array([[((y == a) & (d == b)).sum() for b in (1, 0)] for a in (1, 0)])
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    ax.imshow(matrix, cmap="Blues")
-    for (a, b), v in np.ndenumerate(matrix):
-        ax.text(b, a, str(v), ha="center", va="center", fontsize=13)
-    ax.set_xticks([0, 1], ["BCC", "non-BCC"])
-    ax.set_yticks([0, 1], ["BCC", "non-BCC"])
-    ax.set(xlabel="predicted", ylabel="reference", title="BCC confusion matrix")
-    return _png(fig)
+    return confusion_png(matrix, ["BCC", "non-BCC"], "BCC confusion matrix", size=(3.6, 3.2))
 
 
 def _gallery(pred: Predictions, per_group: int, seed: int) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     y = pred.table[DIAGNOSIS_KEY].to_numpy().astype(bool)
     d = pred.probs[:, 0] >= pred.meta.thresholds.get(DIAGNOSIS_KEY, 0.5)
     groups = {
@@ -301,12 +280,11 @@ def _gallery(pred: Predictions, per_group: int, seed: int) -> str:
                     fontsize=10,
                 )
     fig.suptitle("BCC Grad-CAM (white: lesion outline)", fontsize=11)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     known = pred.table[list(PATTERN_KEYS)].notna().to_numpy()
     if not known.any():
         return None
@@ -331,24 +309,14 @@ def _pattern_gallery(pred: Predictions, seed: int) -> str | None:
     fig.suptitle(
         "Pattern Grad-CAM on images with the pattern (white: the pattern's reference mask)", fontsize=11
     )
-    return _png(fig)
-
-
-def render(template: str, **values: Any) -> str:
-    """A page from ``model/multitask/templates`` (Jinja2, autoescaped)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    environment = Environment(loader=PackageLoader("model.multitask"), autoescape=select_autoescape(["html"]))
-    return environment.get_template(template).render(**values)
+    return figure_png(fig)
 
 
 def write_report(
     pred: Predictions, metrics: dict[str, Any], path: Path, gallery: int = 4, seed: int = 0
 ) -> None:
-    """A self-contained HTML page: tables of metrics and the plots, images inlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """A self-contained HTML page (``templates/evaluation.html``): tables of metrics and the plots, images
+    inlined."""
     cls = metrics["classification"]
     expl = metrics["explanations"]
 
@@ -359,7 +327,9 @@ def write_report(
     pattern_fig = _pattern_gallery(pred, seed)
     if pattern_fig:
         figures.append(pattern_fig)
-    page = render(
+    write_report_page(
+        path,
+        "model.multitask",
         "evaluation.html",
         meta=pred.meta,
         data=str(metrics["data"]),
@@ -373,7 +343,6 @@ def write_report(
         explanations=[(display(k), v) for k, v in expl.items() if isinstance(v, dict)],
         figures=figures,
     )
-    path.write_text(page, encoding="utf-8")
 
 
 def evaluate(
@@ -432,7 +401,7 @@ def evaluate(
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    write_json(out / "metrics.json", metrics)
     pd.DataFrame(
         {"image_id": pred.table["image_id"], **{f"p_{t}": pred.probs[:, k] for k, t in enumerate(TARGETS)}}
     ).to_csv(out / "predictions.csv", index=False)
