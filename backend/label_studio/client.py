@@ -10,8 +10,9 @@ Two doors use them:
 
 - **API calls** (sync, the demo, the end-to-end tests) go through label-studio-sdk's client,
   :func:`connect` (:class:`backend.label_studio.sdk.LabelStudioApi`). The SDK tells the kinds apart and
-  refreshes a personal access token itself before its access token expires
-  (``label_studio_sdk.tokens.client_ext.TokensClientExt``); an expired one is refused at connect.
+  refreshes a personal access token itself when its access token's ``exp`` has passed
+  (``label_studio_sdk.tokens.client_ext.TokensClientExt``; unlike the image fetcher it does not retry a
+  401); an expired personal access token is refused at connect.
 - **Image downloads** keep their own pinned HTTP (:mod:`backend.images`, the SSRF boundary: the
   connection goes to the address it checked, within one deadline) and take their header from
   :class:`LabelStudioAuth`, which holds the rules (which kind, the cached access token, a new one
