@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.lesion.dual import DualNet, encode_metadata, lesion_crop
-from model.lesion.segmentation import SegNet
+from model.lesion.unet import SegNet
 from model.multitask.network import DermNet
 
 

@@ -30,8 +30,8 @@ from backend.serving.multitask import load_served, run_batch
 from model.common.data import load_table, split_by_lesion, split_sources
 from model.common.explain import cam_to_mask, compact_region, scale_maps
 from model.common.metrics import bootstrap
+from model.lesion.evaluate_seg import predict_masks
 from model.lesion.segmentation import load_segnet
-from model.lesion.train_seg import predict_masks
 
 
 def _measure(cam: Any, drawn: Any, lesion: Any) -> dict[str, float]:

@@ -134,7 +134,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 
 def cmd_evaluate_seg(args: argparse.Namespace) -> int:
     """Dice, IoU and boundary F-score (bootstrap intervals) of a segmentation checkpoint, with a gallery."""
-    from model.lesion.train_seg import evaluate_seg
+    from model.lesion.evaluate_seg import evaluate_seg
 
     found = evaluate_seg(args.checkpoint, args.data, args.out, split=args.split)
     parts = [

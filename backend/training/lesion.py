@@ -119,8 +119,9 @@ def reference_table(
 # ----------------------------------------------------------------------------------------- scoring
 def mean_dice(segnet_path: Path, table: pd.DataFrame) -> float:
     """Mean Dice of a U-Net's masks against the reference masks of ``table`` (rows with a mask)."""
-    from model.lesion.segmentation import dice, load_segnet
-    from model.lesion.train_seg import predict_row_masks
+    from model.lesion.evaluate_seg import predict_row_masks
+    from model.lesion.masks import dice
+    from model.lesion.segmentation import load_segnet
 
     rows = table[table["mask_path"].notna()]
     if rows.empty:

@@ -47,8 +47,9 @@ Array = NDArray[Any]
 def _predicted_masks(segnet_path: str | Path, rows: pd.DataFrame, out: Path) -> tuple[pd.Series, Array]:
     """The segmentation network's mask of every row, written as PNGs; their paths, and each mask's
     Dice against the reference mask (NaN where there is none)."""
-    from model.lesion.segmentation import dice, load_segnet
-    from model.lesion.train_seg import predict_row_masks
+    from model.lesion.evaluate_seg import predict_row_masks
+    from model.lesion.masks import dice
+    from model.lesion.segmentation import load_segnet
 
     segnet, seg_meta = load_segnet(segnet_path)
     folder = out / "predicted-masks"

@@ -1,27 +1,23 @@
-"""Synthetic dermoscopy and simulated dermatologists with known truth (see :mod:`model.synthetic.study`).
+"""Synthetic dermoscopy and simulated dermatologists with known truth.
 
 For tests and for what real data cannot give (known truth for every rater, pattern and region). No
-served model imports this package.
+served model imports this package. Its parts: :mod:`~model.synthetic.cases` (the truth of each
+lesion: patterns, diagnosis, metadata), :mod:`~model.synthetic.painter` (the images and masks),
+:mod:`~model.synthetic.raters` (simulated dermatologists) and :mod:`~model.synthetic.study` (a study
+folder in the derm-dev layout, and a contact sheet of it).
 """
 
-from model.synthetic.study import (
+from model.synthetic.cases import (
     Case,
     RaterProfile,
-    Rendered,
-    StudySummary,
     SynthConfig,
-    _dilate,
-    contact_sheet,
-    draw_rater_quality,
-    generate,
-    rater_ids,
-    rater_region,
-    render,
     sample_cases,
     sample_metadata,
     sample_patterns,
-    simulate_ratings,
 )
+from model.synthetic.painter import Rendered, dilate, render
+from model.synthetic.raters import draw_rater_quality, rater_ids, rater_region, simulate_ratings
+from model.synthetic.study import StudySummary, contact_sheet, generate
 
 __all__ = [
     "Case",
@@ -29,8 +25,8 @@ __all__ = [
     "Rendered",
     "StudySummary",
     "SynthConfig",
-    "_dilate",
     "contact_sheet",
+    "dilate",
     "draw_rater_quality",
     "generate",
     "rater_ids",

@@ -49,8 +49,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
     """A small segmentation U-Net (biased so its mask is not empty) and dual-encoder classifier, saved."""
     from model.lesion.dual import DualNet
-    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
+    from model.lesion.segmentation import SegMeta, save_segnet
     from model.lesion.train_dual import DualConfig, save_dual
+    from model.lesion.unet import SegNet
 
     torch.manual_seed(0)
     segnet = SegNet(width_mult=0.35, input_size=64)

@@ -136,7 +136,8 @@ def test_a_format_1_dermnet_checkpoint_is_read_in_the_current_format(tmp_path):
 
 def test_a_format_1_segmentation_and_a_dual_encoder_dict_are_read_in_the_current_format(tmp_path):
     from model.lesion.dual import DualMeta, DualNet, load_dual_checkpoint
-    from model.lesion.segmentation import SegMeta, SegNet, load_segnet
+    from model.lesion.segmentation import SegMeta, load_segnet
+    from model.lesion.unet import SegNet
 
     segnet = SegNet(width_mult=0.35, input_size=64)
     flat = {**SegMeta(input_size=64, width_mult=0.35).config_part(), "arch": "segnet-mobilenet_v2",
@@ -165,8 +166,9 @@ def test_a_format_1_segmentation_and_a_dual_encoder_dict_are_read_in_the_current
 def test_any_system_loads_by_its_metadata(tmp_path):
     from model import systems
     from model.lesion.dual import DualMeta, DualNet
-    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
+    from model.lesion.segmentation import SegMeta, save_segnet
     from model.lesion.train_dual import DualConfig, save_dual
+    from model.lesion.unet import SegNet
 
     save_checkpoint(tmp_path / "dermnet.pt", _model(), CheckpointMeta(width_mult=0.35))
     save_segnet(tmp_path / "seg.pt", SegNet(width_mult=0.35, input_size=64), SegMeta())

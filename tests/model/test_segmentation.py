@@ -11,19 +11,11 @@ import torch
 
 from model.common.checkpoint import read_checkpoint
 from model.common.metrics import bootstrap_means
-from model.lesion.segmentation import (
-    DualAttentionGate,
-    SegNet,
-    aspp_rates_for,
-    boundary_f_score,
-    build_segnet,
-    dice,
-    dice_bce_loss,
-    encoder_weights_path,
-    iou,
-    load_segnet,
-)
-from model.lesion.train_seg import SegTrainConfig, evaluate_seg, train_seg
+from model.lesion.evaluate_seg import evaluate_seg
+from model.lesion.masks import boundary_f_score, dice, dice_bce_loss, iou
+from model.lesion.segmentation import build_segnet, encoder_weights_path, load_segnet
+from model.lesion.train_seg import SegTrainConfig, train_seg
+from model.lesion.unet import DualAttentionGate, SegNet, aspp_rates_for
 from model.multitask.network import load_checkpoint
 
 

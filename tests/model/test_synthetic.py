@@ -148,9 +148,9 @@ def test_pigment_network_is_a_textured_grid_and_maple_leaf_sits_on_the_rim():
     )
 
     r = render(_case(maple_leaf=1), [6, 0], [6, 1], 256)
-    from model.synthetic import _dilate
+    from model.synthetic import dilate
 
-    rim = r.lesion & ~_dilate(r.lesion, -12)
+    rim = r.lesion & ~dilate(r.lesion, -12)
     leaf = r.patterns["maple_leaf"]
     assert (leaf & rim).sum() / leaf.sum() > 0.7
 

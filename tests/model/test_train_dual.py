@@ -80,7 +80,8 @@ def test_train_dual_writes_checkpoints_that_load(ham_like, tmp_path, lesion, met
 
 
 def test_load_dual_refuses_other_checkpoints(tmp_path):
-    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
+    from model.lesion.segmentation import SegMeta, save_segnet
+    from model.lesion.unet import SegNet
 
     torch.save({"arch": "segnet"}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a dermassist checkpoint"):
@@ -123,7 +124,8 @@ def test_evaluate_dual_scores_the_validation_split_with_maps(ham_like, tmp_path)
 
 def test_evaluate_dual_crops_with_a_segmentation_networks_masks(ham_like, tmp_path):
     from model.lesion.evaluate_dual import evaluate_dual
-    from model.lesion.segmentation import SegMeta, SegNet, save_segnet
+    from model.lesion.segmentation import SegMeta, save_segnet
+    from model.lesion.unet import SegNet
 
     config = DualConfig(data="unused", out=str(tmp_path / "run"), width_mult=0.35, image_size=64,
                         lesion_size=48, epochs=1, batch_size=8, max_steps_per_epoch=1, val_fraction=0.25,
