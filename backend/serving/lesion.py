@@ -36,6 +36,9 @@ from backend.serving.registry import LESION, Candidate
 from consensus.models import ModelVersion
 from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
+from model.common.checkpoint import ModelMeta
+from model.lesion.dual import DualMeta
+from model.lesion.segmentation import SegMeta
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
@@ -69,25 +72,36 @@ def pair_version(segnet: Path, dual: Path) -> str:
     return f"lesion-{digest.hexdigest()[:12]}"
 
 
+def _read_pair(segnet: str | Path, dual: str | Path) -> tuple[Any, SegMeta, Any, DualMeta]:
+    """Both networks and their metadata, each through the one checkpoint reader (:mod:`model.systems`).
+
+    Raises:
+        FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
+    """
+    from model.systems import load
+
+    seg_net, seg_meta = load(segnet)
+    dual_net, dual_meta = load(dual)
+    for path, meta, kind in ((segnet, seg_meta, SegMeta), (dual, dual_meta, DualMeta)):
+        if not isinstance(meta, kind):
+            raise ValueError(f"{path} holds a {meta.system} checkpoint, not a {kind.SYSTEM} one")
+    assert isinstance(seg_meta, SegMeta) and isinstance(dual_meta, DualMeta)
+    return seg_net, seg_meta, dual_net, dual_meta
+
+
 def pair_candidate(segnet: str | Path, dual: str | Path) -> Candidate:
     """A U-Net and a dual-encoder checkpoint as a version of the ``lesion`` system.
 
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
-    from model.lesion.segmentation import load_segnet
-    from model.lesion.train_dual import load_dual
-
-    _, seg_meta = load_segnet(segnet)  # refuse wrong files before anything is registered
-    _, dual_meta = load_dual(dual)
+    _, seg_meta, _, dual_meta = _read_pair(segnet, dual)  # wrong files are refused before registering
     return Candidate(
         system=LESION,
         version=pair_version(Path(segnet), Path(dual)),
         files={SEG_FILE: Path(segnet), DUAL_FILE: Path(dual)},
         outputs=(LESION_OUTPUT, DIAGNOSIS_OUTPUT),
-        provenance=pair_provenance(
-            {"provenance": seg_meta.provenance, "meta": seg_meta.to_dict()}, dual_meta
-        ),
+        provenance=pair_provenance(seg_meta, dual_meta),
     )
 
 
@@ -120,29 +134,34 @@ def adopt_legacy_pair(sessions: sessionmaker[Session], model_dir: Path) -> str |
         return version.version
 
 
-def pair_provenance(seg_raw: Mapping[str, Any], dual_raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def pair_provenance(seg: ModelMeta, dual: ModelMeta) -> dict[str, dict[str, Any]]:
     """The pair's outputs (``lesion``: the mask, ``diagnosis``: the seven classes) and where they come from:
     as the checkpoints record it (the release tool writes it), else judged from their validation figures
     (the U-Net's Dice at ``MIN_DICE``, the classifier's macro AUROC at ``MIN_AUROC``, on >= 100 real
     images); a checkpoint with neither counts as untrained."""
     from model.common.provenance import MIN_AUROC, MIN_DICE, from_figure
 
-    seg = dict(seg_raw.get("provenance") or {})
-    dual = dict(dual_raw.get("provenance") or {})
-    meta = seg_raw.get("meta", {})
-    extra = meta.get("extra", {})
-    if LESION_OUTPUT not in seg and "val_dice" in meta.get("metrics", {}):
-        seg[LESION_OUTPUT] = from_figure(
-            "dice", float(meta["metrics"]["val_dice"]), int(extra.get("n_val", 0)), MIN_DICE,
-            bool(extra.get("synthetic")), "the U-Net's own validation split",
-        )  # fmt: skip
-    metrics = dual_raw.get("metrics") or {}
-    if DIAGNOSIS_OUTPUT not in dual and "auroc_macro" in metrics:
-        dual[DIAGNOSIS_OUTPUT] = from_figure(
-            "auroc_macro", float(metrics["auroc_macro"]), int(dual_raw.get("n_val", 0)), MIN_AUROC,
-            bool(dual_raw.get("synthetic")), "the classifier's own validation split",
-        )  # fmt: skip
-    return {LESION_OUTPUT: seg.get(LESION_OUTPUT, {}), DIAGNOSIS_OUTPUT: dual.get(DIAGNOSIS_OUTPUT, {})}
+    def judged(meta: ModelMeta, output: str, metric: str, key: str, bar: float, split: str) -> dict[str, Any]:
+        if output in meta.provenance:
+            return dict(meta.provenance[output])
+        if key not in meta.metrics:
+            return {}
+        n, synthetic = int(meta.extra.get("n_val", 0)), bool(meta.extra.get("synthetic"))
+        return from_figure(metric, float(meta.metrics[key]), n, bar, synthetic, split)
+
+    return {
+        LESION_OUTPUT: judged(
+            seg, LESION_OUTPUT, "dice", "val_dice", MIN_DICE, "the U-Net's own validation split"
+        ),
+        DIAGNOSIS_OUTPUT: judged(
+            dual,
+            DIAGNOSIS_OUTPUT,
+            "auroc_macro",
+            "auroc_macro",
+            MIN_AUROC,
+            "the classifier's own validation split",
+        ),
+    }
 
 
 def load_pair(segnet: str | Path, dual: str | Path, version: str | None = None) -> LesionSystem:
@@ -151,22 +170,15 @@ def load_pair(segnet: str | Path, dual: str | Path, version: str | None = None) 
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
-    from model.lesion.segmentation import load_segnet
-    from model.lesion.train_dual import load_dual
-
-    seg_net, seg_meta = load_segnet(segnet)
-    dual_net, dual_meta = load_dual(dual)
-    config = dual_meta["config"]
+    seg_net, seg_meta, dual_net, dual_meta = _read_pair(segnet, dual)
     return LesionSystem(
         version=version or pair_version(Path(segnet), Path(dual)),
         segnet=seg_net.eval(),
         seg_size=int(seg_meta.input_size),
         dual=dual_net.eval(),
-        image_size=int(config["image_size"]),
-        lesion_size=int(config["lesion_size"]),
-        provenance=pair_provenance(
-            {"provenance": seg_meta.provenance, "meta": seg_meta.to_dict()}, dual_meta
-        ),
+        image_size=int(dual_meta.image_size),
+        lesion_size=int(dual_meta.lesion_size),
+        provenance=pair_provenance(seg_meta, dual_meta),
     )
 
 

@@ -61,14 +61,16 @@ def test_lesion_xml_gets_a_mask_of_the_image_size_and_one_of_seven_diagnoses(
 
 def test_the_pairs_provenance_comes_from_the_release_or_from_its_own_validation():
     from backend.serving.lesion import pair_provenance
+    from model.lesion.dual import DualMeta
+    from model.lesion.segmentation import SegMeta
 
-    assert pair_provenance({}, {}) == {"lesion": {}, "diagnosis": {}}  # nothing recorded: untrained
-    seg = {"meta": {"metrics": {"val_dice": 0.93}, "extra": {"n_val": 807, "synthetic": False}}}
-    dual = {"metrics": {"auroc_macro": 0.95}, "n_val": 807, "synthetic": True}
+    assert pair_provenance(SegMeta(), DualMeta()) == {"lesion": {}, "diagnosis": {}}  # untrained
+    seg = SegMeta(metrics={"val_dice": 0.93}, extra={"n_val": 807, "synthetic": False})
+    dual = DualMeta(metrics={"auroc_macro": 0.95}, extra={"n_val": 807, "synthetic": True})
     found = pair_provenance(seg, dual)
     assert found["lesion"]["status"] == "validated" and found["lesion"]["value"] == 0.93
     assert found["diagnosis"]["status"] == "synthetic"
-    small = {"meta": {"metrics": {"val_dice": 0.93}, "extra": {"n_val": 40}}}
-    assert pair_provenance(small, {})["lesion"]["status"] == "unvalidated"  # too few images to say
-    released = {"provenance": {"lesion": {"status": "validated", "metric": "dice", "value": 0.94}}}
-    assert pair_provenance(released, {})["lesion"]["value"] == 0.94  # the release's own record wins
+    small = SegMeta(metrics={"val_dice": 0.93}, extra={"n_val": 40})
+    assert pair_provenance(small, DualMeta())["lesion"]["status"] == "unvalidated"  # too few images to say
+    released = SegMeta(provenance={"lesion": {"status": "validated", "metric": "dice", "value": 0.94}})
+    assert pair_provenance(released, DualMeta())["lesion"]["value"] == 0.94  # the release's own record wins
