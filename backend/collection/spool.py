@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from model.common.files import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".event.json"
@@ -56,22 +58,10 @@ class EventSpool:
         Raises:
             OSError: the folder cannot be written (then nothing is acknowledged).
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{received_at.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}"
         record = {"received_at": received_at.isoformat(), "payload": payload}
-        tmp = self.folder / f".{name}.tmp"
-        with tmp.open("w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         final = self.folder / f"{name}{SUFFIX}"
-        os.replace(tmp, final)
-        with contextlib.suppress(OSError):  # the rename itself durable where the platform allows
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        atomic_write_bytes(final, json.dumps(record).encode("utf-8"))  # fsynced, the rename too
         return final
 
     def pending(self) -> list[Path]:

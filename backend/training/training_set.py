@@ -9,8 +9,8 @@ its id hashes into the last fifth (:func:`is_validation`). Images come from a st
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from consensus.models import Item
 from consensus.repository import consensus_table
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
 from model.common.data import IMAGE_SUFFIXES
+from model.common.files import atomic_write_bytes
 
 VALIDATION_BUCKETS = 5  # one item in five, by a hash of its id, validates every job
 
@@ -84,10 +85,9 @@ class ImageSource:
             return None
         path = self.cache / f"{loaded.sha256}.png"
         if not path.is_file():
-            self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            loaded.image.save(tmp, format="PNG")
-            tmp.replace(path)
+            png = io.BytesIO()
+            loaded.image.save(png, format="PNG")
+            atomic_write_bytes(path, png.getvalue())
         return path
 
 
