@@ -12,7 +12,7 @@ One prediction per task (``{"result": [...], "score": float, "model_version": st
   brush mask from that output's Grad-CAM map at the image's original size: the map inside the lesion
   mask (the U-Net's, where the lesion model is available), rescaled to its maximum there, kept where it
   is at least half that maximum, only the piece holding the maximum, at most ``REGION_MAX_SHARE`` of the
-  lesion (:func:`model.common.explain.compact_region`), in Label Studio's RLE with ``original_width`` /
+  lesion (:func:`model.common.maps.compact_region`), in Label Studio's RLE with ``original_width`` /
   ``original_height``; its ``score`` is the output's probability;
 - only outputs validated on real images are pre-annotated (``model.common.provenance``; ``SHOW_OUTPUTS=all``
   shows every output): a head that never saw a labelled dermoscopic image is left out rather than shown
@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
 from labeling_config.parse import NON_BCC_KEY, ProjectConfig, Role
-from model.common.explain import compact_region
+from model.common.maps import compact_region
 from model.common.provenance import shown
 
 

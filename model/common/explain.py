@@ -13,11 +13,11 @@ resize to the input size, ReLU, min-max again; so ours equal ``GradCAM(model, [f
 ``ClassifierOutputTarget(k)``. pytorch-grad-cam stays available for its other methods
 (:func:`library_cams`).
 
-Region masks (:func:`cam_to_mask`): a map resized to the image's original size, thresholded at
-``threshold`` (default 0.5, i.e. half the map's maximum), restricted to the lesion when a lesion mask
-is given. :func:`compact_region` is what the backend draws: the map inside the lesion, its peak's
-connected piece, at most a set share of the lesion. The output's probability is reported beside each
-mask, never folded into it.
+Region masks (:func:`cam_to_mask`, from :mod:`model.common.maps`, NumPy only): a map resized to the
+image's original size, thresholded at ``threshold`` (default 0.5, i.e. half the map's maximum),
+restricted to the lesion when a lesion mask is given. :func:`compact_region` is what the backend draws:
+the map inside the lesion, its peak's connected piece, at most a set share of the lesion. The output's
+probability is reported beside each mask, never folded into it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+
+from model.common.maps import cam_to_mask, compact_region
+
+__all__ = [
+    "LIBRARY_METHODS",
+    "Explanation",
+    "cam_to_mask",
+    "compact_region",
+    "explain",
+    "library_cams",
+    "scale_maps",
+]
 
 _EPS = 1e-7  # pytorch-grad-cam's guard in its min-max scaling
 
@@ -162,90 +174,6 @@ def explain(
     probs = torch.sigmoid(logits / temp.to(logits.device))
     cams = scale_maps(raw, size or (images.shape[-2], images.shape[-1]))
     return Explanation(logits=logits, probs=probs, cams=cams, raw=raw)
-
-
-def cam_to_mask(
-    raw_or_cam: torch.Tensor | NDArray[Any],
-    width: int,
-    height: int,
-    threshold: float = 0.5,
-    lesion: NDArray[np.bool_] | None = None,
-) -> NDArray[np.bool_]:
-    """A binary region mask at the image's original size from one map.
-
-    The rule: resize the map to ``height x width`` (as :func:`scale_maps`), keep pixels at or above
-    ``threshold`` of the map's range, and, when a lesion mask of that size is given, only inside it.
-
-    Raises:
-        ValueError: for a threshold outside (0, 1] or a lesion mask of another size.
-    """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    cam = torch.as_tensor(np.asarray(raw_or_cam), dtype=torch.float32)
-    if cam.ndim != 2:
-        raise ValueError(f"expected one 2-D map, got shape {tuple(cam.shape)}")
-    scaled = scale_maps(cam, (height, width)).numpy()
-    mask: NDArray[np.bool_] = scaled >= threshold
-    if lesion is not None:
-        if lesion.shape != (height, width):
-            raise ValueError(f"lesion mask is {lesion.shape}, the image {(height, width)}")
-        mask &= lesion.astype(bool)
-    return mask
-
-
-def compact_region(
-    raw_or_cam: torch.Tensor | NDArray[Any],
-    width: int,
-    height: int,
-    lesion: NDArray[np.bool_] | None = None,
-    threshold: float = 0.5,
-    max_share: float = 0.3,
-) -> NDArray[np.bool_]:
-    """The region a dermatologist is shown for one finding: compact, and inside the lesion.
-
-    :func:`cam_to_mask` keeps every pixel above half the map's maximum over the whole image; on real
-    images that is often a blob over most of the lesion and the skin beside it. Here the map (resized as
-    :func:`scale_maps`) is first restricted to the lesion mask and rescaled to its maximum *there*, then
-    thresholded, and only the connected piece holding that maximum is kept; if it still covers more
-    than ``max_share`` of the lesion (of the image, without a lesion mask), the threshold rises until
-    the piece's area fits. An empty lesion mask means no lesion was found: no region.
-
-    Raises:
-        ValueError: a threshold or share outside (0, 1], or a lesion mask of another size.
-    """
-    from scipy import ndimage
-
-    if not 0.0 < threshold <= 1.0 or not 0.0 < max_share <= 1.0:
-        raise ValueError(f"threshold and max_share must be in (0, 1], got {threshold}, {max_share}")
-    cam = torch.as_tensor(np.asarray(raw_or_cam), dtype=torch.float32)
-    if cam.ndim != 2:
-        raise ValueError(f"expected one 2-D map, got shape {tuple(cam.shape)}")
-    scaled = scale_maps(cam, (height, width)).numpy()
-    if lesion is not None:
-        if lesion.shape != (height, width):
-            raise ValueError(f"lesion mask is {lesion.shape}, the image {(height, width)}")
-        scaled = scaled * lesion.astype(bool)
-    peak = float(scaled.max())
-    if peak <= 0.0:
-        return np.zeros((height, width), dtype=bool)
-    scaled = scaled / peak
-    at = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
-    area = int(lesion.sum()) if lesion is not None else height * width
-    cap = max(1, int(max_share * area))
-
-    def piece(level: float) -> NDArray[np.bool_]:
-        labels, _ = ndimage.label(scaled >= level)
-        found: NDArray[np.bool_] = labels == labels[at]
-        return found
-
-    level = threshold
-    region = piece(level)
-    for _ in range(32):  # raise the level to the piece's cap-th highest value until the piece fits
-        if region.sum() <= cap:
-            break
-        level = max(float(np.partition(scaled[region], -cap)[-cap]), np.nextafter(level, 2.0))
-        region = piece(level)
-    return region
 
 
 def library_cams(

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from labeling_config import TARGETS
-from model.common.explain import cam_to_mask, compact_region, explain, library_cams
+from model.common.explain import cam_to_mask, compact_region, explain, library_cams, scale_maps
 from model.multitask.network import DermNet
 
 
@@ -143,3 +143,17 @@ def test_compact_region_stays_inside_the_lesion_and_holds_the_peak():
     assert 0 < wide.sum() <= 0.1 * h * w
     with pytest.raises(ValueError, match="lesion mask is"):
         compact_region(cam, w, h, lesion=lesion[:-1])
+
+
+@pytest.mark.parametrize(
+    ("raw_size", "size"),
+    [((7, 7), (224, 224)), ((3, 5), (97, 131)), ((14, 14), (600, 450)), ((8, 8), (4, 3))],
+)
+def test_the_numpy_maps_scale_as_the_torch_ones(raw_size, size):
+    """model.common.maps (NumPy, for serving without PyTorch) resizes exactly as F.interpolate does."""
+    from model.common import maps
+
+    raw = np.random.default_rng(0).random((3, *raw_size)).astype(np.float32)
+    found = maps.scale_maps(raw, size)
+    expected = scale_maps(torch.from_numpy(raw), size).numpy()
+    assert found.shape == (3, *size) and np.abs(found - expected).max() < 1e-5
