@@ -15,6 +15,7 @@ from consensus.db import DEFAULT_URL
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SHOW_OUTPUTS = ("validated", "all")
+SERVING_ENGINES = ("onnxruntime", "torch")
 # The released models of this checkout (backend/serving/release.py); the Docker image sets RELEASE_DIR.
 DEFAULT_RELEASE_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -102,6 +103,9 @@ class Settings:
             ``none``: no release).
         show_outputs: ``SHOW_OUTPUTS``: ``validated`` (default) pre-annotates only outputs validated
             on real images; ``all`` shows every output (a synthetic study, a model under test).
+        serving_engine: ``SERVING_ENGINE``: ``onnxruntime`` (default: a model's ONNX graph, written beside
+            its checkpoint when it is registered, run by ONNX Runtime with ``THREADS`` threads; PyTorch
+            where there is none) or ``torch`` (always PyTorch).
         metrics_dir: ``PROMETHEUS_MULTIPROC_DIR``, where the workers' counters meet (``serve`` sets it for
             its workers when ``WORKERS`` > 1; see ``backend.metrics``).
         cache_dir: ``DERMASSIST_CACHE``, where Label Studio's venv and its migrated template live for
@@ -131,6 +135,7 @@ class Settings:
     sync_interval: float = 0.0
     release_dir: Path | None = DEFAULT_RELEASE_DIR
     show_outputs: str = "validated"
+    serving_engine: str = "onnxruntime"
     metrics_dir: Path | None = None
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dermassist")
 
@@ -138,6 +143,10 @@ class Settings:
         if self.show_outputs not in SHOW_OUTPUTS:
             raise SettingsError(
                 f"SHOW_OUTPUTS must be one of {', '.join(SHOW_OUTPUTS)}, got {self.show_outputs!r}"
+            )
+        if self.serving_engine not in SERVING_ENGINES:
+            raise SettingsError(
+                f"SERVING_ENGINE must be one of {', '.join(SERVING_ENGINES)}, got {self.serving_engine!r}"
             )
         if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
@@ -190,6 +199,7 @@ class Settings:
             sync_interval=_float(env, "SYNC_INTERVAL", 0.0, 0.0, 7 * 24 * 3600.0),
             release_dir=_release_dir(text("RELEASE_DIR")),
             show_outputs=(text("SHOW_OUTPUTS") or "validated").lower(),
+            serving_engine=(text("SERVING_ENGINE") or "onnxruntime").lower(),
             metrics_dir=_path(text("PROMETHEUS_MULTIPROC_DIR")),
             cache_dir=Path(text("DERMASSIST_CACHE") or Path.home() / ".cache" / "dermassist"),
         )
@@ -214,6 +224,7 @@ class Settings:
             "SYNC_INTERVAL": str(self.sync_interval),
             "RELEASE_DIR": str(self.release_dir) if self.release_dir is not None else "none",
             "SHOW_OUTPUTS": self.show_outputs,
+            "SERVING_ENGINE": self.serving_engine,
             "DERMASSIST_CACHE": str(self.cache_dir),
         }
         optional = {

@@ -25,7 +25,7 @@ from backend.api.requests import MAX_BODY_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH
 from backend.api.state import Backend
 from backend.collection.spool import EventSpool
 from backend.images import ImageError, ImageFetcher
-from backend.serving.holder import Serving
+from backend.serving.holder import Holder, Serving
 from backend.serving.lesion import adopt_legacy_pair
 from backend.serving.release import ReleaseError, install, read_release
 from backend.settings import Settings, SettingsError
@@ -77,7 +77,7 @@ def create_app(
         settings=settings,
         sessions=sessions,
         fetcher=fetcher,
-        serving=Serving(sessions),
+        serving=Serving(sessions, Holder(engine=settings.serving_engine, threads=settings.threads)),
         retraining=Retraining(sessions, settings.start_training_each_n_updates, runner),
         release=release,
     )

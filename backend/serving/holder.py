@@ -32,11 +32,11 @@ PROMOTED_CHECK_S = 1.0
 UNTRAINED = "untrained"
 LESION_ROLES = (Role.HAM_DIAGNOSIS, Role.LESION)
 
-#: How each system's registered version is loaded: ``(path, version) -> the served object`` (with a
-#: ``version``). A third system is one more entry here and its module.
-LOADERS: dict[str, Callable[[str, str], Any]] = {
-    MULTITASK: lambda path, version: multitask.load_served(path),
-    LESION: lesion.load_version,
+#: How each system's registered version is loaded: ``(path, version, engine, threads) -> the served
+#: object`` (with a ``version``). A third system is one more entry here and its module.
+LOADERS: dict[str, Callable[[str, str, str, int], Any]] = {
+    MULTITASK: lambda path, version, engine, threads: multitask.load_served(path, engine, threads),
+    LESION: lambda path, version, engine, threads: lesion.load_version(path, version),
 }
 
 
@@ -48,8 +48,14 @@ class Holder:
     wait and reuse its result.
     """
 
-    def __init__(self, loaders: Mapping[str, Callable[[str, str], Any]] = LOADERS) -> None:
+    def __init__(
+        self,
+        loaders: Mapping[str, Callable[[str, str, str, int], Any]] = LOADERS,
+        engine: str = "onnxruntime",
+        threads: int = 1,
+    ) -> None:
         self.loaders = dict(loaders)
+        self.engine, self.threads = engine, threads
         self._current: dict[str, Any] = {}
         self._locks = {system: threading.Lock() for system in self.loaders}
 
@@ -65,7 +71,7 @@ class Holder:
             current = self._current.get(system)
             if current is not None and current.version == version:
                 return current
-            loaded = self.loaders[system](path, version)
+            loaded = self.loaders[system](path, version, self.engine, self.threads)
             if loaded.version != version:
                 logger.warning("%s holds version %s, registered as %s", path, loaded.version, version)
             self._current[system] = loaded

@@ -8,30 +8,96 @@ Grad-CAM map at feature resolution (to be resized to the image's own size by the
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-import torch
+from numpy.typing import NDArray
 from PIL import Image
-
-from model.common.explain import explain
-from model.multitask.network import CheckpointMeta, DermNet, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 16
+ENGINES = ("onnxruntime", "torch")
+
+FloatArray = NDArray[np.float32]
+
+
+class Engine(Protocol):
+    """What runs the BCC model on a batch: PyTorch (training, and serving without an ONNX file) or ONNX
+    Runtime (serving). Both give the same numbers (parity tests hold them within 1e-4)."""
+
+    name: str
+
+    def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
+        """``(B, 3, S, S)`` images in [0, 1] -> logits ``(B, K)`` and raw Grad-CAM maps ``(B, K, h, w)``
+        (``maps=False``: an empty ``(B, 0, 0, 0)``)."""
+        ...
+
+
+class TorchEngine:
+    """The checkpoint's network, run by PyTorch (maps by :func:`model.common.explain.explain`)."""
+
+    name = "torch"
+
+    def __init__(self, network: Any) -> None:
+        self.network = network.eval()
+
+    def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
+        import torch
+
+        from model.common.explain import explain
+
+        batch = torch.from_numpy(images)
+        if maps:
+            explanation = explain(self.network, batch, size=(1, 1))
+            return explanation.logits.detach().numpy(), explanation.raw.detach().numpy()
+        with torch.no_grad():
+            logits = self.network(batch).numpy()
+        return logits, np.zeros((len(images), 0, 0, 0), dtype=np.float32)
+
+
+class OnnxEngine:
+    """The model's ONNX graph (:mod:`model.multitask.export`), run by ONNX Runtime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint metadata stored in the file."""
+        from model.multitask.export import META_KEY
+
+        found = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if found is None:
+            raise ValueError("this ONNX file carries no dermassist metadata")
+        meta: dict[str, Any] = json.loads(found)
+        return meta
+
+    def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
+        logits, cams = self.session.run(None, {"images": images})
+        if not maps:
+            cams = np.zeros((len(images), 0, 0, 0), dtype=np.float32)
+        return np.asarray(logits, dtype=np.float32), np.asarray(cams, dtype=np.float32)
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A loaded checkpoint: network in eval mode, its metadata and where it came from."""
+    """A loaded version: its engine, its metadata and where it came from."""
 
     version: str
-    network: DermNet
-    meta: CheckpointMeta
+    engine: Engine
+    meta: Any  # model.multitask.network.CheckpointMeta
     path: Path
 
 
@@ -45,25 +111,66 @@ class ImageOutput:
     """
 
     probs: dict[str, float]
-    maps: torch.Tensor
+    maps: FloatArray
 
 
-def load_served(path: str | Path) -> ServedModel:
-    """Load a checkpoint for serving.
+def onnx_path(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's ONNX graph lives: beside it, ``<name>.onnx``."""
+    return Path(checkpoint).with_suffix(".onnx")
+
+
+def load_served(path: str | Path, engine: str = "onnxruntime", threads: int = 1) -> ServedModel:
+    """Load a checkpoint for serving: with ONNX Runtime where its ONNX graph exists beside it (and
+    ``engine`` is ``onnxruntime``), else with PyTorch.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`model.multitask.network.load_checkpoint`.
     """
+    from model.multitask.network import CheckpointMeta, load_checkpoint
+
+    graph = onnx_path(path)
+    if engine == "onnxruntime" and graph.is_file():
+        onnx = OnnxEngine(graph, threads)
+        meta = CheckpointMeta.from_dict(onnx.meta())
+        return ServedModel(version=meta.version, engine=onnx, meta=meta, path=Path(path))
     network, meta = load_checkpoint(path)
-    network.eval()
-    return ServedModel(version=meta.version, network=network, meta=meta, path=Path(path))
+    return ServedModel(version=meta.version, engine=TorchEngine(network), meta=meta, path=Path(path))
 
 
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+def graph_version(path: str | Path) -> str | None:
+    """The version an ONNX graph says it holds (None: not one of ours)."""
+    import onnx
+
+    from model.multitask.export import META_KEY
+
+    graph = onnx.load(str(path), load_external_data=False)
+    found = {entry.key: entry.value for entry in graph.metadata_props}.get(META_KEY)
+    return json.loads(found).get("version") if found else None
+
+
+def export_served(checkpoint: str | Path) -> Path:
+    """Write a checkpoint's ONNX graph beside it (atomically); its path."""
+    from model.multitask.export import export_onnx
+    from model.multitask.network import load_checkpoint
+
+    network, meta = load_checkpoint(checkpoint)
+    return export_onnx(network, meta, onnx_path(checkpoint))
+
+
+def to_array(image: Image.Image, size: int) -> FloatArray:
     """An RGB image as the network's input: ``(3, size, size)`` in [0, 1], resized without cropping."""
     resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    array: FloatArray = np.ascontiguousarray(
+        (np.asarray(resized, dtype=np.float32) / 255.0).transpose(2, 0, 1)
+    )
+    return array
+
+
+def to_tensor(image: Image.Image, size: int) -> Any:
+    """:func:`to_array` as a torch tensor (the lesion networks' input)."""
+    import torch
+
+    return torch.from_numpy(to_array(image, size))
 
 
 def run_batch(served: ServedModel, images: Sequence[Image.Image], maps: bool = True) -> list[ImageOutput]:
@@ -74,23 +181,16 @@ def run_batch(served: ServedModel, images: Sequence[Image.Image], maps: bool = T
             outputs' ``maps`` are then empty).
     """
     meta = served.meta
-    temperatures = [float(meta.temperatures.get(k, 1.0)) for k in meta.targets]
+    temperatures = np.asarray([float(meta.temperatures.get(k, 1.0)) for k in meta.targets], dtype=np.float32)
     outputs: list[ImageOutput] = []
     for start in range(0, len(images), BATCH_SIZE):
-        chunk = torch.stack([to_tensor(im, meta.input_size) for im in images[start : start + BATCH_SIZE]])
-        if maps:
-            explanation = explain(served.network, chunk, temperatures=temperatures, size=(1, 1))
-            probs, raw = explanation.probs.detach().numpy(), explanation.raw.detach()
-        else:
-            with torch.no_grad():
-                logits = served.network(chunk)
-            probs = torch.sigmoid(logits / torch.tensor(temperatures)).numpy()
-            raw = torch.zeros(len(chunk), 0, 0, 0)
+        chunk = np.stack([to_array(im, meta.input_size) for im in images[start : start + BATCH_SIZE]])
+        logits, raw = served.engine.run(chunk, maps=maps)
+        probs = 1.0 / (1.0 + np.exp(-logits / temperatures))
         for i in range(len(chunk)):
             outputs.append(
                 ImageOutput(
-                    probs={k: float(probs[i, j]) for j, k in enumerate(meta.targets)},
-                    maps=raw[i].clone(),
+                    probs={k: float(probs[i, j]) for j, k in enumerate(meta.targets)}, maps=raw[i].copy()
                 )
             )
     return outputs

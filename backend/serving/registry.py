@@ -13,6 +13,7 @@ for the BCC model, :func:`backend.serving.lesion.pair_candidate` for the pair.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
 from model.common.checkpoint import atomic_copy, read_checkpoint
 from model.common.provenance import Provenance, record, status_of
 from model.multitask.network import CheckpointMeta
+
+logger = logging.getLogger(__name__)
 
 MULTITASK, LESION = "multitask", "lesion"  # the served systems
 
@@ -116,6 +119,8 @@ def register(
     for copy, source in copies.items():
         if not copy.exists():
             atomic_copy(source, copy)
+    if candidate.system == MULTITASK:
+        _export_graph(target, next(iter(candidate.files.values())), candidate.version)
     version = ModelVersion(
         version=candidate.version,
         system=candidate.system,
@@ -131,6 +136,25 @@ def register(
     session.add(version)
     session.flush()
     return version
+
+
+def _export_graph(checkpoint: Path, source: Path, version: str) -> None:
+    """The checkpoint's ONNX graph beside it, for ONNX Runtime to serve: copied from beside the source
+    when one of the same version is there, else exported (kept if already there). A graph that cannot
+    be written is logged: the version is then served by PyTorch."""
+    from backend.serving.multitask import export_served, graph_version, onnx_path
+
+    target = onnx_path(checkpoint)
+    if target.is_file():
+        return
+    try:
+        given = onnx_path(source)
+        if given.is_file() and graph_version(given) == version:
+            atomic_copy(given, target)
+        else:
+            export_served(checkpoint)
+    except Exception:
+        logger.exception("no ONNX graph for %s: it is served with PyTorch", checkpoint.name)
 
 
 def _json_safe(value: Any) -> Any:

@@ -43,6 +43,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     thresholds = {k: 0.0 if k in PATTERN_KEYS else 0.5 for k in TARGETS}
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     save_checkpoint(path, model, CheckpointMeta(input_size=64, width_mult=0.35, thresholds=thresholds))
+    from backend.serving.multitask import export_served
+
+    export_served(path)  # tiny.onnx beside it: registering copies it instead of exporting per test
     return path
 
 

@@ -93,7 +93,7 @@ def test_the_holder_loads_each_system_once_per_version():
             self.version = version
 
     def loader(system: str):
-        def load(path: str, version: str) -> Loaded:
+        def load(path: str, version: str, engine: str, threads: int) -> Loaded:
             loads.append((system, version))
             return Loaded(version)
 

@@ -1,0 +1,75 @@
+"""The BCC model as an ONNX graph for serving with ONNX Runtime (no PyTorch at inference).
+
+The graph takes images ``(B, 3, S, S)`` in [0, 1] (normalised inside, as :class:`DermNet` does) and
+gives two outputs from one pass: ``logits`` ``(B, K)`` in ``TARGETS`` order, and ``cams`` ``(B, K, h, w)``,
+the raw Grad-CAM map of every output at feature resolution. With global average pooling and linear
+heads, Grad-CAM's weights are the head weights over ``h * w`` (:mod:`model.common.explain`), so the maps
+are one contraction of the last feature map inside the graph, exactly as the PyTorch path computes them.
+The checkpoint's metadata travels in the file (``metadata_props["dermassist.meta"]``, JSON), so a served
+ONNX file needs nothing beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.common.files import atomic_copy
+from model.multitask.network import CheckpointMeta, DermNet
+
+META_KEY = "dermassist.meta"
+INPUT, LOGITS, CAMS = "images", "logits", "cams"
+OPSET = 18
+
+
+class _Explained(nn.Module):
+    """DermNet's logits and every output's raw Grad-CAM map, from one forward pass."""
+
+    def __init__(self, network: DermNet) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("weights", network.head_weights().detach().clone())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.network.features((images - self.network.mean) / self.network.std)
+        logits = self.network.forward_heads(features)
+        h, w = features.shape[-2:]
+        cams = torch.einsum("kc,bchw->bkhw", self.weights, features) / (h * w)
+        return logits, cams.clamp_min(0.0)
+
+
+def export_onnx(network: DermNet, meta: CheckpointMeta, path: str | Path) -> Path:
+    """Write ``network`` (with ``meta``) as an ONNX file at ``path``, atomically; returns the path.
+
+    The batch size is dynamic; the image side is ``meta.input_size``.
+    """
+    import onnx
+
+    path = Path(path)
+    wrapped = _Explained(network).eval()
+    example = torch.rand(2, 3, meta.input_size, meta.input_size)
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+        exported = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            str(exported),
+            input_names=[INPUT],
+            output_names=[LOGITS, CAMS],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,  # the weights inside the one file
+            optimize=True,
+            verbose=False,
+        )
+        graph = onnx.load(str(exported))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta.to_dict())
+        onnx.save(graph, str(exported))
+        atomic_copy(exported, path)
+    return path

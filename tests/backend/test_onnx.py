@@ -1,0 +1,105 @@
+"""The BCC model served by ONNX Runtime gives what PyTorch gives: probabilities within 1e-4 and Grad-CAM
+maps within 1e-3, on synthetic and on real dermoscopy; registration writes the graph beside the checkpoint
+and the backend serves it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.serving.multitask import load_served, onnx_path, run_batch
+from model.common.maps import scale_maps
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "sample" / "ham10000" / "images"
+RELEASED = ROOT / "models" / "dermnet-bcc.pt"
+
+
+def synthetic_images(n: int = 6) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = [(96, 72), (640, 480), (64, 64), (300, 450), (128, 128), (77, 201)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
+
+
+def real_images(n: int = 8) -> list[Image.Image]:
+    paths = sorted(SAMPLE.glob("*.jpg"))[:n]
+    assert len(paths) == n, f"the shipped sample has {len(paths)} images"
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def assert_parity(checkpoint: Path, images: list[Image.Image]) -> None:
+    eager = load_served(checkpoint, engine="torch")
+    onnx = load_served(checkpoint, engine="onnxruntime")
+    assert (eager.engine.name, onnx.engine.name) == ("torch", "onnxruntime")
+    assert onnx.version == eager.version and onnx.meta.thresholds == eager.meta.thresholds
+    for a, b in zip(run_batch(eager, images), run_batch(onnx, images), strict=True):
+        assert a.probs.keys() == b.probs.keys()
+        assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 1e-4
+        assert a.maps.shape == b.maps.shape
+        assert np.abs(scale_maps(a.maps, (224, 224)) - scale_maps(b.maps, (224, 224))).max() < 1e-3
+
+
+def test_the_onnx_graph_gives_what_pytorch_gives_on_synthetic_images(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "tiny.pt"
+    shutil.copy(tiny_checkpoint, checkpoint)
+    from backend.serving.multitask import export_served
+
+    assert export_served(checkpoint) == onnx_path(checkpoint)
+    assert_parity(checkpoint, synthetic_images())
+
+
+@pytest.mark.slow
+def test_the_released_model_as_onnx_gives_what_pytorch_gives_on_real_images(tmp_path):
+    from backend.serving.multitask import export_served
+
+    checkpoint = tmp_path / RELEASED.name
+    shutil.copy(RELEASED, checkpoint)
+    export_served(checkpoint)
+    assert_parity(checkpoint, real_images())
+
+
+def test_without_a_graph_pytorch_serves(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "alone.pt"
+    shutil.copy(tiny_checkpoint, checkpoint)
+    assert load_served(checkpoint).engine.name == "torch"
+
+
+def test_registering_writes_the_graph_and_the_backend_serves_it(client, settings, sessions, promoted):
+    from backend.serving import registry
+
+    with sessions() as session:
+        row = registry.promoted(session)
+        assert row is not None and onnx_path(row.path).is_file()
+    app = client.application
+    served = app.extensions["dermassist"].serving.bcc_model()
+    assert served.engine.name == "onnxruntime" and served.version == promoted
+
+
+def test_a_graph_of_another_version_is_not_copied(tiny_checkpoint, tmp_path, sessions, settings):
+    """A stale .onnx beside a checkpoint (another version's) is not copied: the graph is exported anew."""
+    import json
+
+    import onnx
+
+    from backend.serving import registry
+    from backend.serving.multitask import graph_version
+    from model.multitask.export import META_KEY
+
+    checkpoint = tmp_path / "other.pt"
+    shutil.copy(tiny_checkpoint, checkpoint)
+    graph = onnx.load(str(onnx_path(tiny_checkpoint)))
+    (entry,) = [e for e in graph.metadata_props if e.key == META_KEY]
+    entry.value = json.dumps({**json.loads(entry.value), "version": "dermnet-000000000000"})
+    onnx.save(graph, str(onnx_path(checkpoint)))
+    assert graph_version(onnx_path(checkpoint)) == "dermnet-000000000000"
+    with sessions() as session:
+        row = registry.register(session, checkpoint, settings.model_dir)
+        assert graph_version(onnx_path(row.path)) == row.version != "dermnet-000000000000"
