@@ -14,6 +14,10 @@ it, and one ``release.json`` listing every file with its SHA-256 (``backend.serv
 ``--recipe`` is a JSON object with, per kind (dermnet, segnet, dual), the exact training command and
 the training time, for the cards. The figures are read from the evaluations' ``metrics.json``; nothing
 is typed in by hand.
+
+The BCC model's ONNX graph (``<name>.onnx``, for ONNX Runtime; registering copies it instead of exporting)
+is written with the release; ``python tools/release.py graphs models`` adds it to an existing release
+(same weights: the checks and versions do not change).
 """
 
 from __future__ import annotations
@@ -223,7 +227,56 @@ def reference_outputs(
     return checks
 
 
+def add_graph(out: Path, entry: dict[str, Any]) -> int:
+    """Write a released BCC model's ONNX graph beside it and list it in its manifest ``entry``; its size."""
+    from backend.serving.multitask import export_served, graph_version
+
+    graph = export_served(out / entry["file"])
+    if graph_version(graph) != entry["version"]:
+        raise SystemExit(f"{graph} holds {graph_version(graph)}, not {entry['version']}")
+    size = graph.stat().st_size
+    if size > MAX_FILE:
+        raise SystemExit(f"{graph} is {size / 1e6:.1f} MB, over the 15 MB limit")
+    entry["graph"] = {"file": graph.name, "sha256": file_sha256(graph), "bytes": size}
+    card = out / entry["card"]
+    row = (
+        f"| ONNX graph | `{graph.name}` ({size / 1e6:.1f} MB, fp32; SHA-256 `{entry['graph']['sha256']}`): "
+        "the same weights for ONNX Runtime, with every output's Grad-CAM map from the same pass |\n"
+    )
+    text = card.read_text(encoding="utf-8")
+    if "| ONNX graph |" not in text:
+        anchor = text.index("| version |")
+        card.write_text(text[:anchor] + row + text[anchor:], encoding="utf-8")
+    return size
+
+
+def _total(entries: list[dict[str, Any]]) -> int:
+    return sum(e["bytes"] + e.get("graph", {}).get("bytes", 0) for e in entries)
+
+
+def graphs_main(argv: list[str]) -> int:
+    """``tools/release.py graphs FOLDER``: add the ONNX graphs to an existing release."""
+    parser = argparse.ArgumentParser(prog="tools/release.py graphs", description=graphs_main.__doc__)
+    parser.add_argument("folder", type=Path)
+    folder = parser.parse_args(argv).folder
+    manifest = json.loads((folder / "release.json").read_text(encoding="utf-8"))
+    for entry in manifest["models"]:
+        if entry["kind"] == "dermnet":
+            add_graph(folder, entry)
+    total = _total(manifest["models"])
+    if total > MAX_TOTAL:
+        raise SystemExit(f"the release would be {total / 1e6:.1f} MB, over the 40 MB limit")
+    (folder / "release.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    print(f"total {total / 1e6:.1f} MB -> {folder / 'release.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["graphs"]:
+        return graphs_main(given[1:])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -245,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "images, which tests/test_release_models.py recomputes",
     )
     parser.add_argument("--check-n", type=int, default=8)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = json.loads(args.recipe.read_text(encoding="utf-8"))
@@ -293,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": recipe[kind].get("metrics", {}),
             }
         )
+    for entry in entries:
+        if entry["kind"] == "dermnet":
+            add_graph(out, entry)
+    total = _total(entries)
     if total > MAX_TOTAL:
         raise SystemExit(f"the release is {total / 1e6:.1f} MB, over the 40 MB limit")
     manifest = {"format": 1, "release": args.name, "licence": LICENCE, "models": entries}

@@ -1,7 +1,8 @@
 """The released models: shipped in ``models/``, SHA-256 checked, served when nothing else is promoted.
 
-``models/release.json`` lists each released file with its SHA-256, its version and each output's
-provenance (:mod:`model.common.provenance`); a model card (``<name>.md``) stands beside each file. At start,
+``models/release.json`` lists each released file (and the BCC model's ONNX graph, which registering
+copies instead of exporting) with its SHA-256, its version and each output's provenance
+(:mod:`model.common.provenance`); a model card (``<name>.md``) stands beside each file. At start,
 ``serve`` (every worker) verifies the files and registers each released system in the store's
 ``model_versions`` (with its outputs in ``model_outputs``): the BCC model (DermNet) and the lesion pair
 (U-Net + dual classifier, one version of the ``lesion`` system). Each is promoted when its system has
@@ -50,6 +51,8 @@ class ReleasedModel:
     card: Path
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    graph: Path | None = None  # its ONNX graph (same weights, for ONNX Runtime), checked like the file
+    graph_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def read_release(folder: str | Path | None) -> Release | None:
                 card=folder / entry["card"],
                 outputs=dict(entry.get("outputs", {})),
                 metrics=dict(entry.get("metrics", {})),
+                graph=folder / entry["graph"]["file"] if "graph" in entry else None,
+                graph_sha256=str(entry["graph"]["sha256"]).lower() if "graph" in entry else None,
             )
         release = Release(folder, str(raw["release"]), str(raw["licence"]), models)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -102,14 +107,18 @@ def read_release(folder: str | Path | None) -> Release | None:
             raise
         raise ReleaseError(f"{manifest} is not a release manifest: {exc!r}") from None
     for model in release.models.values():
-        if not model.path.is_file():
-            raise ReleaseError(f"released model {model.path} is missing (listed in {manifest})")
-        found = file_sha256(model.path)
-        if found != model.sha256:
-            raise ReleaseError(
-                f"released model {model.path} has SHA-256 {found}, the manifest says {model.sha256}: "
-                "the file was altered or damaged; restore it (git checkout models/) or set RELEASE_DIR=none"
-            )
+        files = [(model.path, model.sha256)]
+        if model.graph is not None and model.graph_sha256 is not None:
+            files.append((model.graph, model.graph_sha256))
+        for path, sha256 in files:
+            if not path.is_file():
+                raise ReleaseError(f"released model {path} is missing (listed in {manifest})")
+            found = file_sha256(path)
+            if found != sha256:
+                raise ReleaseError(
+                    f"released model {path} has SHA-256 {found}, the manifest says {sha256}: the file was "
+                    "altered or damaged; restore it (git checkout models/) or set RELEASE_DIR=none"
+                )
     return release
 
 

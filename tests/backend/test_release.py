@@ -41,11 +41,12 @@ def _eval_dirs(root: Path) -> dict[str, Path]:
     return dirs
 
 
-@pytest.fixture
-def release_dir(tmp_path: Path, tiny_checkpoint: Path) -> Path:
+@pytest.fixture(scope="module")
+def built_release(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """A release built by tools/release.py from the tiny checkpoint and made-up evaluation figures."""
     from tools.release import main
 
+    tmp_path = tmp_path_factory.mktemp("release")
     dirs = _eval_dirs(tmp_path / "evals")
     recipe = tmp_path / "recipe.json"
     recipe.write_text(
@@ -55,6 +56,14 @@ def release_dir(tmp_path: Path, tiny_checkpoint: Path) -> Path:
     args = ["--name", "test.1", "--out", str(out), "--dermnet", str(tiny_checkpoint), "--recipe", str(recipe)]
     main([*args, "--dermnet-eval", str(dirs["dermdev"]), "--pn-eval", str(dirs["isic"])])
     return out
+
+
+@pytest.fixture
+def release_dir(built_release: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the built release (a test may damage it)."""
+    import shutil
+
+    return Path(shutil.copytree(built_release, tmp_path / "models"))
 
 
 @pytest.fixture
@@ -115,6 +124,13 @@ def test_a_fresh_backend_serves_the_release_with_no_promote_step(release_setting
     assert model["outputs"]["ulceration"]["status"] == "untrained"
     _client(release_settings)  # a second worker (or a restart) registers nothing twice
     assert len(client.get("/versions").get_json()["models"]) == 1
+    # The released ONNX graph is copied beside the registered weights (not exported again) and served.
+    (entry,) = json.loads((release_dir / "release.json").read_text())["models"]
+    served = client.application.extensions["dermassist"].serving.bcc_model()
+    assert served.engine.name == "onnxruntime"
+    assert (
+        served.path.with_suffix(".onnx").read_bytes() == (release_dir / entry["graph"]["file"]).read_bytes()
+    )
 
 
 def test_only_validated_outputs_are_pre_annotated(release_settings, image_server):
@@ -171,11 +187,13 @@ def _retrained(path: Path) -> None:
     save_checkpoint(path, DermNet(width_mult=0.35), CheckpointMeta(input_size=64, width_mult=0.35))
 
 
-@pytest.mark.parametrize("damage", ["altered", "missing", "manifest"])
+@pytest.mark.parametrize("damage", ["altered", "missing", "manifest", "graph"])
 def test_a_damaged_release_stops_the_backend_with_the_reason(release_settings, release_dir, damage):
     manifest = json.loads((release_dir / "release.json").read_text())
     path = release_dir / manifest["models"][0]["file"]
-    if damage == "altered":
+    if damage == "graph":  # the ONNX graph is checked like the weights
+        path = release_dir / manifest["models"][0]["graph"]["file"]
+    if damage in ("altered", "graph"):
         data = bytearray(path.read_bytes())
         data[-100] ^= 1
         path.write_bytes(bytes(data))
