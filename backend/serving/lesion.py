@@ -19,11 +19,9 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 from sqlalchemy.exc import IntegrityError
@@ -36,9 +34,13 @@ from backend.serving.registry import LESION, Candidate
 from consensus.models import ModelVersion
 from labeling_config import HAM_CLASSES, LESION_LABEL
 from labeling_config.parse import LESION_KEY, ProjectConfig
-from model.common.checkpoint import ModelMeta
-from model.lesion.dual import DualMeta
-from model.lesion.segmentation import SegMeta
+from model.common.meta import ModelMeta
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.lesion.dual import DualMeta
+    from model.lesion.segmentation import SegMeta
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
@@ -78,6 +80,8 @@ def _read_pair(segnet: str | Path, dual: str | Path) -> tuple[Any, SegMeta, Any,
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
+    from model.lesion.dual import DualMeta
+    from model.lesion.segmentation import SegMeta
     from model.systems import load
 
     seg_net, seg_meta = load(segnet)
@@ -193,20 +197,33 @@ def metadata_row(data: Mapping[str, Any] | None, config: ProjectConfig) -> dict[
     return {field: data.get(key) for field, key in config.metadata.items()}
 
 
-@torch.no_grad()
 def segment(system: LesionSystem, image: Image.Image) -> tuple[NDArray[np.bool_], torch.Tensor]:
     """The U-Net's lesion mask at the image's own size (probability >= 0.5), and the probabilities."""
+    import torch
+    import torch.nn.functional as F
+
     seg_in = to_tensor(image, system.seg_size)[None]
-    prob = torch.sigmoid(system.segnet(seg_in))
+    with torch.no_grad():
+        prob = torch.sigmoid(system.segnet(seg_in))
     prob = F.interpolate(prob, size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
     return (prob >= 0.5).numpy(), prob
 
 
-@torch.no_grad()
 def run_lesion(
     system: LesionSystem, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]]
 ) -> list[LesionOutput]:
     """Mask, then crop, then classify each image."""
+    import torch
+
+    with torch.no_grad():
+        return _run_lesion(system, images, rows)
+
+
+def _run_lesion(
+    system: LesionSystem, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]]
+) -> list[LesionOutput]:
+    import torch
+
     from model.lesion.dual import encode_metadata, lesion_crop
 
     outputs = []

@@ -76,9 +76,9 @@ class OnnxEngine:
 
     def meta(self) -> dict[str, Any]:
         """The checkpoint metadata stored in the file."""
-        from model.multitask.export import META_KEY
+        from model.multitask.meta import ONNX_META_KEY
 
-        found = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        found = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
         if found is None:
             raise ValueError("this ONNX file carries no dermassist metadata")
         meta: dict[str, Any] = json.loads(found)
@@ -126,13 +126,15 @@ def load_served(path: str | Path, engine: str = "onnxruntime", threads: int = 1)
     Raises:
         FileNotFoundError, ValueError: as :func:`model.multitask.network.load_checkpoint`.
     """
-    from model.multitask.network import CheckpointMeta, load_checkpoint
+    from model.multitask.meta import CheckpointMeta
 
     graph = onnx_path(path)
     if engine == "onnxruntime" and graph.is_file():
         onnx = OnnxEngine(graph, threads)
         meta = CheckpointMeta.from_dict(onnx.meta())
         return ServedModel(version=meta.version, engine=onnx, meta=meta, path=Path(path))
+    from model.multitask.network import load_checkpoint
+
     network, meta = load_checkpoint(path)
     return ServedModel(version=meta.version, engine=TorchEngine(network), meta=meta, path=Path(path))
 
@@ -141,10 +143,10 @@ def graph_version(path: str | Path) -> str | None:
     """The version an ONNX graph says it holds (None: not one of ours)."""
     import onnx
 
-    from model.multitask.export import META_KEY
+    from model.multitask.meta import ONNX_META_KEY
 
     graph = onnx.load(str(path), load_external_data=False)
-    found = {entry.key: entry.value for entry in graph.metadata_props}.get(META_KEY)
+    found = {entry.key: entry.value for entry in graph.metadata_props}.get(ONNX_META_KEY)
     return json.loads(found).get("version") if found else None
 
 

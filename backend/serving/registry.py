@@ -23,9 +23,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from consensus.models import ModelOutput, ModelStatus, ModelVersion, utcnow
-from model.common.checkpoint import atomic_copy, read_checkpoint
+from model.common.files import atomic_copy
 from model.common.provenance import Provenance, record, status_of
-from model.multitask.network import CheckpointMeta
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +55,9 @@ def checkpoint_candidate(checkpoint: str | Path) -> Candidate:
     Raises:
         FileNotFoundError, ValueError: the file is missing or not a dermassist checkpoint.
     """
+    from model.common.checkpoint import read_checkpoint
+    from model.multitask.meta import CheckpointMeta
+
     meta = read_checkpoint(checkpoint, CheckpointMeta).meta
     return Candidate(
         system=MULTITASK,

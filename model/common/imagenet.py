@@ -9,10 +9,12 @@ file whose SHA-256 does not begin with the prefix in its name (torchvision's nam
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from model.common.files import file_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,6 +26,8 @@ IMAGENET_SHA256_PREFIX = Path(MOBILENET_V2_URL).stem.rsplit("-", 1)[1]  # torchv
 
 def cached_file(url: str) -> Path:
     """Where torchvision keeps the file of ``url``: ``$TORCH_HOME/hub/checkpoints/<name>``."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
@@ -56,6 +60,8 @@ def read_imagenet_file(path: Path, sha256_prefix: str, what: str) -> dict[str, t
         )
     if not file_sha256(path).startswith(sha256_prefix):
         raise ValueError(f"{path} does not have the SHA-256 prefix {sha256_prefix}; replace the file")
+    import torch
+
     state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
     return state
 

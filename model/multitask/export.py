@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from model.common.files import atomic_copy
-from model.multitask.network import CheckpointMeta, DermNet
+from model.multitask.meta import ONNX_META_KEY as META_KEY
+from model.multitask.meta import CheckpointMeta
+from model.multitask.network import DermNet
 
-META_KEY = "dermassist.meta"
 INPUT, LOGITS, CAMS = "images", "logits", "cams"
 OPSET = 18
 

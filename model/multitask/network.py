@@ -8,21 +8,19 @@ Grad-CAM, ONNX export — feeds the same thing) and returns one logit per target
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v2
 
-from labeling_config import PATTERN_KEYS, TARGET_NAMES, TARGETS
-from model.common.checkpoint import ModelMeta, load_network
+from labeling_config import PATTERN_KEYS, TARGETS
+from model.common.checkpoint import load_network
 from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_features_state, imagenet_weights_path
+from model.multitask.meta import ARCH, CheckpointMeta, DermNetMeta
 
 logger = logging.getLogger(__name__)
-
-ARCH = "dermnet-mobilenet_v2"
 
 
 class DermNet(nn.Module):
@@ -175,47 +173,6 @@ def build_model(
     model, _ = load_checkpoint(path)
     model.train()
     return model
-
-
-@dataclass
-class DermNetMeta(ModelMeta):
-    """What a DermNet checkpoint's weights mean: :class:`~model.common.checkpoint.ModelMeta` with the
-    multitask system's part (these fields are stored under ``config``).
-
-    Attributes:
-        targets: output keys in head order.
-        target_names: display names of the outputs.
-        input_size: square side the network is fed.
-        mean: normalisation mean (applied inside the network).
-        std: normalisation std.
-        width_mult: MobileNet-V2 width multiplier.
-        output_stride: 32 or 16 (see :class:`DermNet`).
-        dropout: dropout before the heads.
-        thresholds: per-output decision threshold on the calibrated probability.
-        temperatures: per-output temperature (logit / T before the sigmoid).
-        threshold_rule: how thresholds were chosen (``youden`` or ``sensitivity>=x``).
-    """
-
-    SYSTEM: ClassVar[str] = "multitask"
-    VERSION_PREFIX: ClassVar[str] = "dermnet"
-    DESCRIPTION: ClassVar[str] = "DermNet"
-
-    system: str = SYSTEM
-    arch: str = ARCH
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
-    target_names: dict[str, str] = field(default_factory=lambda: dict(TARGET_NAMES))
-    input_size: int = 224
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    width_mult: float = 1.0
-    output_stride: int = 32
-    dropout: float = 0.2
-    thresholds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0.5))
-    temperatures: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TARGETS, 1.0))
-    threshold_rule: str = "default"
-
-
-CheckpointMeta = DermNetMeta  # the name callers have used
 
 
 def dermnet_from_meta(meta: DermNetMeta) -> DermNet:
