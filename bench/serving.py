@@ -11,7 +11,7 @@
 The last line, exactly: ``serving: eager <a> ms, onnxruntime <b> ms, speed-up <c>x; RSS eager <d> MB,
 onnxruntime <e> MB``.
 
-    .venv/bin/python bench/serving.py --images 16 --rounds 5 --tasks 100
+    .venv/bin/python bench/serving.py --images 16 --rounds 5 --tasks 100 [--without-lesion]
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def serve_rss(engine: str, n_tasks: int, work: Path) -> float:
-    """Resident MB of a ``dermassist serve`` worker after ``n_tasks`` predictions with ``engine``."""
+def serve_rss(engine: str, n_tasks: int, work: Path, lesion: bool = True) -> float:
+    """Resident MB of a ``dermassist serve`` worker after ``n_tasks`` predictions with ``engine``.
+
+    ``lesion``: serve the whole release (the lesion U-Net outlines each region: PyTorch, it has no ONNX
+    graph yet); else only the BCC model, promoted from the release's file (``RELEASE_DIR=none``).
+    """
     files = work / "files"
     upload = files / "data" / "upload" / "1"
     upload.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,12 @@ def serve_rss(engine: str, n_tasks: int, work: Path) -> float:
         "THREADS": "1",
         "LOG_LEVEL": "WARNING",
     }
+    if not lesion:
+        import subprocess
+
+        env["RELEASE_DIR"] = "none"
+        promote = [str(ROOT / ".venv" / "bin" / "dermassist"), "models", "promote", str(RELEASED)]
+        subprocess.run(promote, env=env, check=True, capture_output=True)
     port = free_port()
     server = start_serve(env, port, work / f"serve-{engine}.log")
     try:
@@ -139,10 +149,18 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=16, help="sample images for the model timing")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100, help="/predict tasks before reading the RSS")
+    parser.add_argument(
+        "--without-lesion",
+        action="store_true",
+        help="serve only the BCC model (no lesion outline: the U-Net still runs on PyTorch)",
+    )
     args = parser.parse_args()
     eager, onnx = model_times(args.images, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        rss = {engine: serve_rss(engine, args.tasks, Path(tmp)) for engine in ("torch", "onnxruntime")}
+        rss = {
+            engine: serve_rss(engine, args.tasks, Path(tmp), lesion=not args.without_lesion)
+            for engine in ("torch", "onnxruntime")
+        }
     print(
         f"serving: eager {eager:.1f} ms, onnxruntime {onnx:.1f} ms, speed-up {eager / onnx:.2f}x; "
         f"RSS eager {rss['torch']:.0f} MB, onnxruntime {rss['onnxruntime']:.0f} MB"
