@@ -92,6 +92,8 @@ class Settings:
         max_image_bytes: ``MAX_IMAGE_BYTES``, largest image file accepted.
         max_image_pixels: ``MAX_IMAGE_PIXELS``, largest image accepted (decompression bombs).
         image_timeout: ``IMAGE_TIMEOUT``, seconds to fetch one image.
+        image_fetch_concurrency: ``IMAGE_FETCH_CONCURRENCY``, images one ``/predict`` fetches at once
+            (while the models run on the ones already fetched).
         http_timeout: ``HTTP_TIMEOUT``, seconds a client connection may stay silent (a request's
             headers or body stalled, or an idle keep-alive) before ``serve`` closes it.
         max_tasks: ``MAX_TASKS_PER_REQUEST``, most tasks one /predict may carry.
@@ -128,6 +130,7 @@ class Settings:
     max_image_bytes: int = 30 * 1024 * 1024
     max_image_pixels: int = 60_000_000
     image_timeout: float = 20.0
+    image_fetch_concurrency: int = 8
     http_timeout: int = 30
     max_tasks: int = 1000
     train_epochs: int = 5
@@ -192,6 +195,7 @@ class Settings:
             max_image_bytes=_int(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             image_timeout=_float(env, "IMAGE_TIMEOUT", cls.image_timeout, 0.1, 600.0),
+            image_fetch_concurrency=_int(env, "IMAGE_FETCH_CONCURRENCY", cls.image_fetch_concurrency, 1),
             http_timeout=_int(env, "HTTP_TIMEOUT", cls.http_timeout, 1),
             max_tasks=_int(env, "MAX_TASKS_PER_REQUEST", cls.max_tasks, 1),
             train_epochs=_int(env, "TRAIN_EPOCHS", cls.train_epochs, 1),
@@ -217,6 +221,7 @@ class Settings:
             "MAX_IMAGE_BYTES": str(self.max_image_bytes),
             "MAX_IMAGE_PIXELS": str(self.max_image_pixels),
             "IMAGE_TIMEOUT": str(self.image_timeout),
+            "IMAGE_FETCH_CONCURRENCY": str(self.image_fetch_concurrency),
             "HTTP_TIMEOUT": str(self.http_timeout),
             "MAX_TASKS_PER_REQUEST": str(self.max_tasks),
             "TRAIN_EPOCHS": str(self.train_epochs),

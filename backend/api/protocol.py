@@ -37,9 +37,9 @@ protocol = Blueprint("protocol", __name__)
 @protocol.get("/health")
 def health() -> Response:
     state = backend()
-    served = state.serving.bcc_model()
+    served = state.serving.promoted(MULTITASK)  # the registry's word: /health loads nothing
     dermnet = state.release.models.get("dermnet") if state.release is not None else None
-    is_release = dermnet is not None and served is not None and dermnet.version == served.version
+    is_release = dermnet is not None and served is not None and dermnet.version == served[0]
     released = state.release.label("dermnet") if is_release and state.release is not None else None
     return jsonify(
         status="UP", model_class="DermNet", model_version=state.serving.version(), release=released
@@ -97,6 +97,7 @@ def predict() -> Response:
         state.fetcher,
         state.settings.model_score_threshold,
         show_all=state.settings.show_outputs == "all",
+        concurrency=state.settings.image_fetch_concurrency,
     )
     return jsonify(results=predictions, model_version=served.version)
 

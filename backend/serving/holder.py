@@ -97,8 +97,9 @@ class Serving:
     holder: Holder = field(default_factory=Holder)
     _promoted: dict[str, tuple[float, str | None, str | None]] = field(default_factory=dict)
 
-    def served(self, system: str) -> Any | None:
-        """``system``'s promoted version, loaded (None when none is promoted)."""
+    def promoted(self, system: str) -> tuple[str, str] | None:
+        """``system``'s promoted version and its path, as the registry said at most
+        ``PROMOTED_CHECK_S`` ago (nothing is loaded)."""
         checked, version, path = self._promoted.get(system, (0.0, None, None))
         now = time.monotonic()
         if now - checked > PROMOTED_CHECK_S:
@@ -106,9 +107,12 @@ class Serving:
                 row = registry.promoted(session, system)
                 version, path = (row.version, row.path) if row is not None else (None, None)
             self._promoted[system] = (now, version, path)
-        if version is None or path is None:
-            return None
-        return self.holder.ensure(system, version, path)
+        return (version, path) if version is not None and path is not None else None
+
+    def served(self, system: str) -> Any | None:
+        """``system``'s promoted version, loaded (None when none is promoted)."""
+        found = self.promoted(system)
+        return self.holder.ensure(system, *found) if found is not None else None
 
     def bcc_model(self) -> ServedModel | None:
         """The promoted BCC model."""
@@ -121,17 +125,18 @@ class Serving:
         return served
 
     def available(self, system: str) -> bool:
-        """Whether ``system`` has a version to serve."""
-        return self.served(system) is not None
+        """Whether ``system`` has a version to serve (read from the registry: ``/setup`` loads nothing,
+        Label Studio gives it 3 s)."""
+        return self.promoted(system) is not None
 
     def version(self, config: ProjectConfig | None = None) -> str:
         """The version that fills ``config`` (the BCC model's, the lesion pair's, or both joined by +);
-        without a config, the BCC model's."""
+        without a config, the BCC model's. Read from the registry: nothing is loaded."""
         systems = systems_for(config) if config is not None else (MULTITASK,)
         parts = []
         for system in systems:
-            served = self.bcc_model() if system == MULTITASK else self.lesion_pair()
-            parts.append(served.version if served is not None else UNTRAINED)
+            found = self.promoted(system)
+            parts.append(found[0] if found is not None else UNTRAINED)
         return "+".join(parts)
 
     def for_config(self, config: ProjectConfig) -> Served:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,16 @@ class Served:
     outliner: LesionSystem | None  # the U-Net that outlines a region's lesion (the pair, if any)
 
 
+#: Tasks run through the models together; the next chunk's images are fetched meanwhile.
+CHUNK = 16
+
+
+def _image_ref(task: Any, image_key: str) -> str | None:
+    data = task.get("data") if isinstance(task, dict) else None
+    ref = data.get(image_key) if isinstance(data, dict) else None
+    return ref if isinstance(ref, str) else None
+
+
 def predict_tasks(
     tasks: Sequence[Any],
     config: ProjectConfig,
@@ -42,37 +53,60 @@ def predict_tasks(
     fetcher: ImageFetcher,
     model_score_threshold: float | None,
     show_all: bool,
+    concurrency: int = 8,
 ) -> list[dict[str, Any]]:
-    """One prediction per task, in order (Label Studio's ``results``)."""
+    """One prediction per task, in order (Label Studio's ``results``).
+
+    Images are fetched ``concurrency`` at a time (``IMAGE_FETCH_CONCURRENCY``) while the models run:
+    the tasks go through the models in chunks of :data:`CHUNK`, and the fetches of the next chunk
+    overlap the current chunk's inference (at most two chunks of images are held at once).
+    """
     predictions: list[dict[str, Any] | None] = [None] * len(tasks)
-    good: list[tuple[int, Any]] = []
-    for i, task in enumerate(tasks):
-        data = task.get("data") if isinstance(task, dict) else None
-        ref = data.get(config.image_key) if isinstance(data, dict) else None
-        if not isinstance(ref, str):
-            reason = f"task has no '{config.image_key}' in its data"
-        else:
-            try:
-                good.append((i, fetcher.fetch(ref)))
-                continue
-            except ImageError as exc:
-                reason = str(exc)
-        task_id = task.get("id") if isinstance(task, dict) else None
-        logger.warning("task %s: no prediction: %s", task_id, reason)
-        metrics.PREDICT_TASKS.labels("no image").inc()
-        predictions[i] = empty_prediction(served.version, reason)
-    if good:
-        found = _predict_images(
-            [loaded.image for _, loaded in good],
-            [tasks[i].get("data") for i, _ in good],
-            [(loaded.width, loaded.height) for _, loaded in good],
-            config,
-            served,
-            model_score_threshold,
-            show_all,
-        )
-        for (i, _), prediction in zip(good, found, strict=True):
-            predictions[i] = prediction
+    starts = list(range(0, len(tasks), CHUNK))
+
+    def fetch(i: int) -> Any:
+        ref = _image_ref(tasks[i], config.image_key)
+        if ref is None:
+            return f"task has no '{config.image_key}' in its data"
+        try:
+            return fetcher.fetch(ref)
+        except ImageError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max(1, concurrency), "dermassist-fetch") as pool:
+        submitted: dict[int, list[Future[Any]]] = {}
+
+        def submit(start: int) -> None:
+            if start < len(tasks) and start not in submitted:
+                submitted[start] = [
+                    pool.submit(fetch, i) for i in range(start, min(start + CHUNK, len(tasks)))
+                ]
+
+        for start in starts:
+            submit(start)
+            submit(start + CHUNK)  # the next chunk is fetched while this one runs
+            good: list[tuple[int, Any]] = []
+            for i, future in enumerate(submitted.pop(start), start):
+                loaded = future.result()
+                if isinstance(loaded, str):
+                    task_id = tasks[i].get("id") if isinstance(tasks[i], dict) else None
+                    logger.warning("task %s: no prediction: %s", task_id, loaded)
+                    metrics.PREDICT_TASKS.labels("no image").inc()
+                    predictions[i] = empty_prediction(served.version, loaded)
+                else:
+                    good.append((i, loaded))
+            if good:
+                found = _predict_images(
+                    [loaded.image for _, loaded in good],
+                    [tasks[i].get("data") for i, _ in good],
+                    [(loaded.width, loaded.height) for _, loaded in good],
+                    config,
+                    served,
+                    model_score_threshold,
+                    show_all,
+                )
+                for (i, _), prediction in zip(good, found, strict=True):
+                    predictions[i] = prediction
     done = [p for p in predictions if p is not None]
     metrics.PREDICT_TASKS.labels("predicted").inc(sum("error" not in p for p in done))
     return done

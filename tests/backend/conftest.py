@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -84,6 +85,10 @@ class Files:
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
         self.seen: list[tuple[str, dict[str, str]]] = []
         self.require_token: str | None = None
+        self.delay_s = 0.0  # before answering each request (a slow Label Studio)
+        self.in_flight = 0  # requests being answered now, and the most at once
+        self.most_in_flight = 0
+        self.lock = threading.Lock()
 
 
 def _handler(files: Files) -> type[BaseHTTPRequestHandler]:
@@ -92,7 +97,19 @@ def _handler(files: Files) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            with files.lock:
+                files.in_flight += 1
+                files.most_in_flight = max(files.most_in_flight, files.in_flight)
+            try:
+                self._answer()
+            finally:
+                with files.lock:
+                    files.in_flight -= 1
+
+        def _answer(self) -> None:
             files.seen.append((self.path, dict(self.headers)))
+            if files.delay_s:
+                time.sleep(files.delay_s)
             token = files.require_token
             if (
                 token

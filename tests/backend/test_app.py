@@ -520,3 +520,35 @@ def test_the_lesion_outline_is_computed_only_for_a_task_that_draws_a_region():
     found = task_prediction(bcc, config, "v", 40, 30, thresholds, provenance=validated, outline=outline)
     assert calls == [1]  # once, for the BCC region (the patterns are not validated)
     assert [i["value"]["brushlabels"] for i in found["result"] if i["type"] == "brushlabels"] == [["BCC"]]
+
+
+def test_images_are_fetched_concurrently_and_predictions_keep_the_task_order(
+    settings, sessions, promoted, image_server
+):
+    """A slow Label Studio: IMAGE_FETCH_CONCURRENCY fetches at once, bounded, while the model runs;
+    each task keeps its place, a missing image among them included."""
+    import time
+
+    from backend.api.app import create_app
+
+    _, files = image_server
+    for i in range(40):
+        files.routes[f"/data/upload/1/{i}.png"] = (
+            200,
+            {"Content-Type": "image/png"},
+            png_bytes(60 + i, 40, i),
+        )
+    files.delay_s = 0.2
+    client = create_app(with_settings(settings, image_fetch_concurrency=4), sessions=sessions).test_client()
+    tasks = [{"id": i + 1, "data": {"image": f"/data/upload/1/{i}.png"}} for i in range(40)]
+    tasks[17]["data"]["image"] = "/data/upload/1/missing.png"
+    t0 = time.monotonic()
+    results = client.post("/predict", json={"tasks": tasks, "label_config": BCC_XML}).get_json()["results"]
+    elapsed = time.monotonic() - t0
+    assert files.most_in_flight == 4  # bounded, and used
+    assert elapsed < 40 * 0.2 / 2  # one at a time would take 8 s
+    assert "error" in results[17] and "404" in results[17]["error"]
+    for i, result in enumerate(results):
+        if i != 17:
+            brush = next(item for item in result["result"] if item["type"] == "brushlabels")
+            assert brush["original_width"] == 60 + i  # each prediction is its own task's

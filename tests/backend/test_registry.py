@@ -105,3 +105,14 @@ def test_the_holder_loads_each_system_once_per_version():
     assert held.ensure("b", "v1", "p").version == "v1"
     assert held.ensure("a", "v2", "p").version == "v2"
     assert loads == [("a", "v1"), ("b", "v1"), ("a", "v2")]
+
+
+def test_setup_and_health_load_no_model(sessions, settings, promoted, tmp_path):
+    """Label Studio gives /setup 3 s and polls /health: both read the registry, the first /predict loads."""
+    promote_lesion(sessions, settings.model_dir, *tiny_lesion_pair(tmp_path))
+    app = create_app(settings, sessions=sessions)
+    client = app.test_client()
+    held = app.extensions["dermassist"].serving.holder
+    assert client.post("/setup", json={"schema": LESION_XML}).get_json()["model_version"].startswith("lesion-")
+    assert client.get("/health").get_json()["model_version"] == promoted
+    assert held.current(registry.LESION) is None and held.current(registry.MULTITASK) is None
