@@ -113,6 +113,8 @@ def test_setup_and_health_load_no_model(sessions, settings, promoted, tmp_path):
     app = create_app(settings, sessions=sessions)
     client = app.test_client()
     held = app.extensions["dermassist"].serving.holder
-    assert client.post("/setup", json={"schema": LESION_XML}).get_json()["model_version"].startswith("lesion-")
+    assert (
+        client.post("/setup", json={"schema": LESION_XML}).get_json()["model_version"].startswith("lesion-")
+    )
     assert client.get("/health").get_json()["model_version"] == promoted
     assert held.current(registry.LESION) is None and held.current(registry.MULTITASK) is None
