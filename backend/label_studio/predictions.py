@@ -29,9 +29,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 from numpy.typing import NDArray
 
+from backend.label_studio.brush import mask_to_rle
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
 from labeling_config.parse import NON_BCC_KEY, ProjectConfig, Role
 from model.common.maps import compact_region
@@ -165,7 +165,7 @@ def brush_item(
         "image_rotation": 0,
         "value": {
             "format": "rle",
-            "rle": [int(v) for v in mask2rle(np.asarray(mask).astype(bool).astype(np.uint8) * 255)],  # type: ignore[no-untyped-call]
+            "rle": mask_to_rle(mask),
             "brushlabels": [label],
         },
     }
