@@ -145,6 +145,7 @@ class Serving:
         model = self.bcc_model() if MULTITASK in systems else None
         pair = self.lesion_pair() if LESION in systems else None
         outliner = pair or (self.lesion_pair() if model is not None and config.regions is not None else None)
-        return Served(
-            version=self.version(config), systems=systems, multitask=model, lesion=pair, outliner=outliner
-        )
+        loaded = {MULTITASK: model, LESION: pair}
+        # The version of what this request runs (a promotion in between changes the next request).
+        version = "+".join(getattr(loaded[system], "version", UNTRAINED) for system in systems)
+        return Served(version=version, systems=systems, multitask=model, lesion=pair, outliner=outliner)

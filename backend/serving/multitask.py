@@ -22,7 +22,6 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 16
-ENGINES = ("onnxruntime", "torch")
 
 FloatArray = NDArray[np.float32]
 

@@ -132,7 +132,7 @@ def _predict_images(
     def outline_of(found: Any, image: Any) -> Callable[[], Any] | None:
         if found is not None:
             return lambda: found.mask
-        if served.outliner is not None and config.regions is not None:
+        if served.outliner is not None:  # called only for a task that draws a region
             outliner = served.outliner
             return lambda: segment(outliner, image)[0]
         return None

@@ -16,8 +16,10 @@ replaces it for good (``dermassist models promote release`` returns to the BCC m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,26 +128,41 @@ def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) 
     """Register each released system in the store, each promoted if its system has no promoted version
     (or an earlier release is); the released DermNet's version (or None).
 
-    Safe from any number of workers at once: a version or a promotion another one recorded first is
-    kept as it is.
+    A version already registered is not read again: every worker's start costs a lookup, not a
+    checkpoint load. Safe from any number of workers at once: a version or a promotion another one
+    recorded first is kept as it is.
     """
     installed: dict[str, str] = {}
     model = release.models.get("dermnet")
     if model is not None:
-        candidate = registry.checkpoint_candidate(model.path)
         installed["dermnet"] = _install(
-            sessions, model_dir, candidate, release.label("dermnet"), model.metrics, model.outputs
+            sessions,
+            model_dir,
+            model.version,
+            lambda: registry.checkpoint_candidate(model.path),
+            release.label("dermnet"),
+            model.metrics,
+            model.outputs,
         )
     pair = lesion_pair(release)
     if pair is not None:
-        from backend.serving.lesion import pair_candidate
+        from backend.serving.lesion import pair_candidate, pair_version
 
         seg, dual = release.models["segnet"], release.models["dual"]
-        candidate = pair_candidate(*pair)
-        outputs = {**candidate.provenance, **seg.outputs, **dual.outputs}
-        metrics = {"segnet": seg.metrics, "dual": dual.metrics}
+
+        def describe() -> registry.Candidate:
+            candidate = pair_candidate(*pair)
+            return dataclasses.replace(
+                candidate, provenance={**candidate.provenance, **seg.outputs, **dual.outputs}
+            )
+
         installed["lesion"] = _install(
-            sessions, model_dir, candidate, f"{release.name}/lesion", metrics, outputs
+            sessions,
+            model_dir,
+            pair_version(*pair),
+            describe,
+            f"{release.name}/lesion",
+            {"segnet": seg.metrics, "dual": dual.metrics},
         )
     return installed.get("dermnet")
 
@@ -153,25 +170,30 @@ def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) 
 def _install(
     sessions: sessionmaker[Session],
     model_dir: Path,
-    candidate: registry.Candidate,
+    version: str,
+    describe: Callable[[], registry.Candidate],
     label: str,
     metrics: dict[str, Any],
-    outputs: dict[str, dict[str, Any]],
+    outputs: dict[str, dict[str, Any]] | None = None,
 ) -> str:
+    """Register ``version`` (described by ``describe`` only when it is not registered yet) and promote
+    it as :func:`install` says."""
     for attempt in range(3):
         with sessions() as session:
             try:
-                version = registry.register(
-                    session, candidate, model_dir, metrics=metrics, release=label, provenance=outputs
-                )
-                current = registry.promoted(session, candidate.system)
+                row = registry.find(session, version)
+                if row is None:
+                    row = registry.register(
+                        session, describe(), model_dir, metrics=metrics, release=label, provenance=outputs
+                    )
+                current = registry.promoted(session, row.system)
                 # Served when nothing is, or when an earlier release is (an upgrade of the checkout):
                 # a model someone promoted or a retraining job produced is never replaced here.
-                if current is None or (current.release is not None and current.version != version.version):
-                    registry.promote(session, version)
-                    logger.info("serving the released %s %s (%s)", candidate.system, version.version, label)
+                if current is None or (current.release is not None and current.version != row.version):
+                    registry.promote(session, row)
+                    logger.info("serving the released %s %s (%s)", row.system, row.version, label)
                 session.commit()
-                return version.version
+                return row.version
             except IntegrityError:  # another worker registered or promoted at the same moment
                 session.rollback()
                 if attempt == 2:

@@ -118,3 +118,13 @@ def test_setup_and_health_load_no_model(sessions, settings, promoted, tmp_path):
     )
     assert client.get("/health").get_json()["model_version"] == promoted
     assert held.current(registry.LESION) is None and held.current(registry.MULTITASK) is None
+
+
+def test_metrics_are_stored_without_nan(sessions, settings, tiny_checkpoint):
+    """A job with no validation item has NaN figures: stored as null (PostgreSQL's JSON has no NaN)."""
+    with sessions() as session:
+        row = registry.register(
+            session, tiny_checkpoint, settings.model_dir, metrics={"candidate": {"val_loss": float("nan")}}
+        )
+        session.commit()
+        assert row.metrics == {"candidate": {"val_loss": None}}

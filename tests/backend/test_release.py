@@ -250,3 +250,16 @@ def test_an_upgraded_release_replaces_an_earlier_one_but_never_a_promoted_model(
         session.commit()
         mine_version = mine.version
     assert _client(release_settings).get("/health").get_json()["model_version"] == mine_version
+
+
+def test_a_restart_reads_no_released_checkpoint_again(release_settings, monkeypatch):
+    """Every worker's start installs the release: a version already registered costs a lookup only."""
+    from backend.serving import registry
+
+    _client(release_settings)
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("a registered release was read again")
+
+    monkeypatch.setattr(registry, "checkpoint_candidate", refuse)
+    assert _client(release_settings).get("/health").get_json()["release"] == "test.1/dermnet-bcc"

@@ -44,6 +44,8 @@ def test_defaults_and_a_full_environment():
         ({"BASIC_AUTH_USER": "ls"}, "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
         ({"LABEL_STUDIO_URL": "label-studio:8080"}, "LABEL_STUDIO_URL must start with http"),
         ({"IMAGE_TIMEOUT": "-1"}, "IMAGE_TIMEOUT must be between"),
+        ({"SERVING_ENGINE": "tensorrt"}, "SERVING_ENGINE must be one of onnxruntime, torch, got 'tensorrt'"),
+        ({"IMAGE_FETCH_CONCURRENCY": "0"}, "IMAGE_FETCH_CONCURRENCY must be at least 1, got 0"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):
@@ -64,6 +66,8 @@ def test_a_child_process_reads_back_the_same_settings():
         sync_projects=(1, 7),
         sync_interval=60.0,
         train_epochs=3,
+        serving_engine="torch",
+        image_fetch_concurrency=3,
     )
     assert Settings.from_env(settings.to_env()) == settings
 
