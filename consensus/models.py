@@ -17,6 +17,8 @@
   per-item summary posterior in ``consensus_labels``.
 - ``model_versions`` / ``model_outputs`` / ``training_jobs`` — every checkpoint the backend can serve
   (released or trained), where each of its outputs comes from, and the retraining jobs.
+- ``preannotation_jobs`` — whole Label Studio projects pre-annotated in the background: one active job
+  per project, with its progress.
 
 Label values are stored as JSON keyed by target (``{"bcc": 1, "ulceration": 0, ...}``) rather than as
 one column per pattern, so a schema change needs no migration of the annotations.
@@ -74,6 +76,16 @@ class RunKind(enum.StrEnum):
 
     BCC = "bcc"  # bcc.xml: the BCC diagnosis and the seven patterns (model.multitask), Dawid-Skene
     LESION = "lesion"  # lesion.xml: HAM10000 diagnosis (Dawid-Skene) and lesion outline (STAPLE)
+
+
+def _stored_as_values(kind: type[enum.StrEnum]) -> SAEnum:
+    """A StrEnum column stored as its values in a VARCHAR (no native ENUM: portable, easy to extend)."""
+    return SAEnum(kind, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+def _unique_where(name: str, *columns: str, where: str) -> Index:
+    """A partial unique index (SQLite and PostgreSQL): ``columns`` unique among the rows ``where`` holds."""
+    return Index(name, *columns, unique=True, sqlite_where=text(where), postgresql_where=text(where))
 
 
 class Base(DeclarativeBase):
@@ -284,14 +296,7 @@ class ModelVersion(Base):
     __tablename__ = "model_versions"
     # At most one promoted version per system, enforced by the database (partial unique index).
     __table_args__ = (
-        Index(
-            "uq_model_versions_one_promoted",
-            "system",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'promoted'"),
-            postgresql_where=text("status = 'promoted'"),
-        ),
+        _unique_where("uq_model_versions_one_promoted", "system", "status", where="status = 'promoted'"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -350,27 +355,13 @@ class TrainingJob(Base):
     # At most one queued and one running job, enforced by the database: concurrent triggers from any
     # number of processes coalesce into the queued job, and jobs run one at a time.
     __table_args__ = (
-        Index(
-            "uq_training_jobs_one_queued",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'queued'"),
-            postgresql_where=text("status = 'queued'"),
-        ),
-        Index(
-            "uq_training_jobs_one_running",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'running'"),
-            postgresql_where=text("status = 'running'"),
-        ),
+        _unique_where("uq_training_jobs_one_queued", "status", where="status = 'queued'"),
+        _unique_where("uq_training_jobs_one_running", "status", where="status = 'running'"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     trigger: Mapped[str] = mapped_column(String(64))  # START_TRAINING, updates, cli
-    status: Mapped[JobStatus] = mapped_column(
-        SAEnum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
-    )
+    status: Mapped[JobStatus] = mapped_column(_stored_as_values(JobStatus))
     triggers: Mapped[int] = mapped_column(Integer, default=1)  # requests coalesced into this job
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -381,3 +372,46 @@ class TrainingJob(Base):
     error: Mapped[str | None] = mapped_column(Text)
     version: Mapped[str | None] = mapped_column(String(64))  # the model it produced
     promoted: Mapped[bool | None] = mapped_column(Boolean)
+
+
+class PreannotationMode(enum.StrEnum):
+    """Which tasks of a project a pre-annotation job predicts."""
+
+    MISSING = "missing"  # tasks without a prediction of the served model version
+    ALL = "all"  # every task; a prediction of the same version is replaced
+
+
+class PreannotationJob(Base):
+    """One pre-annotation of a whole Label Studio project: its mode, its progress, how it ended.
+
+    The tasks still to do are read from Label Studio itself (those without a prediction of ``version``),
+    so the row holds progress, not the work list; ``cursor`` (the last task id handled) lets an
+    interrupted ``all`` run go on where it stopped.
+    """
+
+    __tablename__ = "preannotation_jobs"
+    # At most one active (queued or running) job per project, enforced by the database: concurrent
+    # starts from any number of processes get the one job.
+    __table_args__ = (
+        _unique_where("uq_preannotation_jobs_one_active", "project", where="status IN ('queued', 'running')"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project: Mapped[int] = mapped_column(BigInteger)  # the Label Studio project id
+    mode: Mapped[PreannotationMode] = mapped_column(_stored_as_values(PreannotationMode))
+    status: Mapped[JobStatus] = mapped_column(_stored_as_values(JobStatus))
+    trigger: Mapped[str] = mapped_column(String(32))  # api, cli
+    batch_size: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str | None] = mapped_column(String(200))  # the model version it predicts with
+    total: Mapped[int | None] = mapped_column(Integer)  # tasks to do when it started (None: not known yet)
+    done: Mapped[int] = mapped_column(Integer, default=0)  # predictions posted
+    failed: Mapped[int] = mapped_column(Integer, default=0)  # tasks left without one (no image)
+    cursor: Mapped[int] = mapped_column(BigInteger, default=0)  # the last task id handled
+    resumed_from: Mapped[int | None] = mapped_column(Integer)  # the interrupted job it continues
+    pid: Mapped[int | None] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]  # the last progress written
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)

@@ -2,10 +2,10 @@
 
 Two blueprints: the protocol (:mod:`backend.api.protocol`: ``GET /health``, ``POST /setup``,
 ``POST /predict``, ``POST /webhook``, ``GET /versions``) and operations (:mod:`backend.api.operations`:
-``GET /jobs``, ``GET /metrics``). Every route but ``/health`` asks for basic auth when
-``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error is JSON ``{"error": code, "message":
-sentence}`` with its 4xx / 5xx status; a traceback never reaches a client (it goes to the log, without
-the API key). Nothing a client sends yields a 5xx (:mod:`backend.api.requests`).
+``GET /jobs``, ``GET /metrics``, ``POST /projects/<id>/predict``). Every route but ``/health`` asks for
+basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error is JSON
+``{"error": code, "message": sentence}`` with its 4xx / 5xx status; a traceback never reaches a client
+(it goes to the log, without the API key). Nothing a client sends yields a 5xx (:mod:`backend.api.requests`).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _answer_errors_as_json(app: Flask) -> None:
         code = exc.code or 500
         messages = {
             404: f"no route {request.path}; this backend serves /health, /setup, /predict, /webhook, "
-            "/versions, /jobs, /metrics",
+            "/versions, /jobs, /metrics, /projects/<id>/predict",
             405: f"{request.method} is not allowed on {request.path}",
             413: f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB",
         }

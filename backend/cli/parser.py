@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from backend.settings import Settings
 
 from backend.cli.common import _version
-from backend.cli.service import cmd_models, cmd_serve, cmd_sync, cmd_worker
+from backend.cli.service import cmd_models, cmd_predict, cmd_serve, cmd_sync, cmd_worker
 from backend.cli.study import (
     DEFAULT_DEMO_DIR,
     cmd_consensus_run,
@@ -335,6 +335,28 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     )
     sy.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
     sy.set_defaults(func=cmd_sync)
+
+    pr = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
+    pr.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    which = pr.add_mutually_exclusive_group()
+    which.add_argument(
+        "--missing",
+        dest="all",
+        action="store_false",
+        help="only tasks without a prediction of the served model version (the default)",
+    )
+    which.add_argument(
+        "--all",
+        dest="all",
+        action="store_true",
+        help="every task; a task's prediction of the same version is replaced",
+    )
+    pr.add_argument(
+        "--batch-size", type=int, default=32, help="tasks per page and per post (default: %(default)s)"
+    )
+    pr.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    pr.add_argument("--model-dir", default=None, help="MODEL_DIR")
+    pr.set_defaults(func=cmd_predict, all=False)
 
     wk = sub.add_parser("worker", help=cmd_worker.__doc__, description=cmd_worker.__doc__)
     wk.add_argument("--burst", action="store_true", help="exit when the queue is empty")

@@ -1,4 +1,4 @@
-"""The service's subcommands: ``serve``, ``worker``, ``sync``, ``models`` (list / promote)."""
+"""The service's subcommands: ``serve``, ``worker``, ``sync``, ``predict``, ``models`` (list / promote)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,67 @@ def cmd_sync(args: argparse.Namespace) -> int:
             raise ValueError(str(exc)) from None
     print(" ".join(f"{k}={v}" for k, v in summary.as_dict().items()))
     return 0 if summary.errors == 0 else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Pre-annotate a whole Label Studio project: every task without a prediction of the served model
+    version (--missing, the default) or every task (--all), in batches, resumable after a kill."""
+    import sys
+
+    from tqdm import tqdm
+
+    from backend.serving.preannotate import Progress
+    from backend.training import preannotation
+    from consensus.db import init_db
+    from consensus.models import JobStatus, PreannotationJob, PreannotationMode
+
+    settings = _settings(args)
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise ValueError(
+            "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the project's tasks are read from there"
+        )
+    _, sessions = init_db(settings.database_url)
+    mode = PreannotationMode.ALL if args.all else PreannotationMode.MISSING
+    job, created = preannotation.request_preannotation(sessions, args.project, mode, "cli", args.batch_size)
+    if not created or not preannotation.claim(sessions, job.id):
+        where = f" (pid {job.pid} on {job.host})" if job.pid is not None else ""
+        raise ValueError(
+            f"project {args.project} is being pre-annotated by job {job.id}{where}; its progress is in "
+            "the backend's GET /jobs"
+        )
+    if job.resumed_from is not None:
+        logger.info("resuming the interrupted job %d after task %d", job.resumed_from, job.cursor)
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line a request
+    bars: list[Any] = []  # made at the first report, once the models are loaded and the total known
+
+    def on_progress(progress: Progress) -> None:
+        if not bars:
+            bars.append(
+                tqdm(desc=f"project {args.project}", unit="task", file=sys.stderr, disable=args.quiet)
+            )
+        bar = bars[0]
+        if progress.total is not None and bar.total != progress.total:
+            bar.total = progress.total
+        bar.set_postfix(predicted=progress.done, failed=progress.failed, refresh=False)
+        bar.update(progress.done + progress.failed - bar.n)
+
+    try:
+        status = preannotation.run_job(settings, sessions, job.id, on_progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    with sessions() as session:
+        row = session.get(PreannotationJob, job.id)
+        assert row is not None
+    summary = (
+        f"job={row.id} status={row.status.value} version={row.version} total={row.total} "
+        f"predicted={row.done} failed={row.failed}"
+    )
+    print(summary)
+    if status is not JobStatus.SUCCEEDED:
+        print(f"dermassist predict: error: {row.error}", file=sys.stderr)
+        return 1
+    return 0 if row.failed == 0 else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:

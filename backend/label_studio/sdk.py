@@ -10,7 +10,10 @@ use every SDK call as documented (``ls.projects.create(...)``, ``ls.tasks.list(p
 - :meth:`LabelStudioApi.label_config`: the project's labeling config;
 - :meth:`LabelStudioApi.upload_files`: image files as tasks, a multipart upload the SDK has no call for
   (its ``import_tasks`` sends JSON only); it goes through the SDK's own HTTP client, so the auth, the
-  token refresh and the retries are the SDK's.
+  token refresh and the retries are the SDK's;
+- :meth:`LabelStudioApi.tasks_page`: one page of the data manager's task list as Label Studio's own JSON
+  (the SDK's typed tasks drop the columns a filter computes, such as ``predictions_model_versions``);
+- :meth:`LabelStudioApi.model_version_counts`: the model versions of a project's predictions.
 
 The client owns one ``httpx.Client``: close it (``with connect(...) as ls:``) when done.
 """
@@ -100,6 +103,53 @@ class LabelStudioApi(LabelStudio):
             )
         return tasks
 
+    def _request(self, path: str, method: str, **kwargs: Any) -> Any:
+        """One call through the SDK's own HTTP client (its base URL, auth, token refresh and retries);
+        the answer's JSON body, or ApiError for a status that is not 2xx."""
+        response = self._client_wrapper.httpx_client.request(path, method=method, **kwargs)
+        try:
+            body = response.json() if response.content else None
+        except json.JSONDecodeError:
+            body = response.text
+        if not 200 <= response.status_code < 300:
+            raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=body)
+        return body
+
+    def tasks_page(
+        self,
+        project: int,
+        filters: list[dict[str, Any]],
+        page_size: int,
+        fields: str = "task_only",
+        ordering: str = "tasks:id",
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The first ``page_size`` tasks of ``project`` that pass ``filters`` (all of them, the data
+        manager's filter items), in ``ordering``, and how many pass in all.
+
+        Raises:
+            ApiError: Label Studio refused the call or answered something that is not a task list.
+        """
+        query = {"filters": {"conjunction": "and", "items": filters}, "ordering": [ordering]}
+        params = {
+            "project": int(project),
+            "query": json.dumps(query),
+            "fields": fields,
+            "page": 1,
+            "page_size": int(page_size),
+        }
+        body = self._request("api/tasks/", "GET", params=params)
+        tasks = body.get("tasks") if isinstance(body, dict) else None
+        if not isinstance(tasks, list):
+            raise ApiError(
+                status_code=None, body={"detail": f"the task list of project {project} is not a list"}
+            )
+        return tasks, int(body.get("total") or 0)
+
+    def model_version_counts(self, project: int) -> dict[str, int]:
+        """The model versions of the project's predictions, with how many predictions each has."""
+        body = self._request(f"api/projects/{int(project)}/model-versions/", "GET")
+        return {str(k): int(v) for k, v in body.items()} if isinstance(body, dict) else {}
+
     def upload_files(self, project: int, files: Sequence[Path], batch: int = 50) -> list[Any]:
         """Upload image files as tasks of ``project``: ``POST /api/projects/{id}/import``, multipart.
 
@@ -122,15 +172,5 @@ class LabelStudioApi(LabelStudio):
                 )
                 for i, path in enumerate(files[start : start + batch])
             }
-            # The SDK's own HTTP client (a subclass may use it): its base URL, auth and retries.
-            response = self._client_wrapper.httpx_client.request(
-                f"api/projects/{int(project)}/import", method="POST", files=fields
-            )
-            try:
-                body = response.json() if response.content else None
-            except json.JSONDecodeError:
-                body = response.text
-            if not 200 <= response.status_code < 300:
-                raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=body)
-            answers.append(body)
+            answers.append(self._request(f"api/projects/{int(project)}/import", "POST", files=fields))
         return answers

@@ -1,7 +1,8 @@
 """SQL <-> long tables: the only way annotations and consensus results enter or leave the store.
 
 By what they hold: :mod:`.annotations` (raters, items, events, annotations), :mod:`.answers` (the
-raters' answers as long tables), :mod:`.runs` (consensus runs), :mod:`.operations` (what the routes read).
+raters' answers as long tables), :mod:`.runs` (consensus runs), :mod:`.operations` (what the routes read),
+:mod:`.preannotation` (background pre-annotation jobs).
 
 Writes are idempotent: the same Label Studio annotation id twice is one row; an update replaces the
 values (unless it is older than what is stored: replays may arrive out of order); a delete is soft
@@ -38,6 +39,15 @@ from consensus.repository.operations import (
     recent_jobs,
     store_counts,
 )
+from consensus.repository.preannotation import (
+    active_preannotation,
+    add_preannotation,
+    claim_preannotation,
+    end_preannotation,
+    interrupted_preannotation,
+    recent_preannotations,
+    record_preannotation_progress,
+)
 from consensus.repository.runs import (
     RELIABILITY_COLUMNS,
     RegionConsensus,
@@ -58,23 +68,30 @@ __all__ = [
     "ImportSummary",
     "RegionConsensus",
     "Upsert",
+    "active_preannotation",
+    "add_preannotation",
     "answers",
     "answers_hash",
+    "claim_preannotation",
     "consensus_masks",
     "consensus_probabilities",
     "consensus_table",
+    "end_preannotation",
     "get_or_create_item",
     "get_or_create_rater",
     "ham_code",
     "import_ratings",
     "insert_if_absent",
+    "interrupted_preannotation",
     "items_changed_since_last_job",
     "latest_run",
     "lesion_answers",
     "model_versions",
     "pack_mask",
     "recent_jobs",
+    "recent_preannotations",
     "record_event",
+    "record_preannotation_progress",
     "save_consensus_run",
     "soft_delete_annotations",
     "store_counts",
