@@ -96,9 +96,12 @@ def predict_project(project: int) -> tuple[Response, int]:
             "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the backend: the project's tasks are read "
             "from Label Studio and the predictions posted there",
         )
-    job, created = preannotation.request_preannotation(
-        state.sessions, project, PreannotationMode(mode_name), "api", batch_size
-    )
+    try:
+        job, created = preannotation.request_preannotation(
+            state.sessions, project, PreannotationMode(mode_name), "api", batch_size
+        )
+    except preannotation.PreannotationError as exc:  # other processes kept changing it: try again
+        raise ApiError(409, "busy", str(exc)) from None
     if created:
         try:
             preannotation.launch(state.settings, state.sessions, job.id)
