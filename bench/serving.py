@@ -1,12 +1,16 @@
-"""The BCC model served by PyTorch eager and by ONNX Runtime: time per image and a worker's memory.
+"""The released models served by PyTorch eager and by ONNX Runtime: time per image and a worker's memory.
 
-1. Model time per image, one thread each, the released model (``models/dermnet-bcc.pt`` and its ONNX
+1. Model time per image, one thread each, the released BCC model (``models/dermnet-bcc.pt`` and its ONNX
    graph) on the same real sample images (``sample/ham10000``), interleaved rounds: the forward pass,
    all eight Grad-CAM maps, and each output's region at the image's own size
-   (:func:`model.common.maps.compact_region`). The median over rounds.
+   (:func:`model.common.maps.compact_region`). The median over rounds. The same for the lesion pair
+   (U-Net mask at the image's size, crop, dual classifier; its graphs exported into a scratch folder).
 2. Memory: a real ``dermassist serve`` (one worker, a fresh store, the release, ``SERVING_ENGINE`` set
-   to each engine in turn) answers 100 ``/predict`` tasks (bcc.xml, images from a local HTTP server
-   standing in for Label Studio), then its resident memory is read from ``/proc/<pid>/status``.
+   to each engine in turn) answers 100 ``/predict`` tasks (bcc.xml: the lesion U-Net outlines each
+   region; then lesion.xml, unless ``--without-lesion``; images from a local HTTP server standing in for
+   Label Studio), then its resident memory is read from ``/proc/<pid>/status``. The release's lesion
+   graphs are exported once into a copy of the release folder (as the serving image's build does), so
+   the worker's own first start does not pay for it.
 
 The last line, exactly: ``serving: eager <a> ms, onnxruntime <b> ms, speed-up <c>x; RSS eager <d> MB,
 onnxruntime <e> MB``.
@@ -28,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +68,58 @@ def model_times(n_images: int, rounds: int) -> tuple[float, float]:
                 compact_region(raw, image.width, image.height)
         return (time.perf_counter() - t0) / len(images) * 1000
 
-    for name in engines:
-        once(name)  # warm-up
-    found: dict[str, list[float]] = {name: [] for name in engines}
+    return interleaved(once, tuple(engines), rounds, "bcc")
+
+
+def interleaved(
+    once: Callable[[str], float], names: tuple[str, ...], rounds: int, label: str
+) -> tuple[float, float]:
+    """A warm-up, then ``rounds`` rounds of ``once(name)`` for each name in turn; each one's median."""
+    for name in names:
+        once(name)
+    found: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
-        for name in engines:
+        for name in names:
             found[name].append(once(name))
     for name, values in found.items():
-        print(f"{name:12s} " + " ".join(f"{v:.1f}" for v in values) + " ms per image")
+        print(f"{label} {name:12s} " + " ".join(f"{v:.1f}" for v in values) + " ms per image")
     return statistics.median(found["torch"]), statistics.median(found["onnxruntime"])
+
+
+def lesion_times(release: Path, n_images: int, rounds: int) -> tuple[float, float]:
+    """Median ms per image for the lesion pair (mask at the image's size, crop, diagnosis)."""
+    import torch
+    from PIL import Image
+
+    from backend.serving.lesion import load_pair, run_lesion
+
+    torch.set_num_threads(1)
+    images = []
+    for path in sorted(SAMPLE.glob("*.jpg"))[:n_images]:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    pair = (release / "lesion-unet.pt", release / "lesion-dual.pt")
+    systems = {name: load_pair(*pair, engine=name, threads=1) for name in ("torch", "onnxruntime")}
+    assert systems["onnxruntime"].engine.name == "onnxruntime", "no ONNX graphs beside the lesion pair"
+    rows: list[dict[str, object]] = [{}] * len(images)
+
+    def once(name: str) -> float:
+        t0 = time.perf_counter()
+        run_lesion(systems[name], images, rows)
+        return (time.perf_counter() - t0) / len(images) * 1000
+
+    return interleaved(once, tuple(systems), rounds, "lesion")
+
+
+def release_with_graphs(work: Path) -> Path:
+    """A copy of ``models/`` with every graph listed (``tools/release.py graphs --all``)."""
+    import subprocess
+
+    folder = work / "release"
+    shutil.copytree(ROOT / "models", folder)
+    command = [sys.executable, str(ROOT / "tools" / "release.py"), "graphs", str(folder), "--all"]
+    subprocess.run(command, check=True, capture_output=True)
+    return folder
 
 
 def _rss_mb(pid: int) -> float:
@@ -81,11 +129,11 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def serve_rss(engine: str, n_tasks: int, work: Path, lesion: bool = True) -> float:
+def serve_rss(engine: str, n_tasks: int, work: Path, release: Path, lesion: bool = True) -> float:
     """Resident MB of a ``dermassist serve`` worker after ``n_tasks`` predictions with ``engine``.
 
-    ``lesion``: serve the whole release (the lesion U-Net outlines each region: PyTorch, it has no ONNX
-    graph yet); else only the BCC model, promoted from the release's file (``RELEASE_DIR=none``).
+    ``lesion``: serve the whole ``release`` (the lesion U-Net outlines each region, and half the tasks
+    are lesion.xml's); else only the BCC model, promoted from the release's file (``RELEASE_DIR=none``).
     """
     files = work / "files"
     upload = files / "data" / "upload" / "1"
@@ -113,6 +161,7 @@ def serve_rss(engine: str, n_tasks: int, work: Path, lesion: bool = True) -> flo
         "WORKERS": "1",
         "THREADS": "1",
         "LOG_LEVEL": "WARNING",
+        "RELEASE_DIR": str(release),
     }
     if not lesion:
         import subprocess
@@ -123,9 +172,10 @@ def serve_rss(engine: str, n_tasks: int, work: Path, lesion: bool = True) -> flo
     port = free_port()
     server = start_serve(env, port, work / f"serve-{engine}.log")
     try:
-        config = load_config("bcc")
+        configs = [load_config("bcc")] + ([load_config("lesion")] if lesion else [])
         sent = 0
         while sent < n_tasks:
+            config = configs[(sent // 10) % len(configs)]
             batch = [
                 {"id": sent + i + 1, "data": {"image": f"/data/upload/1/{names[(sent + i) % len(names)]}"}}
                 for i in range(min(10, n_tasks - sent))
@@ -152,13 +202,16 @@ def main() -> int:
     parser.add_argument(
         "--without-lesion",
         action="store_true",
-        help="serve only the BCC model (no lesion outline: the U-Net still runs on PyTorch)",
+        help="serve only the BCC model (no lesion pair, no outline)",
     )
     args = parser.parse_args()
     eager, onnx = model_times(args.images, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
+        release = release_with_graphs(Path(tmp))
+        lesion_eager, lesion_onnx = lesion_times(release, args.images, args.rounds)
+        print(f"lesion pair: eager {lesion_eager:.1f} ms, onnxruntime {lesion_onnx:.1f} ms per image")
         rss = {
-            engine: serve_rss(engine, args.tasks, Path(tmp), lesion=not args.without_lesion)
+            engine: serve_rss(engine, args.tasks, Path(tmp), release, lesion=not args.without_lesion)
             for engine in ("torch", "onnxruntime")
         }
     print(

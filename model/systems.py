@@ -22,7 +22,8 @@ from typing import Any
 from torch import nn
 
 from model.common.checkpoint import ModelMeta, load_network, read_checkpoint
-from model.lesion.dual import DualMeta, dual_from_meta
+from model.lesion.dual import dual_from_meta
+from model.lesion.meta import DualMeta
 from model.lesion.segmentation import SegMeta, segnet_from_meta
 from model.multitask.network import DermNetMeta, dermnet_from_meta
 

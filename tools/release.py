@@ -227,21 +227,35 @@ def reference_outputs(
     return checks
 
 
-def add_graph(out: Path, entry: dict[str, Any]) -> int:
-    """Write a released BCC model's ONNX graph beside it and list it in its manifest ``entry``; its size."""
+def add_graph(out: Path, entry: dict[str, Any], limit: bool = True) -> int:
+    """Write a released model's ONNX graph beside it and list it in its manifest ``entry``; its size.
+
+    Args:
+        limit: refuse a graph over the 15 MB limit of a committed file (off for an image build).
+    """
+    from backend.serving.lesion import export_graph
     from backend.serving.multitask import export_served, graph_version
 
-    graph = export_served(out / entry["file"])
+    checkpoint = out / entry["file"]
+    if entry["kind"] == "dermnet":
+        graph = export_served(checkpoint)
+    else:
+        graph = checkpoint.with_suffix(".onnx")
+        export_graph(checkpoint, graph)
     if graph_version(graph) != entry["version"]:
         raise SystemExit(f"{graph} holds {graph_version(graph)}, not {entry['version']}")
     size = graph.stat().st_size
-    if size > MAX_FILE:
+    if limit and size > MAX_FILE:
         raise SystemExit(f"{graph} is {size / 1e6:.1f} MB, over the 15 MB limit")
     entry["graph"] = {"file": graph.name, "sha256": file_sha256(graph), "bytes": size}
     card = out / entry["card"]
     row = (
         f"| ONNX graph | `{graph.name}` ({size / 1e6:.1f} MB, fp32; SHA-256 `{entry['graph']['sha256']}`): "
-        "the same weights for ONNX Runtime, with every output's Grad-CAM map from the same pass |\n"
+        + (
+            "the same weights for ONNX Runtime, with every output's Grad-CAM map from the same pass |\n"
+            if entry["kind"] == "dermnet"
+            else "the same weights for ONNX Runtime |\n"
+        )
     )
     text = card.read_text(encoding="utf-8")
     if "| ONNX graph |" not in text:
@@ -255,16 +269,20 @@ def _total(entries: list[dict[str, Any]]) -> int:
 
 
 def graphs_main(argv: list[str]) -> int:
-    """``tools/release.py graphs FOLDER``: add the ONNX graphs to an existing release."""
+    """``tools/release.py graphs FOLDER [--all]``: add the ONNX graphs to an existing release: the BCC
+    model's (committed with it), and with ``--all`` the lesion pair's too (fp32, over the size limits of
+    the committed folder: the serving image's build writes them into its own copy)."""
     parser = argparse.ArgumentParser(prog="tools/release.py graphs", description=graphs_main.__doc__)
     parser.add_argument("folder", type=Path)
-    folder = parser.parse_args(argv).folder
+    parser.add_argument("--all", action="store_true", help="the lesion pair's graphs too (no size limits)")
+    args = parser.parse_args(argv)
+    folder, every = args.folder, args.all
     manifest = json.loads((folder / "release.json").read_text(encoding="utf-8"))
     for entry in manifest["models"]:
-        if entry["kind"] == "dermnet":
-            add_graph(folder, entry)
+        if entry["kind"] == "dermnet" or every:
+            add_graph(folder, entry, limit=not every)
     total = _total(manifest["models"])
-    if total > MAX_TOTAL:
+    if total > MAX_TOTAL and not every:
         raise SystemExit(f"the release would be {total / 1e6:.1f} MB, over the 40 MB limit")
     (folder / "release.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     print(f"total {total / 1e6:.1f} MB -> {folder / 'release.json'}")

@@ -36,7 +36,7 @@ LESION_ROLES = (Role.HAM_DIAGNOSIS, Role.LESION)
 #: object`` (with a ``version``). A third system is one more entry here and its module.
 LOADERS: dict[str, Callable[[str, str, str, int], Any]] = {
     MULTITASK: lambda path, version, engine, threads: multitask.load_served(path, engine, threads),
-    LESION: lambda path, version, engine, threads: lesion.load_version(path, version),
+    LESION: lesion.load_version,
 }
 
 

@@ -16,10 +16,13 @@ model's "unknown"), then:
 from __future__ import annotations
 
 import hashlib
+import logging
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backend.label_studio.predictions import brush_item
 from backend.serving import registry
-from backend.serving.multitask import to_tensor
+from backend.serving.multitask import FloatArray, to_array
 from backend.serving.registry import LESION, Candidate
 from consensus.models import ModelVersion
 from labeling_config import HAM_CLASSES, LESION_LABEL
@@ -37,13 +40,77 @@ from labeling_config.parse import LESION_KEY, ProjectConfig
 from model.common.meta import ModelMeta
 
 if TYPE_CHECKING:
-    import torch
+    from model.lesion.meta import DualMeta, SegMeta
 
-    from model.lesion.dual import DualMeta
-    from model.lesion.segmentation import SegMeta
+logger = logging.getLogger(__name__)
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
+THRESHOLD = 0.5  # model.lesion.segmentation.THRESHOLD: a pixel is lesion at and above it
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
+
+
+class LesionEngine(Protocol):
+    """What runs the pair: PyTorch (serving without ONNX graphs) or ONNX Runtime (serving). Both take and
+    give NumPy arrays; the resizing, cropping and metadata encoding around them are the same NumPy code
+    (:mod:`model.lesion.preprocess`), so the two differ only by the networks' float rounding."""
+
+    name: str
+
+    def segment(self, images: FloatArray) -> FloatArray:
+        """``(B, 3, S, S)`` in [0, 1] -> lesion probabilities ``(B, S, S)``."""
+        ...
+
+    def classify(self, inputs: dict[str, NDArray[Any]]) -> FloatArray:
+        """The classifier's named inputs (:func:`model.lesion.export.dual_inputs`) -> logits ``(B, 8)``."""
+        ...
+
+
+class TorchLesion:
+    """The pair's checkpoints, run by PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, segnet: Any, dual: Any) -> None:
+        self.segnet, self.dual = segnet.eval(), dual.eval()
+
+    def segment(self, images: FloatArray) -> FloatArray:
+        import torch
+
+        with torch.no_grad():
+            probs: FloatArray = torch.sigmoid(self.segnet(torch.from_numpy(images)))[:, 0].numpy()
+        return probs
+
+    def classify(self, inputs: dict[str, NDArray[Any]]) -> FloatArray:
+        import torch
+
+        from model.lesion.dual import Metadata
+        from model.lesion.export import META_INPUTS
+
+        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        meta = Metadata(*(tensors[k] for k in META_INPUTS)) if "sex" in tensors else None
+        with torch.no_grad():
+            logits: FloatArray = self.dual(tensors["images"], tensors.get("lesions"), meta).numpy()
+        return logits
+
+
+class OnnxLesion:
+    """The pair's ONNX graphs (:mod:`model.lesion.export`), run by ONNX Runtime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, segnet: Path, dual: Path, threads: int = 1) -> None:
+        from backend.serving.multitask import onnx_session
+
+        self.segnet, self.dual = onnx_session(segnet, threads), onnx_session(dual, threads)
+
+    def segment(self, images: FloatArray) -> FloatArray:
+        (probs,) = self.segnet.run(None, {"images": images})
+        return np.asarray(probs, dtype=np.float32)[:, 0]
+
+    def classify(self, inputs: dict[str, NDArray[Any]]) -> FloatArray:
+        wanted = {i.name for i in self.dual.get_inputs()}
+        (logits,) = self.dual.run(None, {k: v for k, v in inputs.items() if k in wanted})
+        return np.asarray(logits, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -51,11 +118,12 @@ class LesionSystem:
     """The loaded pair and its version (``lesion-<hash of both files>``)."""
 
     version: str
-    segnet: Any
+    engine: LesionEngine
     seg_size: int
-    dual: Any
     image_size: int
     lesion_size: int
+    use_lesion: bool = True
+    use_metadata: bool = True
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # lesion, diagnosis
 
 
@@ -80,8 +148,7 @@ def _read_pair(segnet: str | Path, dual: str | Path) -> tuple[Any, SegMeta, Any,
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
-    from model.lesion.dual import DualMeta
-    from model.lesion.segmentation import SegMeta
+    from model.lesion.meta import DualMeta, SegMeta
     from model.systems import load
 
     seg_net, seg_meta = load(segnet)
@@ -94,18 +161,23 @@ def _read_pair(segnet: str | Path, dual: str | Path) -> tuple[Any, SegMeta, Any,
 
 
 def pair_candidate(segnet: str | Path, dual: str | Path) -> Candidate:
-    """A U-Net and a dual-encoder checkpoint as a version of the ``lesion`` system.
+    """A U-Net and a dual-encoder checkpoint as a version of the ``lesion`` system. Registering it writes
+    the pair's ONNX graphs beside the registered files: copied where graphs stand beside the given
+    checkpoints (a release's, ``<name>.onnx``), else exported with PyTorch.
 
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
     _, seg_meta, _, dual_meta = _read_pair(segnet, dual)  # wrong files are refused before registering
+    seg_graph, dual_graph = graphs_of(segnet, dual)
+    given = {SEG_FILE: (seg_graph, seg_meta.version), DUAL_FILE: (dual_graph, dual_meta.version)}
     return Candidate(
         system=LESION,
         version=pair_version(Path(segnet), Path(dual)),
         files={SEG_FILE: Path(segnet), DUAL_FILE: Path(dual)},
         outputs=(LESION_OUTPUT, DIAGNOSIS_OUTPUT),
         provenance=pair_provenance(seg_meta, dual_meta),
+        graphs=lambda folder: export_graphs(folder, given),
     )
 
 
@@ -168,27 +240,109 @@ def pair_provenance(seg: ModelMeta, dual: ModelMeta) -> dict[str, dict[str, Any]
     }
 
 
-def load_pair(segnet: str | Path, dual: str | Path, version: str | None = None) -> LesionSystem:
-    """The pair loaded for serving (eval mode), with its outputs' provenance.
+def graphs_of(segnet: str | Path, dual: str | Path) -> tuple[Path, Path]:
+    """Where the pair's ONNX graphs live: beside the checkpoints, ``<name>.onnx``."""
+    return Path(segnet).with_suffix(".onnx"), Path(dual).with_suffix(".onnx")
+
+
+def load_pair(
+    segnet: str | Path,
+    dual: str | Path,
+    version: str | None = None,
+    engine: str = "onnxruntime",
+    threads: int = 1,
+) -> LesionSystem:
+    """The pair loaded for serving, with its outputs' provenance: with ONNX Runtime where both graphs
+    exist beside the checkpoints (and ``engine`` is ``onnxruntime``; PyTorch is then not imported), else
+    with PyTorch.
 
     Raises:
         FileNotFoundError, ValueError: a file is missing or not the right kind of checkpoint.
     """
-    seg_net, seg_meta, dual_net, dual_meta = _read_pair(segnet, dual)
+    from model.lesion.meta import DualMeta, SegMeta
+
+    seg_graph, dual_graph = graphs_of(segnet, dual)
+    runner: LesionEngine
+    if engine == "onnxruntime" and seg_graph.is_file() and dual_graph.is_file():
+        from backend.serving.multitask import graph_meta
+
+        onnx = OnnxLesion(seg_graph, dual_graph, threads)
+        seg_meta = SegMeta.from_dict(graph_meta(onnx.segnet))
+        dual_meta = DualMeta.from_dict(graph_meta(onnx.dual))
+        runner = onnx
+    else:
+        seg_net, seg_meta, dual_net, dual_meta = _read_pair(segnet, dual)
+        runner = TorchLesion(seg_net, dual_net)
     return LesionSystem(
         version=version or pair_version(Path(segnet), Path(dual)),
-        segnet=seg_net.eval(),
+        engine=runner,
         seg_size=int(seg_meta.input_size),
-        dual=dual_net.eval(),
         image_size=int(dual_meta.image_size),
         lesion_size=int(dual_meta.lesion_size),
+        use_lesion=bool(dual_meta.use_lesion),
+        use_metadata=bool(dual_meta.use_metadata),
         provenance=pair_provenance(seg_meta, dual_meta),
     )
 
 
-def load_version(path: str | Path, version: str) -> LesionSystem:
+def load_version(
+    path: str | Path, version: str, engine: str = "onnxruntime", threads: int = 1
+) -> LesionSystem:
     """A registered pair (its folder in ``MODEL_DIR/versions/``), as the holder loads it."""
-    return load_pair(Path(path) / SEG_FILE, Path(path) / DUAL_FILE, version)
+    return load_pair(Path(path) / SEG_FILE, Path(path) / DUAL_FILE, version, engine, threads)
+
+
+def export_graphs(folder: Path, given: Mapping[str, tuple[Path, str]] | None = None) -> None:
+    """The ONNX graphs of the pair registered in ``folder``, beside its checkpoints: copied from ``given``
+    (checkpoint name -> a graph and the version it must hold, e.g. the release's) where that graph holds
+    that version, else exported with PyTorch (kept if already there). A graph that cannot be written is
+    logged: the pair is then served by PyTorch."""
+    from backend.serving.multitask import graph_version
+    from model.common.files import atomic_copy
+
+    targets = dict(zip((SEG_FILE, DUAL_FILE), graphs_of(folder / SEG_FILE, folder / DUAL_FILE), strict=True))
+    for name, target in targets.items():
+        if target.is_file():
+            continue
+        try:
+            source, version = (given or {}).get(name, (None, None))
+            if source is not None and source.is_file() and graph_version(source) == version:
+                atomic_copy(source, target)
+            else:
+                _export_apart(folder / name, target)
+        except Exception:
+            logger.exception("no ONNX graph for %s: the lesion pair is served with PyTorch", folder / name)
+
+
+def _export_apart(checkpoint: Path, target: Path) -> None:
+    """:func:`export_graph`, in a child process unless this one has imported PyTorch already: a serving
+    worker installing the release stays free of PyTorch (hundreds of MB it would keep for good)."""
+    if "torch" in sys.modules:
+        export_graph(checkpoint, target)
+        return
+    done = subprocess.run(
+        [sys.executable, "-m", "backend.serving.lesion", str(checkpoint), str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"exporting {checkpoint} failed: {done.stderr.strip()[-2000:]}")
+
+
+def export_graph(checkpoint: Path, target: Path) -> None:
+    """One checkpoint of the pair (U-Net or classifier) as its ONNX graph at ``target`` (with PyTorch)."""
+    from model.lesion.export import export_dual, export_segnet
+    from model.lesion.meta import DualMeta, SegMeta
+    from model.systems import load
+
+    network, meta = load(checkpoint)
+    if isinstance(meta, SegMeta):
+        export_segnet(network, meta, target)  # type: ignore[arg-type]
+    elif isinstance(meta, DualMeta):
+        export_dual(network, meta, target)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"{checkpoint} holds a {meta.system} checkpoint, not one of the lesion pair")
 
 
 def metadata_row(data: Mapping[str, Any] | None, config: ProjectConfig) -> dict[str, Any]:
@@ -197,54 +351,54 @@ def metadata_row(data: Mapping[str, Any] | None, config: ProjectConfig) -> dict[
     return {field: data.get(key) for field, key in config.metadata.items()}
 
 
-def segment(system: LesionSystem, image: Image.Image) -> tuple[NDArray[np.bool_], torch.Tensor]:
+def segment(system: LesionSystem, image: Image.Image) -> tuple[NDArray[np.bool_], FloatArray]:
     """The U-Net's lesion mask at the image's own size (probability >= 0.5), and the probabilities."""
-    import torch
-    import torch.nn.functional as F
+    (probs,) = system.engine.segment(to_array(image, system.seg_size)[None])
+    return _at_size(probs, image)
 
-    seg_in = to_tensor(image, system.seg_size)[None]
-    with torch.no_grad():
-        prob = torch.sigmoid(system.segnet(seg_in))
-    prob = F.interpolate(prob, size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
-    return (prob >= 0.5).numpy(), prob
+
+def _at_size(probs: FloatArray, image: Image.Image) -> tuple[NDArray[np.bool_], FloatArray]:
+    """The U-Net's probabilities resized to the image's own size (bilinear, as PyTorch's
+    ``interpolate``), and the mask where they are >= 0.5."""
+    from model.lesion.preprocess import resize
+
+    prob = resize(probs, (image.height, image.width))
+    return prob >= THRESHOLD, prob
 
 
 def run_lesion(
     system: LesionSystem, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]]
 ) -> list[LesionOutput]:
-    """Mask, then crop, then classify each image."""
-    import torch
+    """Mask, then crop, then classify: the U-Net over the batch, then the classifier over the batch."""
+    from model.lesion.preprocess import crop_lesion, encode_rows
 
-    with torch.no_grad():
-        return _run_lesion(system, images, rows)
-
-
-def _run_lesion(
-    system: LesionSystem, images: Sequence[Image.Image], rows: Sequence[Mapping[str, Any]]
-) -> list[LesionOutput]:
-    import torch
-
-    from model.lesion.dual import encode_metadata, lesion_crop
-
-    outputs = []
-    for image, row in zip(images, rows, strict=True):
-        array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mask, prob = segment(system, image)
-        crop = lesion_crop(array, mask if mask.any() else np.ones(mask.shape, bool), system.lesion_size)
-        logits = system.dual(
-            to_tensor(image, system.image_size)[None],
-            crop[None] if system.dual.use_lesion else None,
-            encode_metadata([row]) if system.dual.use_metadata else None,
-        )
-        probs = logits[0, : len(HAM_CLASSES)].softmax(0).tolist()
-        outputs.append(
-            LesionOutput(
-                mask=mask,
-                mask_score=float(prob[torch.from_numpy(mask)].mean()) if mask.any() else 0.0,
-                probs=dict(zip(HAM_CLASSES, probs, strict=True)),
+    if not images:
+        return []
+    probs = system.engine.segment(np.stack([to_array(image, system.seg_size) for image in images]))
+    masks, scores, crops = [], [], []
+    for image, prob_small in zip(images, probs, strict=True):
+        mask, prob = _at_size(prob_small, image)
+        masks.append(mask)
+        scores.append(float(prob[mask].mean()) if mask.any() else 0.0)
+        if system.use_lesion:
+            array = (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).transpose(2, 0, 1)
+            crops.append(
+                crop_lesion(array, mask if mask.any() else np.ones(mask.shape, bool), system.lesion_size)
             )
-        )
-    return outputs
+    inputs: dict[str, NDArray[Any]] = {
+        "images": np.stack([to_array(image, system.image_size) for image in images])
+    }
+    if system.use_lesion:
+        inputs["lesions"] = np.stack(crops)
+    if system.use_metadata:
+        inputs.update(encode_rows(rows))
+    logits = system.engine.classify(inputs)[:, : len(HAM_CLASSES)].astype(np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    softmax = exp / exp.sum(axis=1, keepdims=True)
+    return [
+        LesionOutput(mask=mask, mask_score=score, probs=dict(zip(HAM_CLASSES, map(float, row), strict=True)))
+        for mask, score, row in zip(masks, scores, softmax, strict=True)
+    ]
 
 
 def lesion_prediction(
@@ -280,3 +434,7 @@ def lesion_prediction(
         label = lesion.values.get(LESION_KEY, LESION_LABEL)
         items.append(brush_item(lesion.name, lesion.to_name, label, output.mask, output.mask_score))
     return items, round(output.probs[best], 6) if show_diagnosis else None
+
+
+if __name__ == "__main__":  # python -m backend.serving.lesion CHECKPOINT TARGET: one graph, for _export_apart
+    export_graph(Path(sys.argv[1]), Path(sys.argv[2]))

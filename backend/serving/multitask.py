@@ -60,28 +60,42 @@ class TorchEngine:
         return logits, np.zeros((len(images), 0, 0, 0), dtype=np.float32)
 
 
+def onnx_session(path: str | Path, threads: int = 1) -> Any:
+    """An ONNX Runtime session of a graph on the CPU, with ``threads`` intra-op threads (``THREADS``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def graph_meta(session: Any) -> dict[str, Any]:
+    """The checkpoint metadata an ONNX graph of ours carries (``metadata_props``).
+
+    Raises:
+        ValueError: the graph carries none.
+    """
+    from model.common.meta import ONNX_META_KEY
+
+    found = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+    if found is None:
+        raise ValueError("this ONNX file carries no dermassist metadata")
+    meta: dict[str, Any] = json.loads(found)
+    return meta
+
+
 class OnnxEngine:
     """The model's ONNX graph (:mod:`model.multitask.export`), run by ONNX Runtime on the CPU."""
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads)
 
     def meta(self) -> dict[str, Any]:
         """The checkpoint metadata stored in the file."""
-        from model.multitask.meta import ONNX_META_KEY
-
-        found = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
-        if found is None:
-            raise ValueError("this ONNX file carries no dermassist metadata")
-        meta: dict[str, Any] = json.loads(found)
-        return meta
+        return graph_meta(self.session)
 
     def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
         logits, cams = self.session.run(None, {"images": images})
@@ -142,7 +156,7 @@ def graph_version(path: str | Path) -> str | None:
     """The version an ONNX graph says it holds (None: not one of ours)."""
     import onnx
 
-    from model.multitask.meta import ONNX_META_KEY
+    from model.common.meta import ONNX_META_KEY
 
     graph = onnx.load(str(path), load_external_data=False)
     found = {entry.key: entry.value for entry in graph.metadata_props}.get(ONNX_META_KEY)
@@ -165,13 +179,6 @@ def to_array(image: Image.Image, size: int) -> FloatArray:
         (np.asarray(resized, dtype=np.float32) / 255.0).transpose(2, 0, 1)
     )
     return array
-
-
-def to_tensor(image: Image.Image, size: int) -> Any:
-    """:func:`to_array` as a torch tensor (the lesion networks' input)."""
-    import torch
-
-    return torch.from_numpy(to_array(image, size))
 
 
 def run_batch(served: ServedModel, images: Sequence[Image.Image], maps: bool = True) -> list[ImageOutput]:

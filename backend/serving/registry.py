@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class Candidate:
         files: the version's files by their name in its folder; a single file is kept as
             ``<version>.pt``.
         outputs: the outputs it fills, each recorded with its provenance (none: untrained).
+        graphs: writes the version's ONNX graphs (for ONNX Runtime) once its files are registered,
+            given where they are (``<version>.pt`` or the folder); none: served by PyTorch.
     """
 
     system: str
@@ -47,6 +50,7 @@ class Candidate:
     outputs: tuple[str, ...]
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     parent: str | None = None
+    graphs: Callable[[Path], None] | None = None
 
 
 def checkpoint_candidate(checkpoint: str | Path) -> Candidate:
@@ -66,6 +70,7 @@ def checkpoint_candidate(checkpoint: str | Path) -> Candidate:
         outputs=tuple(meta.targets),
         provenance=dict(meta.provenance),
         parent=meta.parent,
+        graphs=lambda target: write_graph(target, Path(checkpoint), meta.version),
     )
 
 
@@ -121,8 +126,8 @@ def register(
     for copy, source in copies.items():
         if not copy.exists():
             atomic_copy(source, copy)
-    if candidate.system == MULTITASK:
-        _export_graph(target, next(iter(candidate.files.values())), candidate.version)
+    if candidate.graphs is not None:
+        candidate.graphs(target)
     version = ModelVersion(
         version=candidate.version,
         system=candidate.system,
@@ -140,8 +145,8 @@ def register(
     return version
 
 
-def _export_graph(checkpoint: Path, source: Path, version: str) -> None:
-    """The checkpoint's ONNX graph beside it, for ONNX Runtime to serve: copied from beside the source
+def write_graph(checkpoint: Path, source: Path, version: str) -> None:
+    """A BCC model checkpoint's ONNX graph beside it, for ONNX Runtime to serve: copied from beside the source
     when one of the same version is there, else exported (kept if already there). A graph that cannot
     be written is logged: the version is then served by PyTorch."""
     from backend.serving.multitask import export_served, graph_version, onnx_path

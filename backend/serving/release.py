@@ -16,7 +16,6 @@ replaces it for good (``dermassist models promote release`` returns to the BCC m
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -139,32 +138,67 @@ def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) 
             sessions,
             model_dir,
             model.version,
-            lambda: registry.checkpoint_candidate(model.path),
+            lambda: dermnet_candidate(model),
             release.label("dermnet"),
             model.metrics,
             model.outputs,
         )
-    pair = lesion_pair(release)
-    if pair is not None:
-        from backend.serving.lesion import pair_candidate, pair_version
+    if lesion_pair(release) is not None:
+        from backend.serving.lesion import pair_version
 
         seg, dual = release.models["segnet"], release.models["dual"]
-
-        def describe() -> registry.Candidate:
-            candidate = pair_candidate(*pair)
-            return dataclasses.replace(
-                candidate, provenance={**candidate.provenance, **seg.outputs, **dual.outputs}
-            )
-
         installed["lesion"] = _install(
             sessions,
             model_dir,
-            pair_version(*pair),
-            describe,
+            pair_version(seg.path, dual.path),
+            lambda: pair_candidate(seg, dual),
             f"{release.name}/lesion",
             {"segnet": seg.metrics, "dual": dual.metrics},
         )
     return installed.get("dermnet")
+
+
+def dermnet_candidate(model: ReleasedModel) -> registry.Candidate:
+    """The released BCC model as a version of the ``multitask`` system, described by its manifest entry:
+    no checkpoint is read (the SHA-256 check vouches for the file), so a serving worker installing the
+    release imports no PyTorch. Its graph is copied from the release."""
+    path, version = model.path, model.version
+    return registry.Candidate(
+        system=registry.MULTITASK,
+        version=version,
+        files={f"{version}.pt": path},
+        outputs=tuple(model.outputs),
+        provenance=dict(model.outputs),
+        graphs=lambda target: registry.write_graph(target, path, version),
+    )
+
+
+def pair_candidate(seg: ReleasedModel, dual: ReleasedModel) -> registry.Candidate:
+    """The released U-Net and classifier as a version of the ``lesion`` system, described by their
+    manifest entries (no checkpoint read, as :func:`dermnet_candidate`). Their graphs are copied where
+    the release lists them (the serving image's), else exported in a child process."""
+    from backend.serving.lesion import (
+        DIAGNOSIS_OUTPUT,
+        DUAL_FILE,
+        LESION_OUTPUT,
+        SEG_FILE,
+        export_graphs,
+        pair_version,
+    )
+
+    given = {
+        name: (model.graph, model.version)
+        for name, model in ((SEG_FILE, seg), (DUAL_FILE, dual))
+        if model.graph is not None
+    }
+    return registry.Candidate(
+        system=registry.LESION,
+        version=pair_version(seg.path, dual.path),
+        files={SEG_FILE: seg.path, DUAL_FILE: dual.path},
+        outputs=(LESION_OUTPUT, DIAGNOSIS_OUTPUT),
+        provenance={**seg.outputs, **dual.outputs},
+        graphs=lambda folder: export_graphs(folder, given),
+    )
 
 
 def _install(

@@ -13,6 +13,9 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+#: Where an ONNX graph of one of our networks keeps its checkpoint's metadata (``metadata_props``, JSON).
+ONNX_META_KEY = "dermassist.meta"
+
 
 @dataclass
 class ModelMeta:

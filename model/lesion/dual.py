@@ -18,11 +18,10 @@ output for the image branch through its autograd path.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +30,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from labeling_config import HAM_CLASSES, SEXES, SITES
-from model.common.checkpoint import ModelMeta, load_network
+from model.common.checkpoint import load_network
 from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_features_state
+from model.lesion.meta import DUAL_ARCH, DualMeta
+from model.lesion.preprocess import encode_rows, lesion_box
 
-ARCH = "dual-encoder"
+ARCH = DUAL_ARCH
 BACKBONES = ("mobilenet_v2", "densenet201")
-AGE_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -53,48 +53,11 @@ class Metadata:
         return Metadata(*(t.to(device) for t in (self.age, self.age_missing, self.sex, self.site)))
 
 
-def _index(value: Any, vocabulary: Sequence[str]) -> int:
-    text = str(value).strip().lower() if value is not None else ""
-    if text in ("", "nan", "none"):
-        text = "unknown"
-    return vocabulary.index(text) if text in vocabulary else vocabulary.index("unknown")
-
-
 def encode_metadata(rows: Sequence[Mapping[str, Any]]) -> Metadata:
-    """Age / sex / site of each row (HAM10000's ``age``, ``sex``, ``localization``, or ``site``) as tensors.
-
-    Missing or unreadable values become "unknown" (sex, site) or a missing-age flag; values outside
-    the vocabulary are "unknown" too.
-    """
-    ages, missing, sexes, sites = [], [], [], []
-    for row in rows:
-        raw = row.get("age")
-        try:
-            age = float(raw) if raw is not None else math.nan
-        except (TypeError, ValueError):
-            age = math.nan
-        ok = math.isfinite(age) and 0.0 <= age <= 120.0
-        ages.append(age / AGE_SCALE if ok else 0.0)
-        missing.append(0.0 if ok else 1.0)
-        sexes.append(_index(row.get("sex"), SEXES))
-        sites.append(_index(row.get("localization", row.get("site")), SITES))
-    return Metadata(
-        age=torch.tensor(ages, dtype=torch.float32),
-        age_missing=torch.tensor(missing, dtype=torch.float32),
-        sex=torch.tensor(sexes, dtype=torch.long),
-        site=torch.tensor(sites, dtype=torch.long),
-    )
-
-
-def lesion_box(mask: NDArray[Any], margin: float = 0.1) -> tuple[int, int, int, int]:
-    """The lesion's bounding box ``(top, left, bottom, right)`` with a margin; the whole image if empty."""
-    height, width = mask.shape[:2]
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return 0, 0, height, width
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    dy, dx = int((bottom - top) * margin), int((right - left) * margin)
-    return max(0, top - dy), max(0, left - dx), min(height, bottom + dy), min(width, right + dx)
+    """Age / sex / site of each row as tensors (:func:`model.lesion.preprocess.encode_rows`: missing or
+    unreadable values become "unknown" or a missing-age flag)."""
+    arrays = encode_rows(rows)
+    return Metadata(*(torch.from_numpy(arrays[key]) for key in ("age", "age_missing", "sex", "site")))
 
 
 def lesion_crop(image: torch.Tensor, mask: NDArray[Any], size: int, margin: float = 0.1) -> torch.Tensor:
@@ -266,38 +229,6 @@ class ImageBranch(nn.Module):
 def split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Diagnosis probabilities ``(B, 7)`` and BCC probability ``(B,)`` from the ``(B, 8)`` logits."""
     return logits[:, : len(HAM_CLASSES)].softmax(dim=1), torch.sigmoid(logits[:, len(HAM_CLASSES)])
-
-
-@dataclass
-class DualMeta(ModelMeta):
-    """What a dual-encoder checkpoint's weights mean: :class:`~model.common.checkpoint.ModelMeta` with
-    the classifier's part (these fields are stored under ``config``).
-
-    Attributes:
-        backbone, width_mult, dim, heads, use_lesion, use_metadata, dropout: the :class:`DualNet`
-            arguments.
-        image_size: side of the whole-image input.
-        lesion_size: side of the lesion crop.
-
-    ``version`` is ``dual-<hash>``; the ``extra`` of a trained one holds the training config
-    (``train_config``), the validation split's size (``n_val``) and whether the data were synthetic.
-    """
-
-    SYSTEM: ClassVar[str] = "lesion-dual"
-    VERSION_PREFIX: ClassVar[str] = "dual"
-    DESCRIPTION: ClassVar[str] = "dual-encoder"
-
-    system: str = SYSTEM
-    arch: str = ARCH
-    backbone: str = "mobilenet_v2"
-    width_mult: float = 1.0
-    dim: int = 128
-    heads: int = 4
-    use_lesion: bool = True
-    use_metadata: bool = True
-    dropout: float = 0.2
-    image_size: int = 160
-    lesion_size: int = 128
 
 
 def dual_from_meta(meta: DualMeta) -> DualNet:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from model.common.checkpoint import ModelMeta, load_network, save_checkpoint
-from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, cached_file, read_imagenet_file
-from model.lesion.unet import ARCH_PREFIX, DEFAULT_INPUT_SIZE, ENCODERS, SegNet, aspp_rates_for
+from model.common.checkpoint import load_network, save_checkpoint
+from model.common.imagenet import cached_file, read_imagenet_file
+from model.lesion.meta import ARCH_PREFIX, DEFAULT_INPUT_SIZE, SegMeta
+from model.lesion.unet import ENCODERS, SegNet
 
 logger = logging.getLogger(__name__)
 
@@ -54,43 +54,6 @@ def load_imagenet_encoder(model: SegNet) -> None:
     mapped = OrderedDict((new, value) for key, value in state.items() if (new := spec.remap(key)) is not None)
     model.encoder.load_state_dict(mapped)
     logger.info("initialised the %s encoder from ImageNet weights at %s", model.encoder_name, path)
-
-
-@dataclass
-class SegMeta(ModelMeta):
-    """What a segmentation checkpoint's weights mean: :class:`~model.common.checkpoint.ModelMeta` with
-    the U-Net's part (these fields are stored under ``config``).
-
-    Attributes:
-        encoder: encoder name.
-        input_size: square side the network is fed.
-        width_mult: MobileNet-V2 width multiplier.
-        aspp_rates: ASPP dilation rates.
-        aspp_channels: ASPP channels.
-        decoder_channels: decoder channels at strides 16, 8, 4, 2.
-        mean: normalisation mean (applied inside the network).
-        std: normalisation std.
-        threshold: probability at and above which a pixel is lesion.
-
-    ``arch`` is ``segnet-<encoder>`` and ``version`` ``segnet-<hash>``; the ``extra`` of a trained one
-    holds the training config, the split sizes and whether the data were synthetic.
-    """
-
-    SYSTEM: ClassVar[str] = "lesion-segmentation"
-    VERSION_PREFIX: ClassVar[str] = "segnet"
-    DESCRIPTION: ClassVar[str] = "lesion segmentation (U-Net)"
-
-    system: str = SYSTEM
-    arch: str = f"{ARCH_PREFIX}mobilenet_v2"
-    encoder: str = "mobilenet_v2"
-    input_size: int = DEFAULT_INPUT_SIZE
-    width_mult: float = 1.0
-    aspp_rates: list[int] = field(default_factory=lambda: list(aspp_rates_for(DEFAULT_INPUT_SIZE)))
-    aspp_channels: int = 128
-    decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 32, 24])
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    threshold: float = 0.5
 
 
 def save_segnet(

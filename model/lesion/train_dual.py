@@ -32,13 +32,13 @@ from model.common.data import load_table, read_binary_mask, split_by_lesion, tab
 from model.common.files import write_json
 from model.common.training import BEST, EpochLoop, LoopSettings, choose_device, seed_everything
 from model.lesion.dual import (
-    DualMeta,
     DualNet,
     build_dual,
     encode_metadata,
     lesion_crop,
     load_dual_checkpoint,
 )
+from model.lesion.meta import DualMeta
 
 logger = logging.getLogger(__name__)
 

@@ -48,13 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD, url_sha256_prefix
-
-ARCH_PREFIX = "segnet-"
-DEFAULT_INPUT_SIZE = 192
-# DeepLabV3's rates and the map side they were chosen for (513 px at output stride 16).
-_DEEPLAB_RATES = (6, 12, 18)
-_DEEPLAB_SIDE = 33
-
+from model.lesion.meta import ARCH_PREFIX, DEFAULT_INPUT_SIZE, aspp_rates_for
 
 # ------------------------------------------------------------------------------------------------
 # Encoders
@@ -198,19 +192,6 @@ def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, dilation: int = 1) -> 
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
-
-
-def aspp_rates_for(input_size: int, output_stride: int = 32) -> tuple[int, int, int]:
-    """DeepLabV3's ASPP rates (6, 12, 18 on a 33-pixel map) scaled to the bottleneck's side.
-
-    Returns strictly increasing rates, at least 1: (1, 2, 3) at 192 px, (3, 6, 9) at 512 px.
-    """
-    side = max(1.0, input_size / output_stride)
-    rates: list[int] = []
-    for r in _DEEPLAB_RATES:
-        rate = max(1, round(r * side / _DEEPLAB_SIDE))
-        rates.append(max(rate, rates[-1] + 1) if rates else rate)
-    return rates[0], rates[1], rates[2]
 
 
 class ASPP(nn.Module):

@@ -11,20 +11,16 @@ ONNX file needs nothing beside it.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from model.common.files import atomic_copy
-from model.multitask.meta import ONNX_META_KEY as META_KEY
+from model.common.onnx import write_onnx
 from model.multitask.meta import CheckpointMeta
 from model.multitask.network import DermNet
 
 INPUT, LOGITS, CAMS = "images", "logits", "cams"
-OPSET = 18
 
 
 class _Explained(nn.Module):
@@ -48,29 +44,5 @@ def export_onnx(network: DermNet, meta: CheckpointMeta, path: str | Path) -> Pat
 
     The batch size is dynamic; the image side is ``meta.input_size``.
     """
-    import onnx
-
-    path = Path(path)
-    wrapped = _Explained(network).eval()
     example = torch.rand(2, 3, meta.input_size, meta.input_size)
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
-        exported = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            wrapped,
-            (example,),
-            str(exported),
-            input_names=[INPUT],
-            output_names=[LOGITS, CAMS],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,  # the weights inside the one file
-            optimize=True,
-            verbose=False,
-        )
-        graph = onnx.load(str(exported))
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(meta.to_dict())
-        onnx.save(graph, str(exported))
-        atomic_copy(exported, path)
-    return path
+    return write_onnx(_Explained(network), (example,), (INPUT,), (LOGITS, CAMS), meta, path)

@@ -11,8 +11,6 @@ from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from model.common.meta import ModelMeta
 
 ARCH = "dermnet-mobilenet_v2"
-#: Where an ONNX graph of the model keeps this metadata (``metadata_props``, JSON).
-ONNX_META_KEY = "dermassist.meta"
 
 
 @dataclass

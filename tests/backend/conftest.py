@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import io
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +68,27 @@ def tiny_lesion_pair(root: Path) -> tuple[Path, Path]:
     save_segnet(root / "seg.pt", segnet, SegMeta())
     config = DualConfig(data="-", width_mult=0.35, image_size=64, lesion_size=48)
     save_dual(root / "dual.pt", DualNet(width_mult=0.35), config)
+    _beside_graphs(root / "seg.pt", root / "dual.pt")
     return root / "seg.pt", root / "dual.pt"
+
+
+_PAIR_GRAPHS: dict[str, Path] = {}  # the tiny pair's files (always the same bytes) -> its graphs
+
+
+def _beside_graphs(segnet: Path, dual: Path) -> None:
+    """The pair's ONNX graphs beside it (``seg.onnx``, ``dual.onnx``), exported once per test process:
+    registering copies them instead of exporting in every test (a test of exporting removes them)."""
+    from backend.serving.lesion import export_graph, graphs_of, pair_version
+
+    key = pair_version(segnet, dual)
+    if key not in _PAIR_GRAPHS:
+        folder = Path(tempfile.mkdtemp(prefix="tiny-lesion-graphs-"))
+        atexit.register(shutil.rmtree, folder, True)
+        for name, checkpoint in (("seg.onnx", segnet), ("dual.onnx", dual)):
+            export_graph(checkpoint, folder / name)
+        _PAIR_GRAPHS[key] = folder
+    for name, target in zip(("seg.onnx", "dual.onnx"), graphs_of(segnet, dual), strict=True):
+        shutil.copyfile(_PAIR_GRAPHS[key] / name, target)
 
 
 def promote_lesion(sessions: Any, model_dir: Path, segnet: Path, dual: Path) -> str:

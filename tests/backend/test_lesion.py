@@ -61,8 +61,7 @@ def test_lesion_xml_gets_a_mask_of_the_image_size_and_one_of_seven_diagnoses(
 
 def test_the_pairs_provenance_comes_from_the_release_or_from_its_own_validation():
     from backend.serving.lesion import pair_provenance
-    from model.lesion.dual import DualMeta
-    from model.lesion.segmentation import SegMeta
+    from model.lesion.meta import DualMeta, SegMeta
 
     assert pair_provenance(SegMeta(), DualMeta()) == {"lesion": {}, "diagnosis": {}}  # untrained
     seg = SegMeta(metrics={"val_dice": 0.93}, extra={"n_val": 807, "synthetic": False})

@@ -92,7 +92,7 @@ def test_a_graph_of_another_version_is_not_copied(tiny_checkpoint, tmp_path, ses
 
     from backend.serving import registry
     from backend.serving.multitask import graph_version
-    from model.multitask.meta import ONNX_META_KEY as META_KEY
+    from model.common.meta import ONNX_META_KEY as META_KEY
 
     checkpoint = tmp_path / "other.pt"
     shutil.copy(tiny_checkpoint, checkpoint)
@@ -106,16 +106,16 @@ def test_a_graph_of_another_version_is_not_copied(tiny_checkpoint, tmp_path, ses
         assert graph_version(onnx_path(row.path)) == row.version != "dermnet-000000000000"
 
 
-def test_serving_the_onnx_graph_imports_no_pytorch(client, settings, image_server):
-    """A process that serves a registered model's ONNX graph (bcc.xml, no lesion pair) never imports
-    torch: not at start, not for a prediction with its Grad-CAM regions."""
+def torch_modules_after(settings, requests: str) -> list[str]:
+    """The torch / torchvision modules a fresh Python process has imported after building the app from
+    ``settings`` (no release) and running ``requests`` (code using ``client`` and ``load_config``)."""
+    import json
     import subprocess
     import sys
+    import textwrap
 
-    _, files = image_server
-    files.routes["/data/upload/1/a.png"] = (200, {"Content-Type": "image/png"}, png_bytes(96, 72))
     probe = f"""
-import dataclasses, json, sys
+import json, sys
 from pathlib import Path
 from backend.api.app import create_app
 from backend.settings import Settings
@@ -124,14 +124,26 @@ settings = Settings(label_studio_url={settings.label_studio_url!r}, label_studio
                     model_dir=Path({str(settings.model_dir)!r}), database_url={settings.database_url!r},
                     show_outputs="all", release_dir=None)
 client = create_app(settings).test_client()
-body = client.post("/predict", json={{"tasks": [{{"id": 1, "data": {{"image": "/data/upload/1/a.png"}}}}],
-                                     "label_config": load_config("bcc")}}).get_json()
-(result,) = body["results"]
-assert any(item["type"] == "brushlabels" for item in result["result"]), result
+{textwrap.dedent(requests)}
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))))
 """
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    found: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_serving_the_onnx_graph_imports_no_pytorch(client, settings, image_server):
+    """A process that serves a registered model's ONNX graph (bcc.xml, no lesion pair) never imports
+    torch: not at start, not for a prediction with its Grad-CAM regions."""
+    _, files = image_server
+    files.routes["/data/upload/1/a.png"] = (200, {"Content-Type": "image/png"}, png_bytes(96, 72))
+    requests = """
+        body = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}],
+                                             "label_config": load_config("bcc")}).get_json()
+        (result,) = body["results"]
+        assert any(item["type"] == "brushlabels" for item in result["result"]), result
+    """
+    assert torch_modules_after(settings, requests) == []

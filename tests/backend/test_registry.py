@@ -27,7 +27,7 @@ def test_each_system_has_its_own_promoted_version(sessions, settings, promoted, 
         assert registry.promoted(session).version == promoted  # type: ignore[union-attr]
         row = registry.promoted(session, registry.LESION)
         assert row is not None and row.version == first and row.system == "lesion"
-        assert {p.name for p in Path(row.path).iterdir()} == {SEG_FILE, DUAL_FILE}
+        assert {p.name for p in Path(row.path).iterdir()} == {SEG_FILE, DUAL_FILE, "segnet.onnx", "dual.onnx"}
         assert [o.output for o in row.outputs] == ["lesion", "diagnosis"]
     # Another pair retires the first pair and leaves the BCC model served.
     (tmp_path / "other").mkdir()

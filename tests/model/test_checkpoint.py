@@ -135,7 +135,8 @@ def test_a_format_1_dermnet_checkpoint_is_read_in_the_current_format(tmp_path):
 
 
 def test_a_format_1_segmentation_and_a_dual_encoder_dict_are_read_in_the_current_format(tmp_path):
-    from model.lesion.dual import DualMeta, DualNet, load_dual_checkpoint
+    from model.lesion.dual import DualNet, load_dual_checkpoint
+    from model.lesion.meta import DualMeta
     from model.lesion.segmentation import SegMeta, load_segnet
     from model.lesion.unet import SegNet
 
@@ -165,7 +166,8 @@ def test_a_format_1_segmentation_and_a_dual_encoder_dict_are_read_in_the_current
 
 def test_any_system_loads_by_its_metadata(tmp_path):
     from model import systems
-    from model.lesion.dual import DualMeta, DualNet
+    from model.lesion.dual import DualNet
+    from model.lesion.meta import DualMeta
     from model.lesion.segmentation import SegMeta, save_segnet
     from model.lesion.train_dual import DualConfig, save_dual
     from model.lesion.unet import SegNet
