@@ -1,8 +1,9 @@
 """The Docker deployment: docker/Dockerfile, docker/docker-compose.yml and the root .dockerignore.
 
 No Docker engine runs on this project's machines, so no image is built or started here. What is
-checked instead: the Dockerfile as text (CPU-only PyTorch installed before the project, a non-root
-user, the health check, which is also run against a stand-in server), the build context that
+checked instead: the Dockerfile as text, per image (``serve``: no PyTorch at all, the release with
+every graph copied from the worker stage; ``worker``: CPU-only PyTorch installed before the project;
+both: a non-root user), the serve image's health check, which is also run against a stand-in server, the build context that
 .dockerignore leaves, and the compose file as Compose itself resolves it (``docker compose config``
 needs no engine) where the docker CLI has the compose plugin, else as YAML with its ``${VAR:-default}``
 values filled in the way Compose fills them.
@@ -96,13 +97,30 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 
 @cache
-def dockerfile() -> list[tuple[str, str]]:
-    return instructions(DOCKERFILE.read_text(encoding="utf-8"))
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each build stage's instructions (its FROM first), by its name (``FROM ... AS name``)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for keyword, args in instructions(DOCKERFILE.read_text(encoding="utf-8")):
+        if keyword == "FROM":
+            named = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", args, re.IGNORECASE)
+            assert named and named.group(2), f"every stage is named: FROM {args}"
+            current = found.setdefault(named.group(2).lower(), [])
+        assert current is not None, f"{keyword} before the first FROM"
+        current.append((keyword, args))
+    return found
 
 
-def _env_instructions() -> dict[str, str]:
+def dockerfile(target: str = "serve") -> list[tuple[str, str]]:
+    """The instructions an image of ``target`` is built from: its base stages' first, then its own."""
+    steps = stages()[target]
+    base = steps[0][1].split()[0].lower()
+    return (dockerfile(base) if base in stages() else []) + steps
+
+
+def _env_instructions(target: str = "serve") -> dict[str, str]:
     env: dict[str, str] = {}
-    for keyword, args in dockerfile():
+    for keyword, args in dockerfile(target):
         if keyword == "ENV":
             env.update(dict(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", args)))
     return env
@@ -114,8 +132,8 @@ def _exec_form(args: str) -> list[str]:
     return value
 
 
-def _healthcheck_argv() -> list[str] | None:
-    checks = [args for keyword, args in dockerfile() if keyword == "HEALTHCHECK"]
+def _healthcheck_argv(target: str = "serve") -> list[str] | None:
+    checks = [args for keyword, args in dockerfile(target) if keyword == "HEALTHCHECK"]
     if not checks or checks[-1].upper() == "NONE":
         return None
     cmd = re.search(r"(?:^|\s)CMD\s+(.*)$", checks[-1])
@@ -123,23 +141,59 @@ def _healthcheck_argv() -> list[str] | None:
     return _exec_form(cmd.group(1))
 
 
+def _pyproject() -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return project
+
+
 def _pyproject_pin(name: str) -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    deps = _pyproject()["optional-dependencies"]["train"]
     pins = [d.split("==", 1)[1].strip() for d in deps if re.fullmatch(rf"{name}\s*==.*", d)]
-    assert len(pins) == 1, f"pyproject.toml pins {name} {pins}"
+    assert len(pins) == 1, f"pyproject.toml's train extra pins {name} {pins}"
     return pins[0]
 
 
-def test_dockerfile_installs_cpu_torch_before_the_project():
-    steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim"), steps[0]
+def _project_extras(target: str) -> set[str]:
+    runs = [args for keyword, args in dockerfile(target) if keyword == "RUN"]
+    installs = [args for args in runs if re.search(r"pip install [\"']?\.(\[|[\"'\s]|$)", args)]
+    assert len(installs) == 1, f"expected one `pip install .[...]` in {target}, got {installs}"
+    extras = re.search(r"\.\[([^\]]*)\]", installs[0])
+    assert extras, installs[0]
+    return set(extras.group(1).split(","))
+
+
+def test_the_serve_image_has_no_pytorch():
+    """Serving needs no PyTorch (ONNX Runtime): nothing installs it, the project's own dependencies do
+    not name it, and the build fails if it got in anyway."""
+    assert stages()["runtime"][0] == ("FROM", "python:3.11-slim AS runtime")
+    assert dockerfile("serve")[0] == ("FROM", "python:3.11-slim AS runtime")
+    assert _project_extras("serve") == {"postgres", "queue"}, "serve takes postgres,queue: not train, not dev"
+    core = " ".join(_pyproject()["dependencies"])
+    assert not re.search(r"\btorch|\bgrad-cam|\bonnxscript", core), "serving's dependencies name PyTorch"
+    assert "onnxruntime" in core
+    runs = " ".join(args for keyword, args in dockerfile("serve") if keyword == "RUN")
+    assert "torch==" not in runs
+    assert re.search(r"find_spec\('torch'\).*sys\.exit|sys\.exit\(.*find_spec\('torch'\)", runs), "no check"
+    # The release comes from the worker stage, which wrote the lesion pair's graphs into it.
+    copies = [args for keyword, args in dockerfile("serve") if keyword == "COPY"]
+    assert copies == [
+        "--from=sources /src /src",
+        "--from=worker /opt/dermassist/models /opt/dermassist/models",
+    ]
+    worker_runs = " ".join(args for keyword, args in dockerfile("worker") if keyword == "RUN")
+    assert "tools/release.py graphs /opt/dermassist/models --all" in worker_runs
+
+
+def test_the_worker_image_installs_cpu_torch_before_the_project():
+    steps = dockerfile("worker")
+    assert steps[0] == ("FROM", "python:3.11-slim AS runtime"), steps[0]
+    assert _project_extras("worker") == {"postgres", "queue", "train"}
     runs = [(i, args) for i, (keyword, args) in enumerate(steps) if keyword == "RUN"]
     # RUNs that name torch or torchvision to pip install (not the project, which depends on them).
     torch_runs = [(i, args) for i, args in runs if re.search(r"pip install[^&;|]*\btorch(vision)?==", args)]
     project_runs = [(i, args) for i, args in runs if re.search(r"pip install [\"']?\.(\[|[\"'\s]|$)", args)]
     assert torch_runs, "no RUN installs torch"
-    assert len(project_runs) == 1, f"expected one `pip install .[...]`, got {project_runs}"
-    project_at, project_args = project_runs[0]
+    project_at, _ = project_runs[0]
     first_torch_at, torch_args = torch_runs[0]
     assert first_torch_at < project_at, "torch must be installed before the project, or pip takes CUDA wheels"
     assert f"--index-url {CPU_INDEX}" in torch_args, torch_args
@@ -147,16 +201,14 @@ def test_dockerfile_installs_cpu_torch_before_the_project():
         assert f"{name}=={_pyproject_pin(name)}" in torch_args, f"{name} not at pyproject.toml's pin"
     for _, args in torch_runs:
         assert f"--index-url {CPU_INDEX}" in args, f"a torch install bypasses the CPU index: {args}"
-    extras = re.search(r"\.\[([^\]]*)\]", project_args)
-    assert extras, project_args
-    assert set(extras.group(1).split(",")) == {"postgres", "queue"}, "the image takes postgres,queue, not dev"
     # The sources come after the torch layer, so editing code does not reinstall PyTorch.
     copies = [i for i, (keyword, _) in enumerate(steps) if keyword == "COPY"]
     assert copies and min(copies) > first_torch_at
 
 
-def test_dockerfile_runs_as_a_non_root_user():
-    steps = dockerfile()
+@pytest.mark.parametrize("target", ["serve", "worker"])
+def test_dockerfile_runs_as_a_non_root_user(target):
+    steps = dockerfile(target)
     users = [(i, args.split(":")[0]) for i, (keyword, args) in enumerate(steps) if keyword == "USER"]
     assert users, "no USER: the backend would run as root"
     at, user = users[-1]
@@ -168,16 +220,24 @@ def test_dockerfile_runs_as_a_non_root_user():
     assert not any(keyword == "USER" for keyword, _ in steps[at + 1 :])
 
 
-def test_dockerfile_settings_volume_port_and_command():
-    steps = dockerfile()
-    env = _env_instructions()
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("serve", ["dermassist", "serve", "--host", "0.0.0.0", "--port", "9090"]),
+        ("worker", ["dermassist", "worker"]),
+    ],
+)
+def test_dockerfile_settings_volume_port_and_command(target, command):
+    steps = dockerfile(target)
+    env = _env_instructions(target)
     assert env.get("MODEL_DIR") == "/data/models"
     assert env.get("THREADS") == "1"
     volumes = [v for keyword, args in steps if keyword == "VOLUME" for v in _exec_form(args)]
     assert env["MODEL_DIR"] in volumes, "MODEL_DIR must be a volume: promoted models outlive the container"
-    assert ("EXPOSE", "9090") in steps
+    assert (("EXPOSE", "9090") in steps) == (target == "serve")
     cmds = [args for keyword, args in steps if keyword == "CMD"]
-    assert _exec_form(cmds[-1]) == ["dermassist", "serve", "--host", "0.0.0.0", "--port", "9090"]
+    assert _exec_form(cmds[-1]) == command
+    assert (_healthcheck_argv(target) is not None) == (target == "serve"), "only serve answers /health"
     # Only the released models are baked in (the folder with their SHA-256 manifest): nothing copies
     # single checkpoints or run folders, nothing downloads.
     for keyword, args in steps:
@@ -185,10 +245,13 @@ def test_dockerfile_settings_volume_port_and_command():
             assert not re.search(r"\.(pt|pth|ckpt|onnx)\b|\bruns\b|https?://", args), f"{keyword} {args}"
     copied = {
         _exec_form(args)[-1] if args.startswith("[") else args.split()[-1]: args
-        for k, args in steps
+        for k, args in dockerfile("worker")
         if k == "COPY"
     }
     assert env.get("RELEASE_DIR") in copied and copied[env["RELEASE_DIR"]].split()[0] == "models"
+    assert ("COPY", "--from=sources /src /src") in steps, (
+        "the project's sources, as the sources stage has them"
+    )
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -307,8 +370,13 @@ def test_dockerignore_keeps_environments_outputs_and_caches_out():
         "model/best.pt",
     ):
         assert _excluded(path), f"{path} would be sent to the Docker build"
-    copied = [args.split()[0] for keyword, args in dockerfile() if keyword == "COPY"]
-    assert copied
+    copied = [
+        args.split()[0]
+        for target in stages()
+        for keyword, args in stages()[target]
+        if keyword == "COPY" and not args.startswith("--from")
+    ]
+    assert copied and "tools/release.py" in copied
     for source in copied:
         assert not _excluded(source.rstrip("/")), f"the Dockerfile copies {source}, which .dockerignore drops"
     assert not _excluded("models/dermnet-bcc.pt") and not _excluded("models/release.json")
@@ -402,12 +470,15 @@ def mounts(name: str) -> dict[str, str]:
     return out
 
 
-def builds_our_dockerfile(name: str) -> bool:
+def builds_our_dockerfile(name: str) -> str | None:
+    """The target of our Dockerfile that service ``name`` builds (None: it builds none)."""
     build = service(name).get("build")
     if isinstance(build, str) or not build:
-        return False
+        return None
     context = Path(COMPOSE.parent, build.get("context", ".")).resolve()
-    return (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE.resolve()
+    if (context / build.get("dockerfile", "Dockerfile")).resolve() != DOCKERFILE.resolve():
+        return None
+    return str(build.get("target") or list(stages())[-1])
 
 
 def healthcheck(name: str) -> str | None:
@@ -418,7 +489,8 @@ def healthcheck(name: str) -> str | None:
             return None
         if check.get("test"):
             return "compose"
-    return "image" if builds_our_dockerfile(name) and _healthcheck_argv() is not None else None
+    target = builds_our_dockerfile(name)
+    return "image" if target and _healthcheck_argv(target) is not None else None
 
 
 def test_docker_compose_config_accepts_the_file():
@@ -438,11 +510,11 @@ def test_the_five_services():
     assert set(compose()["services"]) >= SERVICES
 
 
-def test_backend_and_worker_are_one_image_from_the_dockerfile():
+def test_backend_serves_without_pytorch_and_the_worker_trains_with_it():
     backend, worker = service("backend"), service("worker")
-    assert backend.get("build") and backend.get("build") == worker.get("build")
-    assert backend.get("image") == worker.get("image")
-    assert builds_our_dockerfile("backend")
+    assert builds_our_dockerfile("backend") == "serve" and builds_our_dockerfile("worker") == "worker"
+    assert backend.get("image") != worker.get("image"), "two images, two tags"
+    assert environment("backend").get("REDIS_URL"), "the serve image cannot train: jobs go to the worker"
     assert list(worker.get("command") or []) == ["dermassist", "worker"]
     assert not backend.get("command"), "the backend runs the image's CMD (dermassist serve on 0.0.0.0)"
     assert service("label-studio")["image"] == "heartexlabs/label-studio:1.23.2"

@@ -67,6 +67,9 @@ def onnx_session(path: str | Path, threads: int = 1) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # No memory arena: it keeps the largest batch's activations for good (measured: 716 -> 429 MB
+    # resident for a worker serving three graphs after 100 predictions), for no measurable speed.
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

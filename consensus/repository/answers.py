@@ -7,9 +7,8 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,6 +26,9 @@ from consensus.repository.annotations import (
 )
 from labeling_config import HAM_CLASSES, HAM_DIAGNOSES, TARGETS
 from labeling_config.parse import LESION_KEY, Role
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def validate_ratings(table: pd.DataFrame) -> pd.DataFrame:
             rows), unknown label keys, values other than 0 / 1, or one rater giving two different
             values for one label of one image.
     """
+    import pandas as pd
+
     missing = [c for c in RATINGS_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"the ratings table lacks the column(s) {missing}; it has {list(table.columns)}")
@@ -125,6 +129,8 @@ def answers(session: Session, label_keys: Iterable[str] = TARGETS) -> pd.DataFra
     ``task`` is the item's external id and ``worker`` the rater's name; a label a rater did not give
     is simply absent (missing answers are absent rows, as the estimators expect).
     """
+    import pandas as pd
+
     keys = list(label_keys)
     rows = session.execute(
         select(Item.external_id, Rater.name, Annotation.labels)
@@ -165,6 +171,8 @@ def lesion_answers(session: Session, region_label: str = LESION_KEY) -> pd.DataF
     the caller's business). Rows are ordered by task and rater; a rater with two outlines of an item gives
     two rows.
     """
+    import pandas as pd
+
     rows = session.execute(
         select(Item.external_id, Rater.name, Annotation.diagnosis, Annotation.regions)
         .join(Annotation, Annotation.item_id == Item.id)

@@ -6,10 +6,9 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from numpy.typing import NDArray
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
@@ -36,6 +35,9 @@ RELIABILITY_COLUMNS = (
     "specificity_low",
     "specificity_high",
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _finite(value: Any) -> float | None:
@@ -198,6 +200,8 @@ def latest_run(session: Session, kind: RunKind | None = RunKind.BCC) -> Consensu
 
 def consensus_table(session: Session, run: ConsensusRun) -> pd.DataFrame:
     """A run's consensus as a long table ``task, label_key, value, posterior``."""
+    import pandas as pd
+
     rows = session.execute(
         select(Item.external_id, ConsensusLabel.label_key, ConsensusLabel.value, ConsensusLabel.posterior)
         .join(Item, ConsensusLabel.item_id == Item.id)
@@ -209,6 +213,8 @@ def consensus_table(session: Session, run: ConsensusRun) -> pd.DataFrame:
 
 def consensus_probabilities(session: Session, run: ConsensusRun, label_key: str) -> pd.DataFrame:
     """A run's posteriors of one label: task x class (the classes in stored order), 0 where absent."""
+    import pandas as pd
+
     rows = session.execute(
         select(Item.external_id, ConsensusLabel.probabilities)
         .join(Item, ConsensusLabel.item_id == Item.id)
