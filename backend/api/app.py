@@ -11,7 +11,6 @@ basic auth when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set. Every error i
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from flask import Flask, Response, jsonify, request
@@ -31,6 +30,7 @@ from backend.serving.release import ReleaseError, install, read_release
 from backend.settings import Settings, SettingsError
 from backend.training import jobs
 from backend.training.policy import Retraining
+from consensus.db import write_lock
 from labeling_config import load_config
 
 __all__ = ["MAX_BODY_BYTES", "MAX_EVENT_BYTES", "MAX_JSON_DEPTH", "ApiError", "create_app"]
@@ -82,8 +82,8 @@ def create_app(
         release=release,
     )
     bind = sessions.kw.get("bind")
-    if bind is not None and bind.dialect.name == "sqlite":
-        state.write_lock = threading.Lock()
+    if bind is not None:
+        state.write_lock = write_lock(bind)
     state.parse(load_config("bcc"))  # the fallback config, parsed before the first webhook's 1 s
     state.spool = EventSpool(settings.model_dir / "event-spool")
     if start_runner:
