@@ -386,3 +386,28 @@ def test_the_route_says_what_to_set_when_label_studio_is_not_configured(settings
     assert response.status_code == 400  # the body is read first
     response = app.test_client().post("/projects/5/predict")
     assert response.status_code == 409 and "LABEL_STUDIO_URL" in response.get_json()["message"]
+
+
+def test_the_cli_runs_the_job_with_a_summary_and_refuses_a_second_one(
+    settings, sessions, promoted, fake_ls, monkeypatch, capsys
+):
+    from backend.cli import main
+
+    for name, value in {
+        "LABEL_STUDIO_URL": settings.label_studio_url,
+        "LABEL_STUDIO_API_KEY": settings.label_studio_api_key,
+        "RELEASE_DIR": "none",
+        "SHOW_OUTPUTS": "all",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    argv = ["-q", "predict", "--project", "1", "--batch-size", "4", "--db", settings.database_url]
+    argv += ["--model-dir", str(settings.model_dir)]
+    assert main(argv) == 1  # one task's image is missing: said, and the exit status says so
+    out = capsys.readouterr().out
+    assert f"status=succeeded version={promoted} total=9 predicted=8 failed=1" in out
+    assert main(argv) == 1 and "total=1 predicted=0 failed=1" in capsys.readouterr().out  # only that one
+
+    running, _ = preannotation.request_preannotation(sessions, 1)
+    assert preannotation.claim(sessions, running.id)  # this (live) process holds the project
+    assert main(argv) == 2
+    assert f"being pre-annotated by job {running.id}" in capsys.readouterr().err
