@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backend.label_studio.sdk import LabelStudioApi
+if TYPE_CHECKING:
+    from backend.label_studio.sdk import LabelStudioApi
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ model's "unknown"), then:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import subprocess
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
 THRESHOLD = 0.5  # model.lesion.segmentation.THRESHOLD: a pixel is lesion at and above it
+CHECKPOINT_SHA256 = "checkpoint_sha256"  # in a graph's metadata: the file it was exported from
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
 
 
@@ -262,15 +264,22 @@ def load_pair(
     from model.lesion.meta import DualMeta, SegMeta
 
     seg_graph, dual_graph = graphs_of(segnet, dual)
-    runner: LesionEngine
+    runner: LesionEngine | None = None
     if engine == "onnxruntime" and seg_graph.is_file() and dual_graph.is_file():
         from backend.serving.multitask import graph_meta
+        from model.common.files import file_sha256
 
         onnx = OnnxLesion(seg_graph, dual_graph, threads)
         seg_meta = SegMeta.from_dict(graph_meta(onnx.segnet))
         dual_meta = DualMeta.from_dict(graph_meta(onnx.dual))
-        runner = onnx
-    else:
+        made_from = [meta.extra.get(CHECKPOINT_SHA256) for meta in (seg_meta, dual_meta)]
+        if made_from == [file_sha256(Path(segnet)), file_sha256(Path(dual))]:
+            runner = onnx
+        else:
+            logger.warning(
+                "the ONNX graphs beside %s were made from other checkpoints: PyTorch serves", segnet
+            )
+    if runner is None:
         seg_net, seg_meta, dual_net, dual_meta = _read_pair(segnet, dual)
         runner = TorchLesion(seg_net, dual_net)
     return LesionSystem(
@@ -332,11 +341,14 @@ def _export_apart(checkpoint: Path, target: Path) -> None:
 
 def export_graph(checkpoint: Path, target: Path) -> None:
     """One checkpoint of the pair (U-Net or classifier) as its ONNX graph at ``target`` (with PyTorch)."""
+    from model.common.files import file_sha256
     from model.lesion.export import export_dual, export_segnet
     from model.lesion.meta import DualMeta, SegMeta
     from model.systems import load
 
     network, meta = load(checkpoint)
+    # The graph names the file it was made from: load_pair serves it only beside that very file.
+    meta = dataclasses.replace(meta, extra={**meta.extra, CHECKPOINT_SHA256: file_sha256(checkpoint)})
     if isinstance(meta, SegMeta):
         export_segnet(network, meta, target)  # type: ignore[arg-type]
     elif isinstance(meta, DualMeta):

@@ -149,3 +149,17 @@ def test_serving_both_systems_as_onnx_imports_no_pytorch(
             assert "choices" in {item["type"] for item in result["result"]}, (config, result)
     """
     assert torch_modules_after(settings, requests) == []
+
+
+def test_graphs_made_from_other_checkpoints_are_not_served(tmp_path):
+    """A checkpoint changed after its graphs were written (retrained in place, edited) is served by
+    PyTorch: a graph names the file it was made from."""
+    from model.lesion.segmentation import load_segnet, save_segnet
+
+    segnet, dual = tiny_lesion_pair(tmp_path)
+    assert load_pair(segnet, dual).engine.name == "onnxruntime"
+    network, meta = load_segnet(segnet)
+    with torch.no_grad():
+        network.head.bias += 1.0
+    save_segnet(segnet, network, meta)
+    assert load_pair(segnet, dual).engine.name == "torch"

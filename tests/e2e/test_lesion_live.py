@@ -16,7 +16,7 @@ from backend.demo import study as ls_study
 from backend.demo.label_studio import LabelStudioServer, free_port
 from backend.demo.study import wait_for
 from backend.label_studio.sdk import LabelStudioApi
-from backend.serving.lesion import load_pair, run_lesion
+from backend.serving.lesion import load_version, run_lesion
 from labeling_config import HAM_CLASSES, load_config
 from tests.backend.conftest import png_bytes, tiny_lesion_pair
 from tests.e2e.conftest import DERMASSIST, start_backend
@@ -37,13 +37,13 @@ def lesion_pair_with_partial_masks(root: Path, images: list[Image.Image]) -> tup
     masks that are neither empty nor full, so a transposed or flipped mask cannot pass."""
     import torch
 
-    from backend.serving.multitask import to_tensor
+    from backend.serving.multitask import to_array
     from model.lesion.segmentation import load_segnet, save_segnet
 
     seg, dual = tiny_lesion_pair(root)
     segnet, meta = load_segnet(seg)
     with torch.no_grad():
-        logits = segnet(torch.stack([to_tensor(im, meta.input_size) for im in images]))
+        logits = segnet(torch.from_numpy(np.stack([to_array(im, meta.input_size) for im in images])))
         segnet.head.bias -= logits.median()
     save_segnet(seg, segnet, meta)
     return seg, dual
@@ -97,8 +97,10 @@ def test_lesion_xml_predictions_in_label_studio(
             120,
             "a prediction for every lesion task",
         )
-        # What the same pair gives for these images here, with the same metadata.
-        system = load_pair(*pair)
+        # What the same pair gives for these images here, with the same metadata: the registered
+        # version, as the server loads it (its ONNX graphs, written at registration).
+        system = load_version(tmp_path / "models" / "versions" / version, version)
+        assert system.engine.name == "onnxruntime"
         expected = run_lesion(system, images, [extra for _, extra in CASES])
         for prediction in predictions:
             i = index[prediction["task"]]
