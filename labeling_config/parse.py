@@ -1,6 +1,6 @@
 """Map a Label Studio labeling config onto the model's outputs.
 
-A project's config is parsed with ``label_studio_sdk.label_interface.LabelInterface`` and each
+A project's config is read as ``label_studio_sdk.label_interface.LabelInterface`` reads it and each
 control is recognised by its *values*, not its name: a ``<Choices>`` whose choices are BCC /
 non-BCC is the diagnosis, whatever it is called; one whose choices are dermoscopic patterns is
 the pattern control; a ``<BrushLabels>`` with pattern labels holds the regions. So a team can rename
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from xml.etree import ElementTree
 
 from labeling_config.schema import (
     BCC,
@@ -176,16 +177,69 @@ def _expected() -> str:
     return _EXPECTED.format(patterns=", ".join(p.display for p in PATTERNS))
 
 
-def _parse_interface(config: str) -> Any:
-    # The SDK is imported lazily: it is heavy, and only config parsing needs it.
-    from label_studio_sdk.label_interface.interface import LabelInterface
+@dataclass
+class _Tag:
+    """A tag of the config as :func:`_read_tags` reads it (the fields of label-studio-sdk's tags that
+    the mapping uses)."""
 
+    tag: str
+    name: str
+    attr: dict[str, str]
+    to_name: list[str] = field(default_factory=list)  # a control's toName, split on commas
+    value: str | None = None  # an object's value (``$key``)
+    labels_attrs: dict[str, _Tag] = field(default_factory=dict)  # a control's labels by value
+
+
+@dataclass
+class _Tags:
+    controls: list[_Tag]
+    objects: list[_Tag]
+
+
+#: Tags label-studio-sdk reads as a control's labels; ``Filter`` has a toName but is no control.
+_LABEL_TAGS = frozenset({"Label", "Choice", "Relation"})
+_NOT_CONTROLS = frozenset({"Filter"})
+
+
+def _read_tags(config: str) -> _Tags:
+    """The config's controls, objects and labels, read as ``label_studio_sdk.label_interface``
+    (1.x) reads them, with the standard library's XML parser: a control is a tag with ``name`` and
+    ``toName``; an object, one with ``name`` and ``value`` (or ``valueList``); a ``Label`` / ``Choice``
+    belongs to its nearest enclosing control, under its ``alias`` or else its ``value``. (The SDK's
+    parser drags faker, jsf and pydantic into every serving process: 45 MB each.)
+
+    Raises:
+        ConfigError: empty, or not well-formed XML.
+    """
     if not config or not config.strip():
         raise ConfigError("the labeling config is empty")
     try:
-        return LabelInterface(config)
-    except Exception as exc:  # the SDK raises several unrelated types for bad XML
-        raise ConfigError(f"the labeling config is not valid Label Studio XML: {exc}") from exc
+        root = ElementTree.fromstring(config)
+    except (ElementTree.ParseError, ValueError) as exc:
+        raise ConfigError(f"the labeling config is not valid Label Studio XML: {exc}") from None
+    parents = {child: parent for parent in root.iter() for child in parent}
+    controls: dict[str, _Tag] = {}
+    objects: dict[str, _Tag] = {}
+    labels: dict[str, dict[str, _Tag]] = {}  # by the control's name, as the SDK keeps them
+    for node in root.iter():
+        if not isinstance(node.tag, str):
+            continue  # a comment or a processing instruction
+        attr = dict(node.attrib)
+        name = attr.get("name")
+        if name and attr.get("toName") and node.tag not in _NOT_CONTROLS:
+            controls[name] = _Tag(node.tag, name, attr, to_name=attr["toName"].split(","))
+        elif name and (attr.get("value") or attr.get("valueList")):
+            objects[name] = _Tag(node.tag, name, attr, value=attr.get("valueList", attr.get("value")))
+        elif node.tag in _LABEL_TAGS:
+            value = attr.get("alias") or attr.get("value")
+            parent = parents.get(node)
+            while parent is not None and parent.attrib.get("name") not in controls:
+                parent = parents.get(parent)
+            if parent is not None and value is not None:
+                labels.setdefault(parent.attrib["name"], {})[value] = _Tag(node.tag, "", attr)
+    for name, control in controls.items():
+        control.labels_attrs = labels.get(name, {})
+    return _Tags(list(controls.values()), list(objects.values()))
 
 
 def _threshold(control: Any) -> float | None:
@@ -309,7 +363,7 @@ def parse_config(config: str) -> ProjectConfig:
             the same output, or a control is set up in a way the model's output cannot fill.
             The message says what to change.
     """
-    li = _parse_interface(config)
+    li = _read_tags(config)
     images = {obj.name: obj for obj in li.objects if obj.tag == "Image"}
     controls: dict[Role, Control] = {}
     skipped: list[str] = []

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backend.label_studio.predictions import brush_item
 from backend.serving import registry
-from backend.serving.multitask import FloatArray, to_array
+from backend.serving.multitask import FloatArray, onnx_session, run_each, to_array
 from backend.serving.registry import LESION, Candidate
 from consensus.models import ModelVersion
 from labeling_config import HAM_CLASSES, LESION_LABEL
@@ -101,18 +101,16 @@ class OnnxLesion:
     name = "onnxruntime"
 
     def __init__(self, segnet: Path, dual: Path, threads: int = 1) -> None:
-        from backend.serving.multitask import onnx_session
-
         self.segnet, self.dual = onnx_session(segnet, threads), onnx_session(dual, threads)
 
     def segment(self, images: FloatArray) -> FloatArray:
-        (probs,) = self.segnet.run(None, {"images": images})
-        return np.asarray(probs, dtype=np.float32)[:, 0]
+        (probs,) = run_each(self.segnet, {"images": images})
+        return probs[:, 0]
 
     def classify(self, inputs: dict[str, NDArray[Any]]) -> FloatArray:
         wanted = {i.name for i in self.dual.get_inputs()}
-        (logits,) = self.dual.run(None, {k: v for k, v in inputs.items() if k in wanted})
-        return np.asarray(logits, dtype=np.float32)
+        (logits,) = run_each(self.dual, {k: v for k, v in inputs.items() if k in wanted})
+        return logits
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """One writer of ONNX graphs for every served network (:mod:`model.multitask.export`,
 :mod:`model.lesion.export`): ``torch.onnx``'s dynamo exporter, the batch axis dynamic, the weights inside
 the one file, the checkpoint's metadata in ``metadata_props`` (:data:`model.common.meta.ONNX_META_KEY`),
-written atomically."""
+written atomically. And :func:`read_metadata`, which reads that metadata back with neither PyTorch nor
+the ``onnx`` package (a serving process has neither)."""
 
 from __future__ import annotations
 
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,59 @@ if TYPE_CHECKING:
 
 OPSET = 18
 MAX_BATCH = 1024
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data):
+            raise ValueError("a truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, bytes | int]]:
+    """The top-level fields of a protobuf message: (number, wire type, bytes or integer)."""
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+            yield number, wire, value
+        elif wire == 2:
+            size, at = _varint(data, at)
+            if at + size > len(data):
+                raise ValueError("a truncated field")
+            yield number, wire, data[at : at + size]
+            at += size
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            yield number, wire, data[at : at + width]
+            at += width
+        else:
+            raise ValueError(f"wire type {wire} is not in an ONNX file")
+
+
+METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read straight from its protobuf (the weights are skipped).
+
+    Raises:
+        ValueError: the file is not a protobuf message.
+    """
+    found: dict[str, str] = {}
+    for number, wire, value in _fields(Path(path).read_bytes()):
+        if number == METADATA_PROPS and wire == 2 and isinstance(value, bytes):
+            entry = {n: v for n, w, v in _fields(value) if w == 2 and isinstance(v, bytes)}
+            found[entry.get(1, b"").decode("utf-8")] = entry.get(2, b"").decode("utf-8")
+    return found
 
 
 def write_onnx(

@@ -147,3 +147,21 @@ def test_serving_the_onnx_graph_imports_no_pytorch(client, settings, image_serve
         assert any(item["type"] == "brushlabels" for item in result["result"]), result
     """
     assert torch_modules_after(settings, requests) == []
+
+
+def test_a_graphs_metadata_is_read_without_the_onnx_package(tmp_path):
+    """Serving reads a graph's version straight from its protobuf: the same entries ``onnx`` reads, and
+    None for a file that is not a graph (damaged, cut short, another format)."""
+    import onnx
+
+    from backend.serving.multitask import graph_version
+    from model.common.onnx import read_metadata
+
+    graph = ROOT / "models" / "dermnet-bcc.onnx"
+    expected = {e.key: e.value for e in onnx.load(str(graph), load_external_data=False).metadata_props}
+    assert read_metadata(graph) == expected and expected
+    assert graph_version(graph) == "dermnet-d3e0596be9ec"
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    for path in (cut, ROOT / "models" / "release.json", tmp_path / "absent.onnx"):
+        assert graph_version(path) is None
