@@ -110,8 +110,9 @@ class Settings:
             where there is none) or ``torch`` (always PyTorch).
         metrics_dir: ``PROMETHEUS_MULTIPROC_DIR``, where the workers' counters meet (``serve`` sets it for
             its workers when ``WORKERS`` > 1; see ``backend.metrics``).
-        cache_dir: ``DERMASSIST_CACHE``, where Label Studio's venv and its migrated template live for
-            the demo and the end-to-end tests (default ``~/.cache/dermassist``; the Makefile's too).
+        cache_dir: ``DERMASSIST_CACHE`` (default ``~/.cache/dermassist``; the Makefile's too): the
+            released lesion pair's exported graphs (``graphs/``), and Label Studio's venv and its
+            migrated template for the demo and the end-to-end tests.
     """
 
     label_studio_url: str | None = None

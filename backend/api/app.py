@@ -66,7 +66,7 @@ def create_app(
     except ReleaseError as exc:  # an altered or damaged release: refuse to start, say which file
         raise SettingsError(str(exc)) from None
     if release is not None:
-        install(sessions, settings.model_dir, release)
+        install(sessions, settings.model_dir, release, settings.cache_dir / "graphs")
     adopt_legacy_pair(sessions, settings.model_dir)
     runner: jobs.Runner | None = None
     if settings.redis_url:

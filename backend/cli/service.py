@@ -188,7 +188,9 @@ def _find_version(session: Any, sessions: Any, settings: Settings, name: str) ->
         release = read_release(settings.release_dir)
         if release is None or "dermnet" not in release.models:
             raise ValueError(f"no released model in RELEASE_DIR ({settings.release_dir})")
-        install(sessions, Path(settings.model_dir), release)  # registered (if it was not), in its own session
+        install(
+            sessions, Path(settings.model_dir), release, settings.cache_dir / "graphs"
+        )  # registered (if it was not), in its own session
         session.expire_all()
         name = release.models["dermnet"].version
     found = registry.find(session, name)

@@ -316,12 +316,12 @@ def export_graphs(folder: Path, given: Mapping[str, tuple[Path, str]] | None = N
             if source is not None and source.is_file() and graph_version(source) == version:
                 atomic_copy(source, target)
             else:
-                _export_apart(folder / name, target)
+                export_graph_apart(folder / name, target)
         except Exception:
             logger.exception("no ONNX graph for %s: the lesion pair is served with PyTorch", folder / name)
 
 
-def _export_apart(checkpoint: Path, target: Path) -> None:
+def export_graph_apart(checkpoint: Path, target: Path) -> None:
     """:func:`export_graph`, in a child process unless this one has imported PyTorch already: a serving
     worker installing the release stays free of PyTorch (hundreds of MB it would keep for good)."""
     if "torch" in sys.modules:

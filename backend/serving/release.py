@@ -123,9 +123,15 @@ def read_release(folder: str | Path | None) -> Release | None:
     return release
 
 
-def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) -> str | None:
+def install(
+    sessions: sessionmaker[Session], model_dir: Path, release: Release, graph_cache: Path | None = None
+) -> str | None:
     """Register each released system in the store, each promoted if its system has no promoted version
     (or an earlier release is); the released DermNet's version (or None).
+
+    ``graph_cache``: where the lesion pair's graphs, when the release does not list them, are kept once
+    exported (by the checkpoint's SHA-256), so another model folder on this machine copies them instead
+    of exporting again (about 30 s).
 
     A version already registered is not read again: every worker's start costs a lookup, not a
     checkpoint load. Safe from any number of workers at once: a version or a promotion another one
@@ -151,7 +157,7 @@ def install(sessions: sessionmaker[Session], model_dir: Path, release: Release) 
             sessions,
             model_dir,
             pair_version(seg.path, dual.path),
-            lambda: pair_candidate(seg, dual),
+            lambda: pair_candidate(seg, dual, graph_cache),
             f"{release.name}/lesion",
             {"segnet": seg.metrics, "dual": dual.metrics},
         )
@@ -173,10 +179,13 @@ def dermnet_candidate(model: ReleasedModel) -> registry.Candidate:
     )
 
 
-def pair_candidate(seg: ReleasedModel, dual: ReleasedModel) -> registry.Candidate:
+def pair_candidate(
+    seg: ReleasedModel, dual: ReleasedModel, graph_cache: Path | None = None
+) -> registry.Candidate:
     """The released U-Net and classifier as a version of the ``lesion`` system, described by their
     manifest entries (no checkpoint read, as :func:`dermnet_candidate`). Their graphs are copied where
-    the release lists them (the serving image's), else exported in a child process."""
+    the release lists them (the serving image's) or ``graph_cache`` has them, else exported in a child
+    process (into ``graph_cache`` when given)."""
     from backend.serving.lesion import (
         DIAGNOSIS_OUTPUT,
         DUAL_FILE,
@@ -186,11 +195,11 @@ def pair_candidate(seg: ReleasedModel, dual: ReleasedModel) -> registry.Candidat
         pair_version,
     )
 
-    given = {
-        name: (model.graph, model.version)
-        for name, model in ((SEG_FILE, seg), (DUAL_FILE, dual))
-        if model.graph is not None
-    }
+    given: dict[str, tuple[Path, str]] = {}
+    for name, model in ((SEG_FILE, seg), (DUAL_FILE, dual)):
+        graph = model.graph or (cached_graph(model, graph_cache) if graph_cache is not None else None)
+        if graph is not None:
+            given[name] = (graph, model.version)
     return registry.Candidate(
         system=registry.LESION,
         version=pair_version(seg.path, dual.path),
@@ -199,6 +208,27 @@ def pair_candidate(seg: ReleasedModel, dual: ReleasedModel) -> registry.Candidat
         provenance={**seg.outputs, **dual.outputs},
         graphs=lambda folder: export_graphs(folder, given),
     )
+
+
+#: Part of a cached graph's name: a change to what the graphs hold or take bumps it.
+GRAPH_FORMAT = 1
+
+
+def cached_graph(model: ReleasedModel, cache: Path) -> Path | None:
+    """``model``'s graph in ``cache`` (``<checkpoint SHA-256>-g<format>.onnx``), exported there in a child
+    process when absent; None when it cannot be had (the caller exports as usual)."""
+    from backend.serving.lesion import export_graph_apart
+
+    path = Path(cache) / f"{model.sha256}-g{GRAPH_FORMAT}.onnx"
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_graph_apart(model.path, path)
+    except Exception:
+        logger.exception("the graph of %s could not be cached in %s", model.path.name, cache)
+        return None
+    return path
 
 
 def _install(

@@ -163,3 +163,29 @@ def test_graphs_made_from_other_checkpoints_are_not_served(tmp_path):
         network.head.bias += 1.0
     save_segnet(segnet, network, meta)
     assert load_pair(segnet, dual).engine.name == "torch"
+
+
+def test_a_released_graph_is_exported_once_per_machine(tmp_path, monkeypatch):
+    """The release's lesion graphs are kept in the cache by checkpoint SHA-256: a second model folder
+    copies them instead of exporting again."""
+    import backend.serving.lesion as lesion
+    from backend.serving import release
+    from model.common.files import file_sha256
+
+    segnet, _ = tiny_lesion_pair(tmp_path)
+    for graph in graphs_of(segnet, segnet):
+        graph.unlink(missing_ok=True)
+    model = release.ReleasedModel(
+        name="unet", kind="segnet", path=segnet, sha256=file_sha256(segnet), version="v", card=segnet
+    )
+    cached = release.cached_graph(model, tmp_path / "cache")
+    assert cached is not None and cached.name == f"{model.sha256}-g{release.GRAPH_FORMAT}.onnx"
+    assert load_pair(segnet, tmp_path / "dual.pt").engine.name == "torch"  # nothing beside it
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(lesion, "export_graph", refuse)
+    assert release.cached_graph(model, tmp_path / "cache") == cached
+    monkeypatch.setattr(lesion, "export_graph_apart", refuse)
+    assert release.cached_graph(model, tmp_path / "elsewhere") is None  # no cache: the caller exports
