@@ -25,8 +25,7 @@ from backend.api.state import Backend
 from backend.collection.spool import EventSpool
 from backend.images import ImageError, ImageFetcher
 from backend.serving.holder import Holder, Serving
-from backend.serving.lesion import adopt_legacy_pair
-from backend.serving.release import ReleaseError, install, read_release
+from backend.serving.release import ReleaseError, install_configured
 from backend.settings import Settings, SettingsError
 from backend.training import jobs
 from backend.training.policy import Retraining
@@ -62,12 +61,9 @@ def create_app(
     except ImageError as exc:  # a bad ALLOWED_IMAGE_HOSTS or LABEL_STUDIO_URL: say so at start
         raise SettingsError(str(exc)) from None
     try:
-        release = read_release(settings.release_dir)
+        release = install_configured(sessions, settings)
     except ReleaseError as exc:  # an altered or damaged release: refuse to start, say which file
         raise SettingsError(str(exc)) from None
-    if release is not None:
-        install(sessions, settings.model_dir, release, settings.cache_dir / "graphs")
-    adopt_legacy_pair(sessions, settings.model_dir)
     runner: jobs.Runner | None = None
     if settings.redis_url:
         runner = jobs.RQQueue(settings.redis_url)

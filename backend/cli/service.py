@@ -180,17 +180,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _find_version(session: Any, sessions: Any, settings: Settings, name: str) -> Any:
     """A checkpoint file (registered now), a registered version id, or ``release`` (the released model)."""
     from backend.serving import registry
-    from backend.serving.release import install, read_release
+    from backend.serving.release import install_configured
 
     if Path(name).is_file():
         return registry.register(session, name, Path(settings.model_dir))
     if name == "release":
-        release = read_release(settings.release_dir)
+        release = install_configured(sessions, settings)  # registered (if it was not), in its own session
         if release is None or "dermnet" not in release.models:
             raise ValueError(f"no released model in RELEASE_DIR ({settings.release_dir})")
-        install(
-            sessions, Path(settings.model_dir), release, settings.cache_dir / "graphs"
-        )  # registered (if it was not), in its own session
         session.expire_all()
         name = release.models["dermnet"].version
     found = registry.find(session, name)

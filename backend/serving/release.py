@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.serving import registry
+from backend.settings import Settings
 from model.common.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,23 @@ def read_release(folder: str | Path | None) -> Release | None:
                     f"released model {path} has SHA-256 {found}, the manifest says {sha256}: the file was "
                     "altered or damaged; restore it (git checkout models/) or set RELEASE_DIR=none"
                 )
+    return release
+
+
+def install_configured(sessions: sessionmaker[Session], settings: Settings) -> Release | None:
+    """What every serving process does at start: the release ``RELEASE_DIR`` names, checked and
+    installed (its lesion graphs cached in ``DERMASSIST_CACHE/graphs/``), and a lesion pair promoted
+    before the registry knew that system adopted; the release (None: none).
+
+    Raises:
+        ReleaseError: the release's manifest or files cannot be trusted.
+    """
+    from backend.serving.lesion import adopt_legacy_pair
+
+    release = read_release(settings.release_dir)
+    if release is not None:
+        install(sessions, Path(settings.model_dir), release, Path(settings.cache_dir) / "graphs")
+    adopt_legacy_pair(sessions, Path(settings.model_dir))
     return release
 
 

@@ -153,16 +153,12 @@ def fail(sessions: sessionmaker[Session], job_id: int, error: str) -> bool:
 
 def _install_release(settings: Settings, sessions: sessionmaker[Session]) -> None:
     """The released models in the registry, as ``serve`` does at start (a lookup when they are there)."""
-    from backend.serving.lesion import adopt_legacy_pair
-    from backend.serving.release import ReleaseError, install, read_release
+    from backend.serving.release import ReleaseError, install_configured
 
     try:
-        release = read_release(settings.release_dir)
+        install_configured(sessions, settings)
     except ReleaseError as exc:
         raise PreannotationError(str(exc)) from None
-    if release is not None:
-        install(sessions, settings.model_dir, release)
-    adopt_legacy_pair(sessions, settings.model_dir)
 
 
 def run_job(
