@@ -235,3 +235,17 @@ def test_cli_defaults_come_from_the_settings(monkeypatch, capsys):
     monkeypatch.setenv("WORKERS", "many")
     assert main(["models"]) == 2
     assert "WORKERS must be an integer" in capsys.readouterr().err
+
+
+def test_a_command_needing_pytorch_says_so_in_a_serving_install(tmp_path):
+    """Without the train extra (the serve Docker image), a training command names what is missing and
+    where it is, in one line, instead of a traceback."""
+    probe = (
+        "import sys; sys.modules['torch'] = None; from backend.cli import main; "
+        f"sys.exit(main(['train', {str(tmp_path / 'data')!r}, '--out', {str(tmp_path / 'out')!r}]))"
+    )
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite'}"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs torch" in done.stderr and "dermassist[train]" in done.stderr
+    assert "Traceback" not in done.stderr

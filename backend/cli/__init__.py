@@ -16,6 +16,11 @@ from backend.cli.parser import build_parser
 
 __all__ = ["_given", "build_parser", "main"]
 
+#: What the ``train`` extra adds (pyproject.toml): a command needing one of them says so.
+TRAIN_EXTRA = frozenset(
+    {"torch", "torchvision", "pytorch_grad_cam", "sklearn", "matplotlib", "onnx", "onnxscript"}
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dermassist`` console script."""
@@ -38,6 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, LabelStudioError) as exc:
         # Bad input gets one clear line, not a traceback.
         print(f"dermassist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TRAIN_EXTRA:
+            raise
+        # A serving install (the serve Docker image) has no PyTorch: say where it is.
+        print(
+            f"dermassist {args.command}: error: this needs {exc.name.split('.')[0]}, which a serving install "
+            "leaves out: install dermassist[train] (in Docker: run it in the worker image)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"dermassist {args.command}: interrupted", file=sys.stderr)
