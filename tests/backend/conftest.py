@@ -120,19 +120,27 @@ def _handler(files: Files) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            # In flight: from the request's arrival until its answer starts. Counted down before the
+            # answer is written, since the client may send its next request as soon as it has read
+            # this one, before this thread gets back here.
             with files.lock:
                 files.in_flight += 1
                 files.most_in_flight = max(files.most_in_flight, files.in_flight)
+            answered = False
             try:
-                self._answer()
-            finally:
+                files.seen.append((self.path, dict(self.headers)))
+                if files.delay_s:
+                    time.sleep(files.delay_s)
                 with files.lock:
                     files.in_flight -= 1
+                answered = True
+                self._answer()
+            finally:
+                if not answered:
+                    with files.lock:
+                        files.in_flight -= 1
 
         def _answer(self) -> None:
-            files.seen.append((self.path, dict(self.headers)))
-            if files.delay_s:
-                time.sleep(files.delay_s)
             token = files.require_token
             if (
                 token
