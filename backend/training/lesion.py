@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from backend.serving import registry
 from backend.serving.lesion import DUAL_FILE, SEG_FILE, promote_pair
+from backend.training.training_set import lesion_group
 from consensus.models import Item
 from consensus.repository import ham_code as ham_code  # the store's diagnosis -> HAM10000 code, re-exported
 from consensus.service import LesionReference, run_lesion_consensus
@@ -106,8 +107,9 @@ def reference_table(
                 Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
         dx = str(reference.posteriors.loc[external_id].idxmax())
         data = item.data if item is not None else {}
+        lesion_id, split_key = lesion_group(external_id, data)
         records.append({
-            "image_id": external_id, "lesion_id": external_id, "image_path": str(path),
+            "image_id": external_id, "lesion_id": lesion_id, "split_key": split_key, "image_path": str(path),
             "mask_path": str(mask_path) if mask_path else None, "dx": dx, "bcc": int(dx == "bcc"),
             "age": data.get("age"), "sex": data.get("sex"),
             "localization": data.get("site", data.get("localization")), "has_patterns": False,
@@ -185,7 +187,8 @@ def retrain_lesion(
         note(f"lesion: {len(reference.skipped)} answer(s) or item(s) left out: {reference.skipped[:5]}")
     if table.empty:
         raise ValueError("no item with a HAM10000 consensus has a usable image")
-    val = table["image_id"].map(is_validation).to_numpy(bool)
+    # A patient's (or a lesion's) images all on one side.
+    val = table.pop("split_key").map(is_validation).to_numpy(bool)
     train, validation = table[~val].reset_index(drop=True), table[val].reset_index(drop=True)
     note(
         f"lesion: Dawid-Skene diagnoses of {len(table)} items from {reference.n_raters} raters, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,36 @@ VALIDATION_BUCKETS = 5  # one item in five, by a hash of its id, validates every
 
 
 def is_validation(external_id: str) -> bool:
-    """Whether an item belongs to the fixed validation split (stable across jobs and machines)."""
+    """Whether an item (or a lesion, or a patient: the key :func:`lesion_group` gives) belongs to the
+    fixed validation split (stable across jobs and machines)."""
     digest = hashlib.sha256(external_id.encode()).digest()
     return int.from_bytes(digest[:4], "big") % VALIDATION_BUCKETS == 0
+
+
+MAX_GROUP_CHARS = 200
+
+
+def _group_value(data: Mapping[str, Any] | None, key: str) -> str | None:
+    value = (data or {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    return text if 0 < len(text) <= MAX_GROUP_CHARS else None
+
+
+def lesion_group(external_id: str, data: Mapping[str, Any] | None) -> tuple[str, str]:
+    """An item's lesion and the key that puts it on one side of the validation split.
+
+    Several images of one lesion (dermoscopy and follow-ups) carry the same ``lesion_id`` in their task
+    data, several lesions of one patient the same ``patient_id``: images of one lesion must never be on
+    both sides, nor a patient's lesions. Returns ``(lesion_id, split key)``: the task's ``lesion_id``
+    (else the item's own id) and its ``patient_id`` (else the lesion). A value that is not a short text
+    or number is ignored.
+    """
+    lesion = _group_value(data, "lesion_id")
+    patient = _group_value(data, "patient_id")
+    lesion_id = f"lesion:{lesion}" if lesion is not None else external_id
+    return lesion_id, (f"patient:{patient}" if patient is not None else lesion_id)
 
 
 @dataclass
@@ -116,6 +144,7 @@ def build_training_set(
     }
     source = ImageSource(settings, images)
     rows: list[dict[str, Any]] = []
+    keys: list[str] = []  # each row's side of the split: its patient, else its lesion
     skipped: list[str] = []
     for external_id, probs in wide.iterrows():
         item = items.get(str(external_id))
@@ -123,9 +152,11 @@ def build_training_set(
         if path is None:
             skipped.append(f"{external_id}: {source.last_error if item is not None else 'no image'}")
             continue
+        lesion_id, split_key = lesion_group(str(external_id), item.data if item is not None else None)
+        keys.append(split_key)
         row: dict[str, Any] = {
             "image_id": str(external_id),
-            "lesion_id": str(external_id),
+            "lesion_id": lesion_id,
             "image_path": str(path),
             "mask_path": None,
             DIAGNOSIS_KEY: int(probs[DIAGNOSIS_KEY] >= 0.5),
@@ -142,7 +173,7 @@ def build_training_set(
     table = pd.DataFrame(rows)
     targets = wide.reindex(columns=[k for k in TARGETS if k in wide.columns]).loc[table["image_id"]]
     targets.index.name = "image_id"
-    val = table["image_id"].map(is_validation).to_numpy()
+    val = np.array([is_validation(key) for key in keys], dtype=bool)
     return TrainingSet(
         table=table[~val].reset_index(drop=True),
         targets=targets[~val],

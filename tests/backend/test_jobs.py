@@ -245,3 +245,28 @@ def test_a_retrained_model_that_loses_a_validated_output_is_not_promoted(
 )
 def test_the_retraining_policy_is_a_pure_rule(changed, every_n, expected):
     assert should_retrain(changed, every_n) is expected
+
+
+def test_images_of_one_lesion_or_one_patient_fall_on_one_side_of_the_split():
+    """Task data's lesion_id groups a lesion's images, patient_id a patient's lesions: never on both
+    sides of the validation split. Without them each image is its own lesion, as before."""
+    from backend.training.training_set import lesion_group
+
+    assert lesion_group("ls-7", {}) == ("ls-7", "ls-7")
+    assert lesion_group("ls-7", None) == ("ls-7", "ls-7")
+    assert lesion_group("ls-7", {"lesion_id": "HAM_0001"}) == ("lesion:HAM_0001", "lesion:HAM_0001")
+    assert lesion_group("ls-7", {"lesion_id": 12, "patient_id": "p3"}) == ("lesion:12", "patient:p3")
+    for junk in ("", "   ", True, None, 1.5, ["x"], {"a": 1}, "x" * 201):
+        assert lesion_group("ls-7", {"lesion_id": junk, "patient_id": junk}) == ("ls-7", "ls-7")
+    # 300 images of 60 lesions of 20 patients: each lesion and each patient on one side, both sides used.
+    images = [(f"ls-{i}", {"lesion_id": f"L{i // 5}", "patient_id": f"P{i // 15}"}) for i in range(300)]
+    sides_of_lesion: dict[str, set[bool]] = {}
+    sides_of_patient: dict[str, set[bool]] = {}
+    for external_id, data in images:
+        lesion, key = lesion_group(external_id, data)
+        side = is_validation(key)
+        sides_of_lesion.setdefault(lesion, set()).add(side)
+        sides_of_patient.setdefault(data["patient_id"], set()).add(side)
+    assert all(len(sides) == 1 for sides in sides_of_lesion.values())
+    assert all(len(sides) == 1 for sides in sides_of_patient.values())
+    assert {side for sides in sides_of_patient.values() for side in sides} == {True, False}
