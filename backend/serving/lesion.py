@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SEG_FILE, DUAL_FILE = "segnet.pt", "dual.pt"
-THRESHOLD = 0.5  # model.lesion.segmentation.THRESHOLD: a pixel is lesion at and above it
 CHECKPOINT_SHA256 = "checkpoint_sha256"  # in a graph's metadata: the file it was exported from
 LESION_OUTPUT, DIAGNOSIS_OUTPUT = "lesion", "diagnosis"  # the pair's outputs, for provenance
 
@@ -370,6 +369,7 @@ def segment(system: LesionSystem, image: Image.Image) -> tuple[NDArray[np.bool_]
 def _at_size(probs: FloatArray, image: Image.Image) -> tuple[NDArray[np.bool_], FloatArray]:
     """The U-Net's probabilities resized to the image's own size (bilinear, as PyTorch's
     ``interpolate``), and the mask where they are >= 0.5."""
+    from model.lesion.meta import THRESHOLD
     from model.lesion.preprocess import resize
 
     prob = resize(probs, (image.height, image.width))

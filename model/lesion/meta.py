@@ -16,6 +16,11 @@ DUAL_ARCH = "dual-encoder"
 # DeepLabV3's rates and the map side they were chosen for (513 px at output stride 16).
 _DEEPLAB_RATES = (6, 12, 18)
 _DEEPLAB_SIDE = 33
+# A pixel is lesion where the U-Net's probability at the image's own size is at least THRESHOLD.
+THRESHOLD = 0.5
+THRESHOLD_RULE = (
+    "logits are upsampled bilinearly to the image's own size; a pixel is lesion where sigmoid(logit) >= 0.5"
+)
 
 
 def aspp_rates_for(input_size: int, output_stride: int = 32) -> tuple[int, int, int]:

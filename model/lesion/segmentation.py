@@ -18,15 +18,10 @@ import torch
 
 from model.common.checkpoint import load_network, save_checkpoint
 from model.common.imagenet import cached_file, read_imagenet_file
-from model.lesion.meta import ARCH_PREFIX, DEFAULT_INPUT_SIZE, SegMeta
+from model.lesion.meta import ARCH_PREFIX, DEFAULT_INPUT_SIZE, THRESHOLD, THRESHOLD_RULE, SegMeta
 from model.lesion.unet import ENCODERS, SegNet
 
 logger = logging.getLogger(__name__)
-
-THRESHOLD = 0.5
-THRESHOLD_RULE = (
-    "logits are upsampled bilinearly to the image's own size; a pixel is lesion where sigmoid(logit) >= 0.5"
-)
 
 
 def encoder_weights_path(encoder: str = "mobilenet_v2") -> Path:
