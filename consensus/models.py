@@ -6,8 +6,8 @@
   store can always be rebuilt and audited.
 - ``annotation_deletions`` — one tombstone per deleted Label Studio annotation, with the deletion's time.
 - ``annotations`` — one row per (item, rater): the diagnosis, every binary target (``bcc`` and the
-  seven patterns, keys from ``labeling_config.TARGETS``) and the regions. Updates replace the values,
-  deletes are soft.
+  seven patterns, keys from ``labeling_config.TARGETS``) and the regions, and the prediction the
+  reader started from, if any (AI exposure). Updates replace the values, deletes are soft.
 - ``consensus_runs`` / ``consensus_labels`` / ``rater_reliability`` — every consensus run with its
   parameters and convergence, its per-item posteriors, and its per-rater sensitivity / specificity,
   so any exported number traces back to the run that produced it. A run is of one ``kind``: the BCC
@@ -166,6 +166,12 @@ class Annotation(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted_at: Mapped[datetime | None]
+    # AI exposure: the Label Studio prediction the reader started from (None: a blank task), its
+    # model_version, and what it showed (target key -> 0 / 1 and the diagnosis value), where known.
+    parent_prediction: Mapped[int | None] = mapped_column(BigInteger)
+    parent_model_version: Mapped[str | None] = mapped_column(String(200))
+    parent_labels: Mapped[dict[str, Any] | None]
+    parent_diagnosis: Mapped[str | None] = mapped_column(String(64))
 
     item: Mapped[Item] = relationship(back_populates="annotations")
     rater: Mapped[Rater] = relationship(back_populates="annotations")
