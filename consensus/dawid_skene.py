@@ -103,6 +103,47 @@ def _argmax_ties(probas: FloatArray, rng: np.random.Generator) -> npt.NDArray[np
     return np.asarray(keys.argmax(axis=1))
 
 
+def _class_prior(class_counts: FloatArray, beta: float) -> FloatArray:
+    """MAP class prior from the expected class counts and the pseudo-count ``beta``."""
+    priors = np.clip(class_counts + beta, _EPS, None)
+    return np.asarray(priors / priors.sum())
+
+
+def _one_coin(accuracy: FloatArray, n_classes: int) -> FloatArray:
+    """One-coin confusion matrices ``[worker, observed, true]``: accuracy on the diagonal, the rest even."""
+    accuracy = np.clip(accuracy, _EPS, 1 - _EPS)
+    off = (1 - accuracy) / (n_classes - 1)
+    errors = np.repeat(off[:, None, None], n_classes, axis=1).repeat(n_classes, axis=2)
+    diag = np.arange(n_classes)
+    errors[:, diag, diag] = accuracy[:, None]
+    return np.asarray(errors)
+
+
+def _gold_codes(
+    enc: Encoded, true_labels: pd.Series | None
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Row codes of the gold tasks that have answers, and their class codes (both empty without gold)."""
+    empty = np.zeros(0, dtype=np.intp)
+    if true_labels is None or len(true_labels) == 0:
+        return empty, empty
+    if not isinstance(true_labels, pd.Series):
+        raise ValueError(
+            f"true_labels must be a pandas Series indexed by task, got {type(true_labels).__name__}"
+        )
+    if true_labels.isna().any():
+        raise ValueError(f"{int(true_labels.isna().sum())} gold label(s) are missing (NaN or None)")
+    if true_labels.index.has_duplicates:
+        repeated = true_labels.index[true_labels.index.duplicated()].unique().tolist()[:5]
+        raise ValueError(f"true_labels gives some tasks twice, e.g. {repeated}")
+    codes = enc.classes.get_indexer(pd.Index(true_labels.to_numpy()))
+    if np.any(codes < 0):
+        unknown = sorted({str(v) for v in true_labels.to_numpy()[codes < 0]})
+        raise ValueError(f"gold label(s) {unknown} are not among the classes {list(enc.classes)}")
+    rows = enc.tasks.get_indexer(true_labels.index)
+    keep = rows >= 0
+    return np.asarray(rows[keep], dtype=np.intp), np.asarray(codes[keep], dtype=np.intp)
+
+
 def majority_vote_proba(data: pd.DataFrame, classes: Sequence[Hashable] | None = None) -> pd.DataFrame:
     """Soft majority vote: each item's share of answers per class.
 
@@ -189,6 +230,9 @@ class DawidSkene:
         loss_history_: the MAP objective per answer after each iteration (increases under EM).
         n_iter_: number of EM iterations run.
         converged_: whether the tolerance was met before ``n_iter``.
+        n_gold_: number of tasks whose class was given as known (``true_labels``) and used.
+        prior_counts_: the Dirichlet pseudo-counts ``[observed, true]`` on every confusion column at
+            the end of the fit (what :meth:`rater_reliability`'s intervals use as prior).
 
     Examples:
         >>> df = pd.DataFrame(
@@ -221,6 +265,8 @@ class DawidSkene:
     loss_history_: list[float] = field(init=False, repr=False)
     n_iter_: int = field(init=False, repr=False)
     converged_: bool = field(init=False, repr=False)
+    n_gold_: int = field(init=False, repr=False)
+    prior_counts_: FloatArray = field(init=False, repr=False)
     _counts: FloatArray = field(init=False, repr=False)
     _encoded: Encoded = field(init=False, repr=False)
 
@@ -237,9 +283,8 @@ class DawidSkene:
         diagonal = self.diag_smoothing * (n_classes - 1) * np.eye(n_classes)
         return self.smoothing * np.ones((n_classes, n_classes)) + diagonal
 
-    @staticmethod
     def _m_step(
-        counts: FloatArray, class_counts: FloatArray, alpha: FloatArray, beta: float, used: BoolArray
+        self, counts: FloatArray, class_counts: FloatArray, alpha: FloatArray, beta: float, used: BoolArray
     ) -> tuple[FloatArray, FloatArray]:
         """MAP parameters from expected counts (pure).
 
@@ -255,8 +300,7 @@ class DawidSkene:
             ``(priors, errors)``: the class prior ``(K,)`` and confusion matrices ``[worker, observed,
             true]`` whose columns sum to one.
         """
-        priors = np.clip(class_counts + beta, _EPS, None)
-        priors /= priors.sum()
+        priors = _class_prior(class_counts, beta)
         # The floor goes only on answers the rater gave: without pseudo-counts an answer never given
         # keeps probability 0 (its maximum-likelihood value, as in crowd-kit), and a true class the
         # rater never met gets a column spread evenly over the answers the rater did give.
@@ -297,18 +341,24 @@ class DawidSkene:
             value += float(np.einsum("lc,wlc->", alpha, _safe_log(errors)))
         return value
 
-    def fit(self, data: pd.DataFrame) -> DawidSkene:
+    def fit(self, data: pd.DataFrame, true_labels: pd.Series | None = None) -> DawidSkene:
         """Fit the model to a long answer table with EM.
 
         Args:
             data: DataFrame with columns ``task``, ``worker``, ``label`` (one row per answer).
+            true_labels: known classes of some tasks (gold: adjudicated, histopathology), a Series
+                indexed by task. Their posteriors are held at the known class in every step, so they
+                estimate the raters' confusion matrices as labelled data (crowd-kit's ``true_labels``);
+                ``log_likelihood_`` then counts them at their known class. Tasks without answers are
+                ignored (``n_gold_`` counts those used).
 
         Returns:
             self, fitted.
 
         Raises:
             ValueError: a missing column, an empty table, NaN ids or labels, a label not in
-                ``classes``, one observed class without ``classes``, or bad hyperparameters.
+                ``classes``, one observed class without ``classes``, a gold label that is not a class
+                or is missing, or bad hyperparameters.
         """
         self._check_hyperparameters()
         enc = encode_answers(data, self.classes)
@@ -317,10 +367,12 @@ class DawidSkene:
         incidence_t = incidence.T.tocsr()
         alpha = self.pseudo_counts(n_classes)
         beta = float(self.prior_smoothing)
+        gold_rows, gold_codes = _gold_codes(enc, true_labels)
 
         used = np.asarray(incidence.sum(axis=0)).reshape(n_workers, n_classes) > 0
         votes = _vote_counts(enc)
         probas = votes / votes.sum(axis=1, keepdims=True)
+        probas[gold_rows] = np.eye(n_classes)[gold_codes]
         history: list[float] = []
         converged = False
         for _ in range(self.n_iter):
@@ -328,7 +380,11 @@ class DawidSkene:
             priors, errors = self._m_step(counts, probas.sum(axis=0), alpha, beta, used)
             log_errors = _safe_log(errors).reshape(n_workers * n_classes, n_classes)
             probas, log_likelihood = self._e_step(incidence, np.log(priors), log_errors)
-            objective = log_likelihood + self._log_prior(priors, errors, alpha, beta)
+            if len(gold_rows):
+                # A gold item's term is its joint at the known class: log Z_i + log T_i[gold].
+                log_likelihood += float(_safe_log(probas[gold_rows, gold_codes]).sum())
+                probas[gold_rows] = np.eye(n_classes)[gold_codes]
+            objective = log_likelihood + self._log_prior(priors, errors, self._prior_counts(alpha), beta)
             history.append(objective / enc.n_answers)
             if len(history) > 1 and history[-1] - history[-2] < self.tol:
                 converged = True
@@ -350,15 +406,70 @@ class DawidSkene:
         self.loss_history_ = history
         self.n_iter_ = len(history)
         self.converged_ = converged
+        self.n_gold_ = len(gold_rows)
+        self.prior_counts_ = self._prior_counts(alpha)
         return self
 
-    def fit_predict(self, data: pd.DataFrame) -> pd.Series:
+    def fit_predict(self, data: pd.DataFrame, true_labels: pd.Series | None = None) -> pd.Series:
         """Fit and return the most probable class per task (see :meth:`fit`)."""
-        return self.fit(data).labels_
+        return self.fit(data, true_labels).labels_
 
-    def fit_predict_proba(self, data: pd.DataFrame) -> pd.DataFrame:
+    def fit_predict_proba(self, data: pd.DataFrame, true_labels: pd.Series | None = None) -> pd.DataFrame:
         """Fit and return the class posteriors, task × label (see :meth:`fit`)."""
-        return self.fit(data).probas_
+        return self.fit(data, true_labels).probas_
+
+    def _prior_counts(self, alpha: FloatArray) -> FloatArray:
+        """The confusion-matrix pseudo-counts in force after the last M-step (fixed here: ``alpha``)."""
+        return alpha
+
+    def _unseen_errors(self) -> FloatArray:
+        """The confusion matrix ``[observed, true]`` of a rater the fit never saw: the prior's mean.
+
+        Pseudo-counts of zero (plain maximum likelihood) give every answer the same probability.
+        """
+        counts = self.prior_counts_
+        if not np.all(counts.sum(axis=0) > 0):
+            return np.full(counts.shape, 1.0 / counts.shape[0])
+        return np.asarray(counts / counts.sum(axis=0, keepdims=True))
+
+    def answer_log_likelihood(self, data: pd.DataFrame) -> FloatArray:
+        r"""Log predictive probability of each answer in ``data`` under the fitted model.
+
+        For answer :math:`l` of rater :math:`j` on task :math:`i`:
+        :math:`\log \sum_c T_{ic}\, e_j[l, c]`, with :math:`T_i` the fitted posterior of the task
+        (the class prior for a task the fit never saw) and :math:`e_j` the fitted confusion matrix (the
+        prior's mean for a rater the fit never saw). On answers held out of the fit this is the
+        cross-validation criterion of :class:`consensus.selection.SelectedDawidSkene`.
+
+        Args:
+            data: long table ``task``, ``worker``, ``label``; labels must be among the fitted classes.
+
+        Returns:
+            One log probability per row of ``data``, in its order.
+
+        Raises:
+            ValueError: a label that is not one of the fitted classes.
+            AttributeError: the estimator is not fitted.
+        """
+        frame = check_columns(data, ("task", "worker", "label"))
+        classes = self.probas_.columns
+        labels = classes.get_indexer(pd.Index(frame["label"]))
+        if np.any(labels < 0):
+            unknown = sorted({str(v) for v in pd.Index(frame["label"])[labels < 0]})
+            raise ValueError(f"label(s) {unknown} are not among the fitted classes {list(classes)}")
+        n_classes = len(classes)
+        task_rows = self.probas_.index.get_indexer(pd.Index(frame["task"]))
+        posteriors = np.where(
+            (task_rows >= 0)[:, None], self.probas_.to_numpy()[task_rows], self.priors_.to_numpy()[None, :]
+        )
+        workers = self._encoded.workers
+        worker_rows = workers.get_indexer(pd.Index(frame["worker"]))
+        errors = self.errors_.to_numpy().reshape(len(workers), n_classes, n_classes)
+        rows = np.where(worker_rows >= 0, worker_rows, 0)
+        answer_rates = errors[rows, labels, :]  # [answer, true class]
+        unseen = worker_rows < 0
+        answer_rates[unseen] = self._unseen_errors()[labels[unseen], :]
+        return np.asarray(np.log(np.maximum((posteriors * answer_rates).sum(axis=1), _EPS)))
 
     def _beta_parameters(
         self, positive: int, negative: int, alpha: FloatArray
@@ -414,7 +525,7 @@ class DawidSkene:
             raise ValueError(f"positive={positive!r} is not one of the classes {list(classes)}")
         neg = 1 - int(pos)
         errors = self.errors_.to_numpy().reshape(len(enc.workers), 2, 2)
-        sens_a, sens_b, spec_a, spec_b = self._beta_parameters(int(pos), neg, self.pseudo_counts(2))
+        sens_a, sens_b, spec_a, spec_b = self._beta_parameters(int(pos), neg, self.prior_counts_)
         tails = ((1 - level) / 2, (1 + level) / 2)
         pairs = np.unique(enc.task * len(enc.workers) + enc.worker)
         n_items = np.bincount(pairs % len(enc.workers), minlength=len(enc.workers))
@@ -453,22 +564,15 @@ class OneCoinDawidSkene(DawidSkene):
         [1, 0]
     """
 
-    @staticmethod
     def _m_step(
-        counts: FloatArray, class_counts: FloatArray, alpha: FloatArray, beta: float, used: BoolArray
+        self, counts: FloatArray, class_counts: FloatArray, alpha: FloatArray, beta: float, used: BoolArray
     ) -> tuple[FloatArray, FloatArray]:
         """MAP prior and one-coin confusion matrices from expected counts (pure); see the class docstring."""
         n_classes = counts.shape[1]
-        priors = np.clip(class_counts + beta, _EPS, None)
-        priors /= priors.sum()
         diag = np.arange(n_classes)
         correct = counts[:, diag, diag].sum(axis=1) + np.trace(alpha)
         total = counts.sum(axis=(1, 2)) + alpha.sum()
-        accuracy = np.clip(correct / np.maximum(total, _EPS), _EPS, 1 - _EPS)
-        off = (1 - accuracy) / (n_classes - 1)
-        errors = np.repeat(off[:, None, None], n_classes, axis=1).repeat(n_classes, axis=2)
-        errors[:, diag, diag] = accuracy[:, None]
-        return priors, errors
+        return _class_prior(class_counts, beta), _one_coin(correct / np.maximum(total, _EPS), n_classes)
 
     def _beta_parameters(
         self, positive: int, negative: int, alpha: FloatArray
@@ -481,6 +585,151 @@ class OneCoinDawidSkene(DawidSkene):
         return correct, wrong, correct, wrong
 
 
+def _dirichlet_multinomial_strength(
+    counts: FloatArray, mean: FloatArray, bounds: tuple[float, float]
+) -> float:
+    r"""The concentration :math:`m` that maximises the Dirichlet-multinomial likelihood of the counts.
+
+    Every rater's column ``counts[j, :, c]`` is taken as drawn from a multinomial whose rates follow
+    Dirichlet(:math:`m \cdot` ``mean[:, c]``); the log marginal likelihood
+    :math:`\sum_{j, c} [\log\Gamma(m) - \log\Gamma(m + N_{jc}) + \sum_l \log\Gamma(m\,\mu_{lc} + n_{jlc})
+    - \log\Gamma(m\,\mu_{lc})]` is maximised over :math:`\log m` within ``bounds`` (Minka 2000,
+    "Estimating a Dirichlet distribution"). Expected (fractional) counts are used as they are.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import gammaln
+
+    totals = counts.sum(axis=1)  # [worker, true]
+    seen = totals > 1e-9
+    if not np.any(seen):
+        return float(bounds[1])
+
+    def negative(log_m: float) -> float:
+        m = np.exp(log_m)
+        shape = m * mean[None, :, :]
+        column = gammaln(m) - gammaln(m + totals) + (gammaln(shape + counts) - gammaln(shape)).sum(axis=1)
+        return -float(column[seen].sum())
+
+    found = minimize_scalar(negative, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-3})
+    return float(np.exp(found.x))
+
+
+@dataclass
+class PooledDawidSkene(DawidSkene):
+    r"""Dawid-Skene whose raters' confusion matrices share a prior estimated from all raters together.
+
+    A hierarchical (empirical Bayes) Dawid-Skene: column :math:`c` of rater :math:`j`'s matrix has the
+    prior Dirichlet(:math:`m\,\mu_c`), where :math:`\mu` is the pooled confusion matrix (every rater's
+    expected counts added up, plus the base pseudo-counts ``A``) and the strength :math:`m` is the
+    Dirichlet-multinomial maximum-likelihood concentration of the raters' columns around it
+    (:func:`_dirichlet_multinomial_strength`), both re-estimated at every M-step:
+    :math:`e_j[l, c] \propto n_j[l, c] + A[l, c] + m\,\mu_{lc}` (the base pseudo-counts ``A`` of
+    :class:`DawidSkene` stay: the belief that raters beat chance holds for the crowd too).
+    A rater with a handful of answers is drawn to how
+    the crowd errs (including its systematic confusions, which one-coin cannot express), a rater with
+    hundreds keeps their own matrix, and how strongly raters are pooled is read from how much they
+    differ, not set by hand. For many sparse raters (crowdsourcing) this sits between full Dawid-Skene,
+    which fits noise, and majority vote.
+
+    Args:
+        strength_bounds: the range searched for :math:`m` (pseudo-answers per confusion column).
+        (the others as :class:`DawidSkene`; ``smoothing`` and ``diag_smoothing`` smooth :math:`\mu`)
+
+    Attributes:
+        pool_strength_: the fitted :math:`m`.
+        pooled_errors_: the fitted :math:`\mu`, DataFrame observed × true.
+    """
+
+    strength_bounds: tuple[float, float] = (0.5, 1000.0)
+
+    pool_strength_: float = field(init=False, repr=False)
+    pooled_errors_: pd.DataFrame = field(init=False, repr=False)
+    _pooled: FloatArray = field(init=False, repr=False)
+
+    def _check_hyperparameters(self) -> None:
+        super()._check_hyperparameters()
+        low, high = self.strength_bounds
+        if not (np.isfinite(low) and np.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"strength_bounds must be 0 < low <= high, finite, got {self.strength_bounds}")
+
+    def _m_step(
+        self, counts: FloatArray, class_counts: FloatArray, alpha: FloatArray, beta: float, used: BoolArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """MAP prior and confusion matrices under the pooled prior, re-estimated from ``counts``."""
+        priors = _class_prior(class_counts, beta)
+        pooled = counts.sum(axis=0) + alpha
+        pooled = np.maximum(pooled, _EPS)
+        mean = pooled / pooled.sum(axis=0, keepdims=True)
+        strength = _dirichlet_multinomial_strength(counts, mean, self.strength_bounds)
+        self._pooled = strength * mean + alpha
+        self.pool_strength_ = strength
+        errors = counts + self._pooled[None, :, :]
+        errors /= errors.sum(axis=1, keepdims=True)
+        return priors, errors
+
+    def _prior_counts(self, alpha: FloatArray) -> FloatArray:
+        r"""The pseudo-counts :math:`A + m\,\mu` of the last M-step."""
+        return self._pooled
+
+    def fit(self, data: pd.DataFrame, true_labels: pd.Series | None = None) -> PooledDawidSkene:
+        """Fit as :meth:`DawidSkene.fit`; also sets ``pool_strength_`` and ``pooled_errors_``."""
+        super().fit(data, true_labels)
+        classes = self.probas_.columns
+        mean = self._pooled - self.pseudo_counts(len(classes))
+        mean /= mean.sum(axis=0, keepdims=True)
+        self.pooled_errors_ = pd.DataFrame(mean, index=pd.Index(classes, name="label"), columns=classes)
+        return self
+
+
+@dataclass
+class PooledOneCoinDawidSkene(OneCoinDawidSkene):
+    r"""One-coin Dawid-Skene whose raters' accuracies share a Beta prior estimated from all raters.
+
+    Rater :math:`j`'s accuracy has the prior Beta(:math:`m \bar a, m (1 - \bar a)`), where
+    :math:`\bar a` is the pooled accuracy and :math:`m` the Beta-binomial maximum-likelihood
+    concentration of the raters' (expected) correct and wrong counts, both re-estimated at every M-step:
+    :math:`a_j = (n^{correct}_j + m \bar a) / (n_j + m)`. Raters with few answers are drawn to the
+    crowd's accuracy (with :math:`m \to \infty` every rater is equally good and the consensus is a
+    majority vote weighted by the class prior); raters with many keep their own.
+
+    Args:
+        strength_bounds: the range searched for :math:`m`.
+
+    Attributes:
+        pool_strength_: the fitted :math:`m`.
+        pooled_accuracy_: the fitted :math:`\bar a`.
+    """
+
+    strength_bounds: tuple[float, float] = (0.5, 1000.0)
+
+    pool_strength_: float = field(init=False, repr=False)
+    pooled_accuracy_: float = field(init=False, repr=False)
+    _pooled: FloatArray = field(init=False, repr=False)
+
+    def _m_step(
+        self, counts: FloatArray, class_counts: FloatArray, alpha: FloatArray, beta: float, used: BoolArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """MAP prior and one-coin matrices under the pooled Beta prior on the accuracies."""
+        n_classes = counts.shape[1]
+        diag = np.arange(n_classes)
+        correct = counts[:, diag, diag].sum(axis=1)
+        wrong = counts.sum(axis=(1, 2)) - correct
+        pooled = (correct.sum() + np.trace(alpha)) / (correct.sum() + wrong.sum() + alpha.sum())
+        pooled = float(np.clip(pooled, 1e-6, 1 - 1e-6))
+        binary = np.stack([correct, wrong], axis=1)[:, :, None]  # [worker, (correct, wrong), 1]
+        strength = _dirichlet_multinomial_strength(
+            binary, np.array([[pooled], [1 - pooled]]), self.strength_bounds
+        )
+        self.pool_strength_, self.pooled_accuracy_ = strength, pooled
+        self._pooled = strength / n_classes * _one_coin(np.array([pooled]), n_classes)[0]
+        accuracy = (correct + strength * pooled) / (correct + wrong + strength)
+        return _class_prior(class_counts, beta), _one_coin(accuracy, n_classes)
+
+    def _prior_counts(self, alpha: FloatArray) -> FloatArray:
+        r"""The pooled pseudo-counts: :math:`m \bar a` correct and :math:`m (1 - \bar a)` wrong per rater."""
+        return self._pooled
+
+
 #: Columns of the long table :class:`MultiLabelConsensus` takes.
 MULTI_LABEL_COLUMNS: tuple[str, str, str, str] = ("task", "worker", "label_key", "value")
 
@@ -490,6 +739,20 @@ def _ordered_keys(present: Iterable[Hashable], preferred: Sequence[str]) -> list
     present = list(dict.fromkeys(present))
     first = [k for k in preferred if k in present]
     return first + [k for k in present if k not in first]
+
+
+def _gold_by_key(true_labels: pd.DataFrame | None, keys: Sequence[str]) -> dict[str, pd.Series]:
+    """A long gold table (``task``, ``label_key``, ``value``) split into one Series per label key."""
+    if true_labels is None or len(true_labels) == 0:
+        return {}
+    frame = check_columns(true_labels, ("task", "label_key", "value"))
+    unknown = sorted(set(frame["label_key"].astype(str)) - set(keys))
+    if unknown:
+        raise ValueError(f"gold label key(s) {unknown} are not among the fitted label keys {list(keys)}")
+    return {
+        str(key): pd.Series(part["value"].to_numpy(), index=pd.Index(part["task"]), name="label")
+        for key, part in frame.groupby("label_key", sort=False)
+    }
 
 
 @dataclass
@@ -538,18 +801,21 @@ class MultiLabelConsensus:
     labels_: pd.DataFrame = field(init=False, repr=False)
     probas_: dict[str, pd.DataFrame] = field(init=False, repr=False)
 
-    def fit(self, data: pd.DataFrame) -> MultiLabelConsensus:
+    def fit(self, data: pd.DataFrame, true_labels: pd.DataFrame | None = None) -> MultiLabelConsensus:
         """Fit one estimator per label key.
 
         Args:
             data: DataFrame with columns ``task``, ``worker``, ``label_key``, ``value``.
+            true_labels: gold labels, a long table ``task``, ``label_key``, ``value`` (one row per task
+                and key); each key's rows go to its estimator's ``fit`` as ``true_labels``.
 
         Returns:
             self, fitted.
 
         Raises:
             ValueError: a missing column, an empty table, a NaN label key, a listed key with no rows,
-                or any error of the per-key estimator (the message names the key).
+                a gold label key that is not fitted, or any error of the per-key estimator (the message
+                names the key).
         """
         # Imported here so that the schema is needed only for the default order.
         from labeling_config import TARGETS
@@ -567,13 +833,14 @@ class MultiLabelConsensus:
                 raise ValueError(f"label key(s) {absent} have no rows in data (present: {list(present)})")
         answers = frame.rename(columns={"value": "label"})
         groups = dict(tuple(answers.groupby("label_key", sort=False)[["task", "worker", "label"]]))
+        gold = _gold_by_key(true_labels, keys)
         estimators: dict[str, DawidSkene] = {}
         for key in keys:
             estimator = copy.deepcopy(self.base)
             if self.classes is not None and key in self.classes:
                 estimator.classes = list(self.classes[key])
             try:
-                estimator.fit(groups[key])
+                estimator.fit(groups[key], gold.get(key))
             except ValueError as err:
                 raise ValueError(f"label {key!r}: {err}") from err
             estimators[key] = estimator
@@ -583,9 +850,9 @@ class MultiLabelConsensus:
         self.labels_.index.name = "task"
         return self
 
-    def fit_predict(self, data: pd.DataFrame) -> pd.DataFrame:
+    def fit_predict(self, data: pd.DataFrame, true_labels: pd.DataFrame | None = None) -> pd.DataFrame:
         """Fit and return the consensus labels, task × label key (see :meth:`fit`)."""
-        return self.fit(data).labels_
+        return self.fit(data, true_labels).labels_
 
     def rater_reliability(self, level: float = 0.95) -> pd.DataFrame:
         """Sensitivity / specificity with intervals of each binary label, with a ``label_key`` column.
