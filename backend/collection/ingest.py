@@ -29,9 +29,18 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.collection.spool import EventSpool
-from backend.label_studio.annotations import AnnotationError, parse_result, timestamp, user_id
+from backend.label_studio.annotations import (
+    MAX_ID,
+    AnnotationError,
+    parent_prediction,
+    parse_result,
+    timestamp,
+    user_id,
+)
 from consensus.models import Source, utcnow
 from consensus.repository import (
+    MAX_MODEL_VERSION_CHARS,
+    Exposure,
     get_or_create_item,
     get_or_create_rater,
     record_event,
@@ -51,8 +60,6 @@ KNOWN_ACTIONS = (*ANNOTATION_EVENTS, DELETE_EVENT, TRAIN_EVENT)  # the webhook m
 ConfigResolver = Callable[[int | None, Mapping[str, Any] | None], ProjectConfig]
 
 
-#: SQL's BIGINT: every Label Studio id is stored in one.
-MAX_ID = 2**63 - 1
 MAX_NAME_CHARS = 200  # raters.name
 MAX_VALUE_CHARS = 64  # annotations.diagnosis, annotation_events.action
 #: A refused event larger than this is kept truncated to it (as text) in the raw log.
@@ -205,12 +212,16 @@ def apply_annotation(
     try:
         parsed = parse_result(annotation.get("result", []), config)
         rater_id = check_id(user_id(annotation.get("completed_by")), "annotation.completed_by")
+        parent = parent_prediction(annotation, task, config, MAX_MODEL_VERSION_CHARS)
     except AnnotationError as exc:
         raise EventError(f"annotation {annotation_id} of task {task_id}: {exc}") from exc
     if parsed.diagnosis is not None and len(parsed.diagnosis) > MAX_VALUE_CHARS:
         raise EventError(
             f"annotation {annotation_id}: the diagnosis is longer than {MAX_VALUE_CHARS} characters"
         )
+    shown = parent.shown
+    if shown is not None and shown.diagnosis is not None and len(shown.diagnosis) > MAX_VALUE_CHARS:
+        shown = None  # what the prediction showed is kept only where it fits, like the rater's own
     data = task.get("data") if task is not None and isinstance(task.get("data"), Mapping) else None
     image = data.get(config.image_key) if data is not None else None
     item = get_or_create_item(
@@ -239,6 +250,12 @@ def apply_annotation(
         regions=parsed.regions,
         ls_annotation_id=annotation_id,
         updated_at=timestamp(annotation.get("updated_at")),
+        exposure=Exposure(
+            prediction=parent.id,
+            model_version=parent.model_version,
+            labels=shown.labels if shown is not None else None,
+            diagnosis=shown.diagnosis if shown is not None else None,
+        ),
     )
     outcome.created, outcome.changed = int(result.created), int(result.changed and not result.created)
     return outcome

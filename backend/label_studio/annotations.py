@@ -14,10 +14,15 @@ The reading of one annotation's ``result``:
 - values the config offers but the model does not know (a team's own extra choice) are ignored;
   values the config does not offer at all, and controls that are not in it, are errors: the
   annotation was made against another config and guessing would corrupt the reference standard.
+
+The prediction an annotation started from (``parent_prediction``, AI exposure) is read by
+:func:`parent_prediction`: its id, its ``model_version`` and, where the payload carries the prediction
+(an export's task does; a webhook's task may not), what it showed, read with :func:`parse_result`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +30,8 @@ from typing import Any
 
 from labeling_config import DIAGNOSIS_KEY
 from labeling_config.parse import Control, ProjectConfig, Role
+
+logger = logging.getLogger(__name__)
 
 #: The result types of the controls dermassist reads: ``<Choices>`` and ``<BrushLabels>``.
 CHOICE_TYPE = "choices"
@@ -167,6 +174,83 @@ def parse_result(result: Any, config: ProjectConfig) -> ParsedAnnotation:
         for key in patterns.values:
             labels[key] = int(key in chosen_patterns)
     return ParsedAnnotation(labels=labels, diagnosis=diagnosis, regions=regions)
+
+
+#: The largest id SQL's BIGINT holds (every Label Studio id is stored in one).
+MAX_ID = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ParentPrediction:
+    """The Label Studio prediction an annotation started from (what the reader saw).
+
+    Attributes:
+        id: the prediction's id (the annotation's ``parent_prediction``); None: a blank task.
+        model_version: the prediction's ``model_version``, where the payload carries the prediction.
+        shown: its ``result`` read like an annotation's; None where the payload does not carry it
+            (a webhook's task may list prediction ids only) or it cannot be read with this config.
+    """
+
+    id: int | None = None
+    model_version: str | None = None
+    shown: ParsedAnnotation | None = None
+
+
+def _prediction_object(
+    parent: int, annotation: Mapping[str, Any], task: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The prediction ``parent`` as the payload carries it: an expanded ``parent_prediction``, an entry
+    of the task's ``predictions`` (objects in an export; a webhook's may be ids), or the annotation's
+    own ``prediction`` (what Label Studio recorded as viewed)."""
+    candidates: list[Any] = [annotation.get("parent_prediction")]
+    if task is not None and isinstance(task.get("predictions"), list):
+        candidates.extend(task["predictions"])
+    candidates.append(annotation.get("prediction"))
+    for candidate in candidates:
+        if isinstance(candidate, Mapping) and candidate.get("id") == parent and "result" in candidate:
+            return candidate
+    return None
+
+
+def parent_prediction(
+    annotation: Mapping[str, Any],
+    task: Mapping[str, Any] | None,
+    config: ProjectConfig,
+    max_version_chars: int = 200,
+) -> ParentPrediction:
+    """The prediction an annotation started from (``parent_prediction``), with what it showed.
+
+    A prediction the payload names but does not carry, or whose result this config cannot read, gives
+    its id and version without ``shown``: the reader's own answer is never refused for the prediction's
+    sake.
+
+    Raises:
+        AnnotationError: ``parent_prediction`` is not an id in 1..2**63-1, or the prediction's
+            ``model_version`` is not text of at most ``max_version_chars`` characters.
+    """
+    raw = annotation.get("parent_prediction")
+    if isinstance(raw, Mapping):  # an expanded prediction object
+        raw = raw.get("id")
+    if raw is None:
+        return ParentPrediction()
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= MAX_ID:
+        text = repr(raw)
+        text = text if len(text) <= 60 else text[:60] + "..."
+        raise AnnotationError(f"parent_prediction must be a prediction id in 1..2**63-1, got {text}")
+    prediction = _prediction_object(raw, annotation, task)
+    if prediction is None:
+        return ParentPrediction(id=raw)
+    version = prediction.get("model_version")
+    if version is not None and (not isinstance(version, str) or len(version) > max_version_chars):
+        raise AnnotationError(
+            f"prediction {raw}: model_version must be text of at most {max_version_chars} characters"
+        )
+    try:
+        shown: ParsedAnnotation | None = parse_result(prediction.get("result"), config)
+    except AnnotationError as exc:
+        logger.warning("prediction %s: its result is not stored (%s)", raw, exc)
+        shown = None
+    return ParentPrediction(id=raw, model_version=version or None, shown=shown)
 
 
 def user_id(completed_by: Any) -> int:

@@ -13,6 +13,8 @@ transaction, so a batch either lands whole or not at all.
 from __future__ import annotations
 
 from consensus.repository.annotations import (
+    MAX_MODEL_VERSION_CHARS,
+    Exposure,
     Upsert,
     get_or_create_item,
     get_or_create_rater,
@@ -63,8 +65,10 @@ from consensus.repository.runs import (
 __all__ = [
     "ANSWER_COLUMNS",
     "HAM_KEY",
+    "MAX_MODEL_VERSION_CHARS",
     "RATINGS_COLUMNS",
     "RELIABILITY_COLUMNS",
+    "Exposure",
     "ImportSummary",
     "RegionConsensus",
     "Upsert",

@@ -169,6 +169,97 @@ def record_event(
     return event
 
 
+#: The longest ``model_version`` the store keeps (``annotations.parent_model_version``).
+MAX_MODEL_VERSION_CHARS = 200
+#: The longest diagnosis value the store keeps (``annotations.diagnosis`` / ``parent_diagnosis``).
+MAX_DIAGNOSIS_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a reader saw before answering: the Label Studio prediction the annotation started from.
+
+    Attributes:
+        prediction: Label Studio's prediction id (``parent_prediction``); None: a blank task.
+        model_version: the prediction's ``model_version``, where the payload gave it.
+        labels: what the prediction showed, target key -> 0 / 1 (None: the prediction was not in the
+            payload, or could not be read).
+        diagnosis: the diagnosis value it showed, if any.
+    """
+
+    prediction: int | None = None
+    model_version: str | None = None
+    labels: dict[str, int] | None = None
+    diagnosis: str | None = None
+
+    @property
+    def assisted(self) -> bool:
+        """Whether the read started from a prediction."""
+        return self.prediction is not None
+
+
+def _check_labels(labels: Mapping[str, Any], what: str) -> dict[str, int]:
+    """``labels`` in the store's terms (target key -> 0 / 1, in target order).
+
+    Raises:
+        ValueError: for unknown target keys or values other than 0 / 1.
+    """
+    unknown = sorted(set(labels) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; expected some of {list(TARGETS)}")
+    bad = {k: v for k, v in labels.items() if v not in (0, 1)}
+    if bad:
+        raise ValueError(f"{what} values must be 0 or 1, got {bad}")
+    return {k: int(labels[k]) for k in TARGETS if k in labels}
+
+
+def _check_exposure(exposure: Exposure) -> Exposure:
+    """The exposure as stored (labels normalised); the bounds the columns need.
+
+    Raises:
+        ValueError: a prediction id outside SQL's BIGINT, an over-long model version or diagnosis,
+            bad labels, or details of a prediction without its id.
+    """
+    prediction = exposure.prediction
+    if prediction is not None and (
+        isinstance(prediction, bool) or not isinstance(prediction, int) or not 0 < prediction < 2**63
+    ):
+        raise ValueError(f"parent_prediction must be an id in 1..2**63-1, got {prediction!r}")
+    version = exposure.model_version
+    if version is not None and (not isinstance(version, str) or len(version) > MAX_MODEL_VERSION_CHARS):
+        raise ValueError(
+            f"a prediction's model_version must be text of at most {MAX_MODEL_VERSION_CHARS} characters"
+        )
+    diagnosis = exposure.diagnosis
+    if diagnosis is not None and (not isinstance(diagnosis, str) or len(diagnosis) > MAX_DIAGNOSIS_CHARS):
+        raise ValueError(f"a prediction's diagnosis must be text of at most {MAX_DIAGNOSIS_CHARS} characters")
+    labels = None if exposure.labels is None else _check_labels(exposure.labels, "prediction label")
+    if prediction is None and (version is not None or labels is not None or diagnosis is not None):
+        raise ValueError("a prediction's details need its id (parent_prediction)")
+    return Exposure(prediction, version, labels, diagnosis)
+
+
+def _exposure_of(row: Annotation) -> Exposure:
+    return Exposure(row.parent_prediction, row.parent_model_version, row.parent_labels, row.parent_diagnosis)
+
+
+def _merged(new: Exposure, stored: Exposure) -> Exposure:
+    """A version that names the same prediction without its details (a webhook whose task carried
+    prediction ids only) keeps the details already stored (from a sync's export, which carries them)."""
+    if new.prediction is None or new.prediction != stored.prediction:
+        return new
+    if new.labels is None and new.model_version is None and new.diagnosis is None:
+        return stored
+    return new
+
+
+def _set_exposure(row: Annotation, exposure: Exposure) -> None:
+    row.parent_prediction = exposure.prediction
+    row.parent_model_version = exposure.model_version
+    row.parent_labels = exposure.labels
+    row.parent_diagnosis = exposure.diagnosis
+
+
 @dataclass(frozen=True)
 class Upsert:
     """What :func:`upsert_annotation` did."""
@@ -188,6 +279,7 @@ def upsert_annotation(
     regions: list[Any] | None = None,
     ls_annotation_id: int | None = None,
     updated_at: datetime | None = None,
+    exposure: Exposure | None = None,
 ) -> Upsert:
     """Insert or replace a rater's annotation of an item; identical replays change nothing.
 
@@ -201,17 +293,15 @@ def upsert_annotation(
         regions: brush regions as given.
         ls_annotation_id: Label Studio's annotation id, if any.
         updated_at: when Label Studio last changed it; an older version than the stored one is ignored.
+        exposure: the prediction the rater started from (default: none, a blank task). A version that
+            names the stored prediction without its details keeps the stored details.
 
     Raises:
-        ValueError: for unknown target keys or values other than 0 / 1.
+        ValueError: for unknown target keys or values other than 0 / 1, or an exposure the columns
+            cannot hold (see :class:`Exposure`).
     """
-    unknown = sorted(set(labels) - set(TARGETS))
-    if unknown:
-        raise ValueError(f"unknown label keys {unknown}; expected some of {list(TARGETS)}")
-    bad = {k: v for k, v in labels.items() if v not in (0, 1)}
-    if bad:
-        raise ValueError(f"label values must be 0 or 1, got {bad}")
-    values = {k: int(labels[k]) for k in TARGETS if k in labels}
+    values = _check_labels(labels, "label")
+    shown = _check_exposure(exposure or Exposure())
     when = updated_at or utcnow()
     tombstone = session.get(AnnotationDeletion, ls_annotation_id) if ls_annotation_id is not None else None
     stale = tombstone is not None and (
@@ -236,6 +326,10 @@ def upsert_annotation(
             # A version not newer than the annotation's deletion is kept for the audit, deleted.
             "deleted": stale,
             "deleted_at": tombstone.deleted_at if stale and tombstone is not None else None,
+            "parent_prediction": shown.prediction,
+            "parent_model_version": shown.model_version,
+            "parent_labels": shown.labels,
+            "parent_diagnosis": shown.diagnosis,
         },
     )
     if key is not None:
@@ -251,12 +345,14 @@ def upsert_annotation(
     if updated_at is not None and stored_at is not None and _aware(updated_at) < stored_at:  # type: ignore[operator]
         logger.info("ignoring an older version of annotation %s", ls_annotation_id)
         return Upsert(existing.id, created=False, changed=False)
+    shown = _merged(shown, _exposure_of(existing))
     same = (
         existing.labels == values
         and existing.diagnosis == diagnosis
         and existing.regions == list(regions or [])
         and not existing.deleted
         and (ls_annotation_id is None or existing.ls_annotation_id == ls_annotation_id)
+        and _exposure_of(existing) == shown
     )
     if same:
         return Upsert(existing.id, created=False, changed=False)
@@ -267,6 +363,7 @@ def upsert_annotation(
     existing.updated_at = when
     existing.deleted = False
     existing.deleted_at = None
+    _set_exposure(existing, shown)
     if ls_annotation_id is not None:
         existing.ls_annotation_id = ls_annotation_id
     return Upsert(existing.id, created=False, changed=True)

@@ -1,0 +1,254 @@
+"""AI exposure: the prediction each annotation started from (``parent_prediction``), stored from webhooks
+and syncs alike, on SQLite and PostgreSQL; replays idempotent, bad values refused, never a 5xx."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend.collection.ingest import ingest_webhook
+from backend.collection.sync import sync_project
+from consensus.db import init_db
+from consensus.models import Annotation, AnnotationEvent
+from labeling_config import load_config
+from labeling_config.parse import parse_config
+
+CONFIG = parse_config(load_config("bcc"))
+VERSION = "dermnet-bcc-3f2a9c1e"
+
+
+def resolve(_project: int | None, _obj: Any) -> Any:
+    return CONFIG
+
+
+def prediction(prediction_id: int = 17, task: int = 3, version: str = VERSION) -> dict[str, Any]:
+    """A prediction as Label Studio 1.23 exports it: dermassist's result items (BCC, two patterns, one
+    brush region) with their scores, and Label Studio's own fields."""
+    return {
+        "id": prediction_id,
+        "result": [
+            {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+             "value": {"choices": ["BCC"]}, "score": 0.91},
+            {"from_name": "patterns", "to_name": "image", "type": "choices",
+             "value": {"choices": ["Ulceration", "Arborizing telangiectasia"]}, "score": 0.74},
+            {"from_name": "regions", "to_name": "image", "type": "brushlabels", "original_width": 4,
+             "original_height": 4, "image_rotation": 0,
+             "value": {"format": "rle", "rle": [0, 1, 2], "brushlabels": ["Ulceration"]}, "score": 0.74},
+        ],
+        "model_version": version,
+        "created_ago": "2 hours",
+        "score": 0.91,
+        "cluster": None,
+        "neighbors": None,
+        "mislabeling": 0.0,
+        "created_at": "2026-11-20T08:00:00.000000Z",
+        "updated_at": "2026-11-20T08:00:00.000000Z",
+        "model": None,
+        "model_run": None,
+        "task": task,
+        "project": 1,
+    }  # fmt: skip
+
+
+def annotation(
+    parent: Any = 17, choice: str = "non-BCC", updated_at: str = "2026-11-20T10:00:00.000000Z", **extra: Any
+) -> dict[str, Any]:
+    """An annotation as Label Studio 1.23 sends it (webhook and export): the reader changed the
+    prediction's BCC to ``choice`` and kept no pattern."""
+    return {
+        "id": 41,
+        "result": [
+            {"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": [choice]},
+             "origin": "prediction-changed"},
+        ],
+        "created_username": " derm@example.org, 5",
+        "created_ago": "0 minutes",
+        "completed_by": 5,
+        "was_cancelled": False,
+        "ground_truth": False,
+        "created_at": "2026-11-20T10:00:00.000000Z",
+        "updated_at": updated_at,
+        "draft_created_at": None,
+        "lead_time": 12.4,
+        "import_id": None,
+        "last_action": "prediction",
+        "bulk_created": False,
+        "task": 3,
+        "project": 1,
+        "updated_by": 5,
+        "parent_prediction": parent,
+        "parent_annotation": None,
+        "last_created_by": None,
+        **extra,
+    }  # fmt: skip
+
+
+def webhook_task(predictions: list[Any] | None = None) -> dict[str, Any]:
+    """A webhook's task: Label Studio sends counts, not the predictions themselves."""
+    task: dict[str, Any] = {
+        "id": 3, "data": {"image": "/data/upload/1/a.png"}, "meta": {}, "is_labeled": True, "overlap": 1,
+        "inner_id": 3, "total_annotations": 1, "cancelled_annotations": 0, "total_predictions": 1,
+        "project": 1, "updated_by": 5, "file_upload": 2,
+    }  # fmt: skip
+    if predictions is not None:
+        task["predictions"] = predictions
+    return task
+
+
+def event(
+    body: dict[str, Any], task: dict[str, Any] | None = None, action: str = "ANNOTATION_CREATED"
+) -> dict[str, Any]:
+    return {"action": action, "annotation": body, "task": task or webhook_task(), "project": {"id": 1}}
+
+
+def export(body: dict[str, Any], predictions: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The project's JSON export: the task with its annotations and its predictions (objects)."""
+    task = {
+        "id": 3,
+        "annotations": [body],
+        "file_upload": "a.png",
+        "drafts": [],
+        "predictions": [prediction()] if predictions is None else predictions,
+        "data": {"image": "/data/upload/1/a.png"},
+        "meta": {},
+        "project": 1,
+    }
+    return [task]
+
+
+@pytest.fixture
+def sessions(store_url: str) -> Iterator[sessionmaker[Session]]:
+    engine, factory = init_db(store_url)
+    yield factory
+    engine.dispose()
+
+
+def send(sessions: sessionmaker[Session], payload: dict[str, Any]) -> str | None:
+    """Ingest one webhook event; the reason it was refused, or None."""
+    _, reason = ingest_webhook(sessions, payload, resolve)
+    return reason
+
+
+def rows(sessions: sessionmaker[Session]) -> list[tuple[Any, ...]]:
+    with sessions() as session:
+        return [
+            (a.parent_prediction, a.parent_model_version, a.parent_labels, a.parent_diagnosis, a.diagnosis)
+            for a in session.scalars(select(Annotation))
+        ]
+
+
+SHOWN = {
+    "bcc": 1,
+    "pigment_network": 0,
+    "ulceration": 1,
+    "ovoid_nests": 0,
+    "multiple_globules": 0,
+    "maple_leaf": 0,
+    "spoke_wheel": 0,
+    "arborizing_telangiectasia": 1,
+}
+
+
+def test_a_webhook_with_the_prediction_stores_what_the_reader_saw(sessions):
+    assert send(sessions, event(annotation(), webhook_task([prediction()]))) is None
+    assert rows(sessions) == [(17, VERSION, SHOWN, "BCC", "non-BCC")]
+
+
+def test_a_blind_read_stores_no_prediction(sessions):
+    assert send(sessions, event(annotation(parent=None))) is None
+    body = annotation()
+    del body["parent_prediction"]  # an older Label Studio leaves the field out
+    body["id"], body["completed_by"] = 42, 6
+    assert send(sessions, event(body)) is None
+    assert rows(sessions) == [(None, None, None, None, "non-BCC")] * 2
+
+
+def test_webhook_ids_then_sync_details_then_replays_change_nothing(sessions):
+    # The webhook's task names its predictions by id only: the id is stored, what it showed is not known.
+    webhook = event(annotation(), webhook_task([17]))
+    assert send(sessions, webhook) is None
+    assert rows(sessions) == [(17, None, None, None, "non-BCC")]
+    # The sync's export carries the prediction: its details fill in, as a change.
+    summary = sync_project(sessions, 1, export(annotation()), CONFIG)
+    assert (summary.created, summary.changed) == (0, 1)
+    assert rows(sessions) == [(17, VERSION, SHOWN, "BCC", "non-BCC")]
+    # Replays of either change nothing: the webhook's bare id keeps the details the sync stored.
+    assert send(sessions, webhook) is None
+    again = sync_project(sessions, 1, export(annotation()), CONFIG)
+    assert (again.created, again.changed, again.unchanged) == (0, 0, 1)
+    assert rows(sessions) == [(17, VERSION, SHOWN, "BCC", "non-BCC")]
+
+
+def test_an_update_replaces_the_prediction(sessions):
+    assert send(sessions, event(annotation(), webhook_task([prediction()]))) is None
+    newer = prediction(prediction_id=18, version="dermnet-bcc-77aa0102")
+    newer["result"] = newer["result"][:1]  # BCC, no pattern above threshold
+    update = annotation(parent=18, choice="BCC", updated_at="2026-11-20T11:00:00.000000Z")
+    assert send(sessions, event(update, webhook_task([newer]), "ANNOTATION_UPDATED")) is None
+    only_bcc = {k: int(k == "bcc") for k in SHOWN}
+    assert rows(sessions) == [(18, "dermnet-bcc-77aa0102", only_bcc, "BCC", "BCC")]
+    # An older version arriving late is ignored, prediction and all.
+    assert send(sessions, event(annotation(), webhook_task([prediction()]), "ANNOTATION_UPDATED")) is None
+    assert rows(sessions) == [(18, "dermnet-bcc-77aa0102", only_bcc, "BCC", "BCC")]
+
+
+def test_a_prediction_this_config_cannot_read_keeps_the_read_without_what_it_showed(sessions):
+    odd = prediction()
+    odd["result"][0]["from_name"] = "old_diagnosis"  # made with another labeling config
+    assert send(sessions, event(annotation(), webhook_task([odd]))) is None
+    assert rows(sessions) == [(17, VERSION, None, None, "non-BCC")]
+
+
+BAD = {
+    "text": ("17", "parent_prediction"),
+    "float": (17.5, "parent_prediction"),
+    "bool": (True, "parent_prediction"),
+    "zero": (0, "parent_prediction"),
+    "negative": (-3, "parent_prediction"),
+    "2**63": (2**63, "parent_prediction"),
+    "10**30": (10**30, "parent_prediction"),
+    "list": ([17], "parent_prediction"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_parent_predictions_are_refused_and_kept_with_the_reason(sessions, name):
+    value, named = BAD[name]
+    reason = send(sessions, event(annotation(parent=value)))
+    assert reason is not None and named in reason
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Annotation)) == 0
+        (kept,) = session.scalars(select(AnnotationEvent)).all()
+        assert kept.error == reason
+
+
+@pytest.mark.parametrize("version", ["v" * 201, 12, ["a"]], ids=["201-chars", "int", "list"])
+def test_a_bad_model_version_is_refused(sessions, version):
+    reason = send(sessions, event(annotation(), webhook_task([prediction(version=version)])))
+    assert reason is not None and "model_version" in reason
+    assert rows(sessions) == []
+
+
+def test_a_huge_model_version_in_a_sync_is_an_error_and_the_rest_lands(sessions):
+    tasks = export(annotation(), [prediction(version="v" * 100_000)])
+    blind = copy.deepcopy(tasks[0])
+    blind["id"], blind["annotations"][0]["id"], blind["annotations"][0]["task"] = 4, 43, 4
+    blind["annotations"][0]["parent_prediction"] = None
+    summary = sync_project(sessions, 1, [*tasks, blind], CONFIG)
+    assert (summary.errors, summary.created) == (1, 1)
+    assert rows(sessions) == [(None, None, None, None, "non-BCC")]
+
+
+def test_the_webhook_route_answers_422_not_5xx(client, sessions):
+    payload = event(annotation(parent="seventeen"), webhook_task())
+    payload["project"] = {"id": 1, "label_config": load_config("bcc")}
+    response = client.post("/webhook", json=payload)
+    assert response.status_code == 422 and "parent_prediction" in response.get_json()["message"]
+    payload["annotation"]["parent_prediction"] = 17
+    assert client.post("/webhook", json=payload).status_code == 200
+    assert rows(sessions) == [(17, None, None, None, "non-BCC")]
