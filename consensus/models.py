@@ -421,3 +421,30 @@ class PreannotationJob(Base):
     heartbeat_at: Mapped[datetime | None]  # the last progress written
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class GoldLabel(Base):
+    """A known label of one item (gold): an adjudicator's final reading, or histopathology.
+
+    One row per (item, label key, source); a newer statement from the same source replaces the value
+    (``updated_at``), and a deleted adjudication is soft-deleted. Where several sources give one
+    label, :data:`consensus.repository.gold.SOURCE_PRECEDENCE` decides which one the consensus uses
+    (histopathology before adjudication). ``value`` is text as in ``consensus_labels`` ("1", "0",
+    "mel"); ``reference`` says where it came from (the adjudicator, a file, a pathology report id),
+    ``observed_on`` when it was established (the report's date), where given.
+    """
+
+    __tablename__ = "gold_labels"
+    __table_args__ = (UniqueConstraint("item_id", "label_key", "source"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    label_key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))  # histopathology, adjudication, ...
+    reference: Mapped[str | None] = mapped_column(String(300))
+    observed_on: Mapped[str | None] = mapped_column(String(32))  # ISO date as given
+    ls_annotation_id: Mapped[int | None] = mapped_column(BigInteger)  # an adjudication's annotation
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
