@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pandas as pd
 
@@ -81,7 +82,7 @@ def disputed_items(
         for task, row in probas.iterrows():
             if (str(task), str(key)) in known or task not in counts.index:
                 continue
-            votes = counts.loc[task]
+            votes = counts.loc[cast(Any, task)]
             votes = votes[votes > 0].sort_values(ascending=False, kind="stable")
             n_answers = int(votes.sum())
             if n_answers < rule.min_answers:
