@@ -4,7 +4,8 @@ This is the one place that joins the estimators (which never touch SQL) and the 
 never estimates); the CLI, the backend and the retraining job call it. Two kinds of run:
 
 - :func:`run_consensus` (``bcc.xml``): one Dawid-Skene estimator per binary target (the BCC diagnosis and
-  the seven patterns), the BCC model's reference;
+  the seven patterns), the BCC model's reference; given a mask decoder, also STAPLE per image and pattern
+  over the raters' painted regions (:mod:`consensus.regions`);
 - :func:`run_lesion_consensus` (``lesion.xml``): Dawid-Skene over the seven-class HAM10000 diagnosis and
   STAPLE over the raters' lesion outlines of each image, the lesion pair's reference.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,16 +26,23 @@ from sqlalchemy.orm import Session
 
 from consensus.dawid_skene import DawidSkene, MultiLabelConsensus
 from consensus.models import ConsensusRun, RunKind
+from consensus.regions import (
+    MaskDecoder,
+    PatternRegions,
+    StapleParams,
+    outline_consensuses,
+    pattern_region_consensuses,
+)
+from consensus.regions import consensus_mask as consensus_mask  # re-exported: callers found it here
 from consensus.repository import (
     ANSWER_COLUMNS,
     HAM_KEY,
-    RegionConsensus,
     answers,
     lesion_answers,
     save_consensus_run,
 )
-from consensus.staple import StapleResult, staple
-from labeling_config import HAM_CLASSES, TARGETS
+from consensus.repository.regions import pattern_region_answers
+from labeling_config import HAM_CLASSES, PATTERN_KEYS, TARGETS
 from labeling_config.parse import LESION_KEY
 
 logger = logging.getLogger(__name__)
@@ -51,17 +59,32 @@ def estimator_params(estimator: DawidSkene) -> dict[str, Any]:
 
 
 def run_consensus(
-    session: Session, estimator: DawidSkene | None = None, label_keys: Sequence[str] = TARGETS
+    session: Session,
+    estimator: DawidSkene | None = None,
+    label_keys: Sequence[str] = TARGETS,
+    *,
+    decode: MaskDecoder | None = None,
+    staple_params: StapleParams | None = None,
 ) -> ConsensusRun:
     """Fit one estimator per label on every live answer in the store and store the run.
+
+    With ``decode``, the patterns' painted regions are fused too: per image and pattern, STAPLE over the
+    raters' masks (:func:`consensus.regions.pattern_region_consensuses`: a rater who painted gives the
+    union of their regions, one who said the pattern absent an empty mask, one who said present but
+    painted nothing abstains), stored as the run's masks under ``region:<pattern>`` with a summary label
+    row, and per rater a pixel-pooled region sensitivity / specificity under the same key. The run's
+    ``data_hash`` stays that of the answers; ``params["regions"]`` holds STAPLE's settings and the
+    digest of the stored regions.
 
     Args:
         session: the open session (the caller commits).
         estimator: the base estimator, copied per label (default: ``DawidSkene()``, smoothed).
         label_keys: the labels to fit; those without any answer are skipped.
+        decode: a stored region -> boolean mask (None when unreadable); None: no region consensus.
+        staple_params: STAPLE's settings for the regions (default :class:`StapleParams`).
 
     Returns:
-        The stored run (parameters, convergence, posteriors, rater reliability).
+        The stored run (parameters, convergence, posteriors, rater reliability, region masks).
 
     Raises:
         ValueError: when the store holds no answers for these labels.
@@ -87,38 +110,43 @@ def run_consensus(
     not_converged = [k for k, c in convergence.items() if not c["converged"]]
     if not_converged:
         logger.warning("EM reached n_iter=%d without converging for %s", base.n_iter, not_converged)
+    params = estimator_params(base)
+    reliability = consensus.rater_reliability()
+    regions: PatternRegions | None = None
+    if decode is not None:
+        settings = staple_params if staple_params is not None else StapleParams()
+        patterns = [k for k in label_keys if k in PATTERN_KEYS]
+        regions = pattern_region_consensuses(
+            pattern_region_answers(session, patterns), decode, settings, patterns
+        )
+        params = {**params, "regions": {**dataclasses.asdict(settings), "data_hash": regions.data_hash}}
+        convergence.update(regions.convergence)
+        if len(regions.reliability):
+            reliability = pd.concat([reliability, regions.reliability], ignore_index=True)
+        if regions.skipped:
+            logger.warning(
+                "region consensus left out %d mask(s): %s", len(regions.skipped), regions.skipped[:5]
+            )
     run = save_consensus_run(
         session,
-        method=type(base).__name__,
-        params=estimator_params(base),
+        method=type(base).__name__ + ("+STAPLE" if regions is not None else ""),
+        params=params,
         answers_table=table,
         probas=consensus.probas_,
         convergence=convergence,
-        reliability=consensus.rater_reliability(),
+        reliability=reliability,
+        regions=regions.regions if regions is not None else (),
     )
     logger.info(
-        "consensus run %d: %d items, %d raters, %d answers", run.id, run.n_items, run.n_raters, run.n_answers
-    )
+        "consensus run %d: %d items, %d raters, %d answers, %d region masks",
+        run.id, run.n_items, run.n_raters, run.n_answers, len(regions.regions) if regions is not None else 0,
+    )  # fmt: skip
     return run
 
 
 # ------------------------------------------------------------------------------------------------
 # The lesion pair's reference: HAM10000 diagnosis (Dawid-Skene) and lesion outline (STAPLE)
 # ------------------------------------------------------------------------------------------------
-
-#: Turns one stored region into a boolean mask, or None when it cannot be read. Label Studio's brush RLE
-#: is the backend's knowledge: it hands its decoder in.
-MaskDecoder = Callable[[Mapping[str, Any]], NDArray[np.bool_] | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class StapleParams:
-    """STAPLE's settings for the lesion outlines (:func:`consensus.staple.staple`'s arguments)."""
-
-    prior: float | None = None
-    n_iter: int = 1000
-    tol: float = 1e-7
-    threshold: float = 0.5
 
 
 @dataclasses.dataclass
@@ -138,39 +166,6 @@ class LesionReference:
     masks: dict[str, NDArray[np.bool_]]
     n_raters: int
     skipped: list[str]
-
-
-def consensus_mask(masks: Sequence[NDArray[np.bool_]]) -> NDArray[np.bool_] | None:
-    """STAPLE of two or more raters' masks of one image (same size); one mask as it is; None for none."""
-    found = _outline_consensus(list(masks), StapleParams())
-    return None if found is None else found[0]
-
-
-def _outline_consensus(
-    masks: list[NDArray[np.bool_]], params: StapleParams
-) -> tuple[NDArray[np.bool_], NDArray[np.float64], StapleResult | None] | None:
-    """The consensus mask of one image, its pixel posterior and STAPLE's fit (None where it did not run).
-
-    None when there is no mask or the masks differ in size. One mask, or masks that leave STAPLE no
-    foreground prior (all empty, or all full: then they are all equal), are taken as they are.
-    """
-    if not masks or len({m.shape for m in masks}) != 1:
-        return None
-    stacked = np.stack(masks)
-    if len(masks) == 1 or not stacked.any() or stacked.all():
-        return masks[0], masks[0].astype(np.float64), None
-    result = staple(masks, **dataclasses.asdict(params))
-    return result.mask, result.probability, result
-
-
-def _mean_posteriors(mask: NDArray[np.bool_], probability: NDArray[np.float64]) -> dict[str, float]:
-    """Per class, the mean pixel posterior of that class over the pixels the consensus gives it."""
-    out: dict[str, float] = {}
-    if mask.any():
-        out["1"] = float(probability[mask].mean())
-    if not mask.all():
-        out["0"] = float(1.0 - probability[~mask].mean())
-    return out
 
 
 def class_reliability(estimator: DawidSkene, data: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
@@ -220,70 +215,6 @@ def class_reliability(estimator: DawidSkene, data: pd.DataFrame, level: float = 
     return pd.concat(frames, ignore_index=True)
 
 
-@dataclasses.dataclass
-class _Outlines:
-    """The outline consensus of every image: what is stored and what the reference keeps."""
-
-    masks: dict[str, NDArray[np.bool_]]
-    regions: list[RegionConsensus]
-    reliability: pd.DataFrame  # per rater, pixel-pooled over the images STAPLE ran on
-    convergence: dict[str, Any]
-    skipped: list[str]
-
-
-def _outline_consensuses(
-    outlines: pd.DataFrame, decode: MaskDecoder, params: StapleParams, label: str
-) -> _Outlines:
-    """STAPLE per image over the decoded outlines (rows ``task, worker, region``, in the store's order)."""
-    skipped: list[str] = []
-    found: dict[str, list[tuple[str, NDArray[np.bool_]]]] = {}
-    for task, worker, region in outlines[["task", "worker", "region"]].itertuples(index=False):
-        mask = decode(region)
-        if mask is None:
-            skipped.append(f"{task}/{worker}: unreadable lesion region")
-        else:
-            found.setdefault(task, []).append((worker, mask))
-    masks: dict[str, NDArray[np.bool_]] = {}
-    regions: list[RegionConsensus] = []
-    # rater -> expected true positives, foreground, true negatives, background (pixels), images
-    pooled: dict[str, NDArray[np.float64]] = {}
-    fits: list[StapleResult] = []
-    for task, rated in found.items():
-        consensus = _outline_consensus([m for _, m in rated], params)
-        if consensus is None:
-            skipped.append(f"{task}: the raters' lesion masks differ in size")
-            continue
-        mask, probability, result = consensus
-        masks[task] = mask
-        raters = [w for w, _ in rated]
-        details: dict[str, Any] = {"method": "single outline" if len(rated) == 1 else "identical outlines"}
-        if result is not None:
-            fits.append(result)
-            details = {"method": "STAPLE", "prior": result.prior, "n_iter": result.n_iter,
-                       "converged": result.converged, "sensitivity": result.sensitivity.tolist(),
-                       "specificity": result.specificity.tolist()}  # fmt: skip
-            foreground, background = float(probability.sum()), float((1 - probability).sum())
-            for rater, p, q in zip(raters, result.sensitivity, result.specificity, strict=True):
-                pooled.setdefault(rater, np.zeros(5))
-                pooled[rater] += (p * foreground, foreground, q * background, background, 1)
-        summary = _mean_posteriors(mask, probability)
-        regions.append(RegionConsensus(task, label, mask, summary, raters, details))
-    reliability = pd.DataFrame(
-        [
-            {"label_key": label, "worker": rater, "sensitivity": tp / fg if fg else None,
-             "specificity": tn / bg if bg else None, "n_items": int(n)}
-            for rater, (tp, fg, tn, bg, n) in pooled.items()
-        ]
-    )  # fmt: skip
-    convergence = {
-        "n_images": len(regions),
-        "n_staple": len(fits),
-        "converged": all(f.converged for f in fits),
-        "max_n_iter": max((f.n_iter for f in fits), default=0),
-    }
-    return _Outlines(masks, regions, reliability, convergence, skipped)
-
-
 def run_lesion_consensus(
     session: Session,
     decode: MaskDecoder,
@@ -328,7 +259,7 @@ def run_lesion_consensus(
         logger.warning("EM reached n_iter=%d without converging for %s", fitted.n_iter, HAM_KEY)
     by_class = class_reliability(fitted, data)
     by_class["label_key"] = HAM_KEY + ":" + by_class.pop("class").astype(str)
-    outlines = _outline_consensuses(table[table["label_key"] == region_label], decode, params, region_label)
+    outlines = outline_consensuses(table[table["label_key"] == region_label], decode, params, region_label)
 
     run = save_consensus_run(
         session,

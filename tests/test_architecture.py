@@ -252,14 +252,16 @@ BACKEND_LAYERS = [
     {"backend.cli"},
 ]
 # consensus/: the estimators are pure (numpy / pandas), the store below the repository (its only
-# queries), the service joins estimators to the store, the export reads runs.
+# queries), region fusion reads the repository's rows, the service joins estimators to the store, the
+# exports read runs.
 CONSENSUS_LAYERS = [
     {"consensus._validate"},
     {"consensus.agreement", "consensus.dawid_skene", "consensus.staple"},
     {"consensus.db", "consensus.models"},
     {"consensus.repository"},
+    {"consensus.regions"},
     {"consensus.service"},
-    {"consensus.export"},
+    {"consensus.export", "consensus.region_export"},
 ]
 
 

@@ -12,6 +12,7 @@ which the serving process should not carry. A test holds the two encoders equal,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,24 @@ def mask_to_rle(mask: NDArray[Any]) -> list[int]:
     joined += "0" * (8 - len(joined) % 8)  # as Label Studio pads: a whole zero byte when already aligned
     packed = np.packbits(np.frombuffer(joined.encode("ascii"), dtype=np.uint8) - ord("0"))
     return [int(b) for b in packed]
+
+
+def decode_region(region: Mapping[str, Any]) -> NDArray[np.bool_] | None:
+    """A stored brush region (Label Studio RLE with its image size) as a boolean mask; None if unreadable.
+
+    This is the :data:`consensus.regions.MaskDecoder` the backend hands the consensus (lesion outlines and
+    pattern regions alike).
+    """
+    from label_studio_sdk.converter.brush import decode_rle
+
+    width, height, rle = region.get("width"), region.get("height"), region.get("rle")
+    if not isinstance(width, int) or not isinstance(height, int) or not isinstance(rle, list) or not rle:
+        return None
+    try:
+        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    except Exception:  # a corrupt RLE is one unusable region, not a failed job
+        return None
+    if flat.size != width * height * 4:
+        return None
+    mask: NDArray[np.bool_] = flat.reshape(height, width, 4)[..., 3] > 127
+    return mask

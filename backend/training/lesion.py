@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import NDArray
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.label_studio.brush import decode_region as decode_region  # re-exported: its old home
 from backend.serving import registry
 from backend.serving.lesion import DUAL_FILE, SEG_FILE, promote_pair
 from backend.training.training_set import lesion_group
@@ -43,23 +43,6 @@ from consensus.service import LesionReference, run_lesion_consensus
 from labeling_config import HAM_CLASSES, PATTERN_KEYS
 
 logger = logging.getLogger(__name__)
-
-
-def decode_region(region: Mapping[str, Any]) -> NDArray[np.bool_] | None:
-    """A stored brush region (Label Studio RLE with its image size) as a boolean mask; None if unreadable."""
-    from label_studio_sdk.converter.brush import decode_rle
-
-    width, height, rle = region.get("width"), region.get("height"), region.get("rle")
-    if not isinstance(width, int) or not isinstance(height, int) or not isinstance(rle, list) or not rle:
-        return None
-    try:
-        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
-    except Exception:  # a corrupt RLE is one unusable region, not a failed job
-        return None
-    if flat.size != width * height * 4:
-        return None
-    mask: NDArray[np.bool_] = flat.reshape(height, width, 4)[..., 3] > 127
-    return mask
 
 
 def lesion_reference(session: Session) -> LesionReference:

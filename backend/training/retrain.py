@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from backend.label_studio.brush import decode_region
 from backend.settings import Settings
 from backend.training.jobs import finish
 from backend.training.training_set import ImageSource, TrainingSet, build_training_set, is_validation
@@ -159,7 +160,7 @@ def train_dermnet(
     from model.multitask.train import TrainConfig, train
 
     with sessions() as session:
-        run = run_consensus(session)
+        run = run_consensus(session, decode=decode_region)
         session.commit()
         run_id = run.id
         note(f"consensus run {run_id}: {run.n_items} items, {run.n_raters} raters")
