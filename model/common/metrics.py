@@ -3,7 +3,8 @@
 Images of one lesion are not independent, so every interval resamples *lesions* (groups) whole:
 :func:`bootstrap` for any statistic of a set of rows, :func:`bootstrap_means` (the same draws,
 vectorised) for means of per-image figures. :func:`map_agreement` measures where a Grad-CAM map puts
-its energy relative to a reference mask.
+its energy relative to a reference mask. NumPy and pandas only: serving and the consensus analyses use
+them without PyTorch.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from numpy.typing import NDArray
 
-from model.common.explain import cam_to_mask, scale_maps
+from model.common.agreement import spatial_agreement
+from model.common.maps import scale_maps
 
 Array = NDArray[Any]
 
@@ -87,19 +88,11 @@ def bootstrap_means(
 
 
 def map_agreement(raw: Array, mask: NDArray[np.bool_], threshold: float = 0.5) -> dict[str, float]:
-    """Energy share inside ``mask``, IoU of the thresholded map, pointing game, and the mask's area share."""
+    """Energy share inside ``mask``, IoU of the thresholded map, pointing game, and the mask's area share
+    (:func:`model.common.agreement.spatial_agreement` of the map scaled to the mask's size)."""
     h, w = mask.shape
-    cam = scale_maps(torch.as_tensor(raw, dtype=torch.float32), (h, w)).numpy()
-    total = float(cam.sum())
-    region = cam_to_mask(raw, w, h, threshold)
-    union = (region | mask).sum()
-    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return {
-        "energy_inside": float(cam[mask].sum() / total) if total > 0 else float("nan"),
-        "iou": float((region & mask).sum() / union) if union else float("nan"),
-        "pointing": float(mask[peak]),
-        "area": float(mask.mean()),
-    }
+    cam = scale_maps(np.asarray(raw, dtype=np.float32), (h, w))
+    return spatial_agreement(cam, mask, threshold)
 
 
 __all__ = ["bootstrap", "bootstrap_means", "map_agreement"]
