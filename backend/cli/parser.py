@@ -17,6 +17,7 @@ from backend.cli.study import (
     cmd_consensus_run,
     cmd_demo,
     cmd_export,
+    cmd_gradcam_agreement,
     cmd_import_ratings,
     cmd_synth,
 )
@@ -218,6 +219,11 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     imp.add_argument(
         "file", help="CSV with columns image_id, rater, label, value (e.g. a synthetic ratings.csv)"
     )
+    imp.add_argument(
+        "--regions",
+        action="store_true",
+        help="also the raters' painted regions beside the file (regions/<rater>/<image_id>_<pattern>.png)",
+    )
     imp.set_defaults(func=cmd_import_ratings)
     crun = cons_sub.add_parser("run", help=cmd_consensus_run.__doc__, description=cmd_consensus_run.__doc__)
     crun.add_argument(
@@ -232,7 +238,31 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
         help="extra pseudo-count (x (K-1)) on the diagonal: raters beat chance",
     )
     crun.set_defaults(func=cmd_consensus_run)
-    for p in (imp, crun):
+    gca = cons_sub.add_parser(
+        "gradcam-agreement", help=cmd_gradcam_agreement.__doc__, description=cmd_gradcam_agreement.__doc__
+    )
+    gca.add_argument("--out", required=True, help="a folder: gradcam_agreement.csv (+ _images.csv) go there")
+    gca.add_argument("--run", type=int, default=None, help="consensus run id (default: the latest)")
+    gca.add_argument(
+        "--model",
+        default=None,
+        help="a registered version / release, or a checkpoint (default: the promoted)",
+    )
+    gca.add_argument(
+        "--images", default=None, help="a study folder with the images (default: fetched from Label Studio)"
+    )
+    gca.add_argument("--engine", choices=["onnxruntime", "torch"], default="onnxruntime")
+    gca.add_argument(
+        "--threshold",
+        type=_probability,
+        default=0.5,
+        help="IoU: the map's region is >= this share of its peak",
+    )
+    gca.add_argument("--tolerance", type=int, default=0, help="pointing game tolerance in pixels")
+    gca.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
+    gca.add_argument("--seed", type=int, default=0)
+    gca.set_defaults(func=cmd_gradcam_agreement)
+    for p in (imp, crun, gca):
         p.add_argument(
             "--db",
             default=None,
@@ -240,8 +270,8 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
         )
 
     ex = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
-    ex.add_argument("--format", choices=["csv", "json", "ls-import", "report"], required=True)
-    ex.add_argument("--out", required=True, help="a folder for csv, a file for the others")
+    ex.add_argument("--format", choices=["csv", "json", "ls-import", "report", "regions"], required=True)
+    ex.add_argument("--out", required=True, help="a folder for csv and regions, a file for the others")
     ex.add_argument("--run", type=int, default=None, help="consensus run id (default: the latest)")
     ex.add_argument(
         "--truth", default=None, help="report: a labels.csv with known truth, for a calibration curve"

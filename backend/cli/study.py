@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from model.synthetic import SynthConfig
 
-from backend.cli.common import _database_url
+from backend.cli.common import _database_url, _settings
 
 logger = logging.getLogger("dermassist")
 
@@ -139,17 +139,23 @@ def cmd_import_ratings(args: argparse.Namespace) -> int:
     try:
         with sessions.begin() as session:  # one transaction: the whole file or nothing
             summary = import_ratings(session, table, origin=str(path))
+            if args.regions:
+                from backend.demo.regions import import_study_regions
+
+                painted = import_study_regions(session, path.parent)
     finally:
         engine.dispose()
     print(
         f"imported {summary.rows} ratings of {summary.items} images by {summary.raters} raters: "
         f"{summary.created} annotations new, {summary.changed} changed, {summary.unchanged} unchanged"
+        + (f"; {painted} painted regions from {path.parent / 'regions'}" if args.regions else "")
     )
     return 0
 
 
 def cmd_consensus_run(args: argparse.Namespace) -> int:
     """Run the Dawid-Skene consensus over every annotation in the store and store the run."""
+    from backend.label_studio.brush import decode_region
     from consensus.dawid_skene import DawidSkene, OneCoinDawidSkene
     from consensus.db import init_db
     from consensus.repository import consensus_table
@@ -160,7 +166,7 @@ def cmd_consensus_run(args: argparse.Namespace) -> int:
     engine, sessions = init_db(_database_url(args))
     try:
         with sessions.begin() as session:
-            run = run_consensus(session, estimator)
+            run = run_consensus(session, estimator, decode=decode_region)
             table = consensus_table(session, run)
     finally:
         engine.dispose()
@@ -173,8 +179,55 @@ def cmd_consensus_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradcam_agreement(args: argparse.Namespace) -> int:
+    """Score a model version's Grad-CAM maps against a consensus run's pattern regions (energy inside,
+    pointing game, IoU, per pattern with bootstrap intervals) and write gradcam_agreement.csv."""
+    from backend.serving import registry
+    from backend.serving.multitask import load_served
+    from backend.training.gradcam_agreement import gradcam_agreement
+    from backend.training.training_set import ImageSource
+    from consensus.db import init_db
+    from consensus.models import ConsensusRun
+    from consensus.repository import latest_run
+
+    settings = _settings(args)
+    out = Path(args.out)
+    engine, sessions = init_db(_database_url(args))
+    try:
+        with sessions() as session:
+            run = session.get(ConsensusRun, args.run) if args.run is not None else latest_run(session)
+            if run is None:
+                raise ValueError("no such consensus run: run `dermassist consensus run` first")
+            if args.model and Path(args.model).is_file():
+                path = Path(args.model)
+            else:
+                version = registry.find(session, args.model) if args.model else registry.promoted(session)
+                if version is None:
+                    raise ValueError(f"no model version {args.model or '(promoted)'} in the store")
+                path = Path(version.path)
+            served = load_served(path, engine=args.engine)
+            source = ImageSource(settings, Path(args.images) if args.images else None)
+            found = gradcam_agreement(
+                session, run.id, served, source, args.threshold, args.tolerance, args.n_boot, args.seed
+            )
+    finally:
+        engine.dispose()
+    out.mkdir(parents=True, exist_ok=True)
+    found.summary.to_csv(out / "gradcam_agreement.csv", index=False)
+    found.per_image.to_csv(out / "gradcam_agreement_images.csv", index=False)
+    for row in found.summary.itertuples():
+        print(f"{row.pattern}: {row.n_images} images, energy inside {row.energy_inside:.3f} "
+              f"[{row.energy_inside_low:.3f}, {row.energy_inside_high:.3f}] (area {row.area:.3f}), "
+              f"pointing {row.pointing:.3f}, IoU {row.iou:.3f}")  # fmt: skip
+    print(f"consensus run {run.id}, model {served.version}: {out / 'gradcam_agreement.csv'}")
+    if found.skipped:
+        print(f"note: {len(found.skipped)} image(s) left out: {found.skipped[:5]}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a consensus run: csv (a folder), json, ls-import (Label Studio tasks), report (HTML)."""
+    """Export a consensus run: csv (a folder), json, ls-import (Label Studio tasks, with the consensus
+    regions as brush ground truth), report (HTML), regions (a folder: PNG masks and tables)."""
     import json
 
     import pandas as pd
@@ -182,17 +235,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from consensus.db import init_db
     from consensus.export import build_study, write_csv, write_json, write_report
-    from consensus.models import Item
+    from consensus.models import ConsensusRun, Item
+    from consensus.region_export import region_masks, write_region_export
 
+    out = Path(args.out)
     engine, sessions = init_db(_database_url(args))
     try:
         with sessions() as session:
             study = build_study(session, args.run)
             images = {e: i for e, i in session.execute(select(Item.external_id, Item.image)) if i}
+            run = session.get_one(ConsensusRun, study.run["id"])
+            masks = region_masks(session, run) if args.format == "ls-import" else {}
+            pngs = len(write_region_export(session, run, out)) - 2 if args.format == "regions" else 0
     finally:
         engine.dispose()
-    out = Path(args.out)
-    if args.format == "csv":
+    if args.format == "regions":
+        print(f"consensus run {study.run['id']}: {pngs} region masks (PNG) and 2 tables in {out}")
+    elif args.format == "csv":
         written = write_csv(study, out)
         print(f"consensus run {study.run['id']}: {len(written)} files in {out}")
     elif args.format == "json":
@@ -206,13 +265,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"consensus run {study.run['id']}: report -> {out}")
     else:
         from backend.label_studio.export import ls_import_tasks
+        from backend.label_studio.ground_truth import add_region_ground_truth
         from labeling_config import parse_config
 
         config = parse_config(Path(args.config).read_text(encoding="utf-8"))
         tasks = ls_import_tasks(study.consensus, config, images, args.image_template, study.run["id"])
+        brushes = add_region_ground_truth(tasks, masks, config)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
-        print(f"consensus run {study.run['id']}: {len(tasks)} Label Studio tasks -> {out}")
+        print(
+            f"consensus run {study.run['id']}: {len(tasks)} Label Studio tasks "
+            f"({brushes} consensus regions as brush ground truth) -> {out}"
+        )
     for note in study.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
