@@ -129,7 +129,7 @@ def run_consensus(
             )
     run = save_consensus_run(
         session,
-        method=type(base).__name__ + ("+STAPLE" if regions is not None else ""),
+        method=type(base).__name__ + ("+STAPLE" if regions is not None and regions.regions else ""),
         params=params,
         answers_table=table,
         probas=consensus.probas_,

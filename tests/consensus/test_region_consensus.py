@@ -95,7 +95,7 @@ def test_pattern_regions_are_fused_per_image_and_stored_with_the_run(db):
         run_id = run_consensus(session, decode=decode).id
     with db() as session:
         run = session.get_one(ConsensusRun, run_id)
-        assert run.method == "DawidSkene+STAPLE"
+        assert run.method.endswith("+STAPLE")
         assert run.params["regions"]["threshold"] == 0.5 and len(run.params["regions"]["data_hash"]) == 64
         masks = consensus_masks(session, run, region_key(PN))
         assert set(masks) == {"a", "b", "d"}
@@ -144,7 +144,7 @@ def test_without_a_decoder_the_run_has_no_regions(db):
         seed(session, STUDY)
     with db.begin() as session:
         run = run_consensus(session)
-        assert run.method == "DawidSkene" and "regions" not in run.params
+        assert "STAPLE" not in run.method and "regions" not in run.params
         assert not session.scalars(select(ConsensusMask).where(ConsensusMask.run_id == run.id)).all()
 
 
@@ -156,6 +156,8 @@ def test_a_changed_region_changes_the_runs_region_hash(db):
         seed(session, {"a": {"r1": ({PN: 1}, [painted(PN, blob(8, 8))])}})
         second = run_consensus(session, decode=decode)
         assert first.data_hash == second.data_hash  # the answers did not change
+        third = run_consensus(session, label_keys=["bcc"], decode=decode)  # no pattern: no region
+        assert "STAPLE" not in third.method and "data_hash" in third.params["regions"]
         assert first.params["regions"]["data_hash"] != second.params["regions"]["data_hash"]
 
 
