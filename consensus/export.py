@@ -4,8 +4,11 @@ Everything comes from one stored consensus run (the latest ``bcc.xml`` one by de
 exported number traces back to the run's parameters and to the answers it saw (``data_hash``). A
 ``lesion.xml`` run (the lesion pair's reference) exports the same way: the HAM10000 diagnosis with its
 seven posteriors, every rater's choice and outline, one-vs-rest reliability per class, agreement on the
-diagnosis, and the STAPLE outline's summary (posterior and area). Formats: a folder of CSV files, one
-JSON document, and a self-contained HTML report with plots.
+diagnosis, and the STAPLE outline's summary (posterior and area). AI exposure: per label, how often
+readers agree with the pre-annotation and with the consensus, for reads that started from a prediction
+and reads that did not (:mod:`consensus.exposure`), and a reader's blind and AI-assisted reads of the
+same image side by side (a blind-first study in two Label Studio projects). Formats: a folder of CSV
+files, one JSON document, and a self-contained HTML report with plots.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from consensus.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen_kappa, percent_agreement
 from consensus.agreement import rater_vs_consensus as rater_vs_consensus_table
+from consensus.exposure import exposure, pair_summary, paired_reads, prepare_reads
 from consensus.models import ConsensusRun, ModelOutput, ModelVersion, Rater, RaterReliability, RunKind
 from consensus.repository import (
     ANSWER_COLUMNS,
@@ -39,6 +43,7 @@ from consensus.repository import (
     latest_run,
     lesion_answers,
 )
+from consensus.repository.exposure import exposure_reads
 from labeling_config import (
     BCC_PATTERNS,
     DIAGNOSIS_KEY,
@@ -80,6 +85,15 @@ class Study:
         models: per model version and output: status (promoted, ...), release, and where the output
             comes from (validated on real images with its figure and data, unvalidated, synthetic,
             untrained); only validated outputs are pre-annotated for the dermatologists.
+        exposure: per label and arm (assisted, unassisted, their difference): agreement with the
+            pre-annotation and with the consensus, with 95% intervals (:func:`consensus.exposure.exposure`).
+        paired: per rater, image and label: the blind read, the AI-assisted read, the pre-annotation and
+            the consensus (:func:`consensus.exposure.paired_reads`).
+        pair_summary: per label, over the complete pairs: agreement of each read with the pre-annotation
+            and the consensus, and how often the assisted read moved toward (or away from) the
+            pre-annotation, with 95% intervals (:func:`consensus.exposure.pair_summary`).
+        exposure_summary: counts of reads by exposure, of assisted reads whose prediction's labels are
+            not stored, of pairs, and the model versions the readers saw.
     """
 
     run: dict[str, Any]
@@ -92,6 +106,10 @@ class Study:
     answers_changed: bool = False
     notes: list[str] = field(default_factory=list)
     models: pd.DataFrame = field(default_factory=pd.DataFrame)
+    exposure: pd.DataFrame = field(default_factory=pd.DataFrame)
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)
+    pair_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    exposure_summary: dict[str, Any] = field(default_factory=dict)
 
 
 def _run_dict(run: ConsensusRun) -> dict[str, Any]:
@@ -230,7 +248,12 @@ def build_study(session: Session, run_id: int | None = None, kind: RunKind = Run
         out = pd.concat(frames, ignore_index=True)
         return out[["label_key", *[c for c in out.columns if c != "label_key"]]]
 
+    exposure_table, paired, summary = ai_exposure(session, consensus, keys)
     return Study(
+        exposure=exposure_table,
+        paired=paired,
+        pair_summary=pair_summary(paired),
+        exposure_summary=summary,
         models=model_outputs(session),
         run=_run_dict(run),
         consensus=consensus,
@@ -242,6 +265,29 @@ def build_study(session: Session, run_id: int | None = None, kind: RunKind = Run
         answers_changed=changed,
         notes=notes,
     )
+
+
+def ai_exposure(
+    session: Session, consensus: pd.DataFrame, keys: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The exposure table, the paired reads and their counts, for the run's labels that readers answer
+    with a value (the targets, the HAM10000 diagnosis; not the outlines)."""
+    labels = [k for k in keys if k in TARGETS or k == HAM_KEY]
+    reads = prepare_reads(exposure_reads(session, labels))
+    paired = paired_reads(reads, consensus)
+    per_read = reads.drop_duplicates(["rater", "item"])
+    assisted = per_read[per_read["assisted"]]
+    lacking = reads[reads["assisted"] & reads["shown"].isna()].drop_duplicates(["rater", "item"])
+    summary = {
+        "reads": len(per_read),
+        "assisted": len(assisted),
+        "unassisted": int((~per_read["assisted"]).sum()),
+        "blind": int(per_read["blind"].sum()),
+        "assisted_without_prediction_labels": len(lacking),
+        "model_versions": sorted(str(v) for v in assisted["model_version"].dropna().unique()),
+        "pairs": len(paired.loc[paired["paired"], ["rater", "image"]].drop_duplicates()),
+    }
+    return exposure(reads, consensus, labels), paired, summary
 
 
 def model_outputs(session: Session) -> pd.DataFrame:
@@ -291,6 +337,9 @@ def write_csv(study: Study, out: str | Path) -> list[Path]:
         "agreement.csv": study.agreement,
         "pairwise_kappa.csv": study.pairwise,
         "rater_vs_consensus.csv": study.vs_consensus,
+        "exposure.csv": study.exposure,
+        "paired_reads.csv": study.paired,
+        "paired_summary.csv": study.pair_summary,
     }
     written = []
     for name, frame in files.items():
@@ -318,6 +367,12 @@ def to_json(study: Study) -> dict[str, Any]:
         "agreement": _records(study.agreement),
         "pairwise_kappa": _records(study.pairwise),
         "rater_vs_consensus": _records(study.vs_consensus),
+        "exposure": {
+            **study.exposure_summary,
+            "by_label": _records(study.exposure),
+            "pairs_by_label": _records(study.pair_summary),
+            "paired_reads": _records(study.paired),
+        },
     }
 
 
@@ -362,7 +417,11 @@ def _reliability_plot(study: Study) -> str | None:
                     continue
                 r = row.iloc[0]
                 # A rate without an interval (a pixel-pooled STAPLE rate) is drawn as a point.
-                below, above = np.nan_to_num([r[what] - r[f"{what}_low"], r[f"{what}_high"] - r[what]])
+                # The point estimate can lie just outside its interval (1.0 beside a Beta upper bound of
+                # 0.999 where a rater never erred): draw the bar to the interval, never a negative one.
+                below, above = np.clip(
+                    np.nan_to_num([r[what] - r[f"{what}_low"], r[f"{what}_high"] - r[what]]), 0, None
+                )
                 ax.errorbar(r[what], y, xerr=[[below], [above]], fmt="o", color=f"C{j}",
                             label=rater if y < len(raters) else None, ms=4)  # fmt: skip
                 y += 1
@@ -511,6 +570,9 @@ def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = No
         vs_consensus=Markup(_table_html(study.vs_consensus)),
         calibration=Markup(calibration_html) if calibration_html else None,
         models=Markup(_table_html(study.models)) if not study.models.empty else None,
+        exposure=study.exposure_summary,
+        exposure_table=Markup(_table_html(study.exposure)),
+        pairs_table=Markup(_table_html(study.pair_summary)),
         figures=figures,
     )
     out = Path(path)

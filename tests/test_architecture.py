@@ -256,7 +256,13 @@ BACKEND_LAYERS = [
 # exports read runs.
 CONSENSUS_LAYERS = [
     {"consensus._validate"},
-    {"consensus.agreement", "consensus.dawid_skene", "consensus.staple"},
+    {
+        "consensus.agreement",
+        "consensus.dawid_skene",
+        "consensus.staple",
+        "consensus.exposure",
+        "consensus.groups",
+    },
     {"consensus.db", "consensus.models"},
     {"consensus.repository"},
     {"consensus.regions"},

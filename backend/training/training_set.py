@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.settings import Settings
+from consensus.groups import lesion_group as lesion_group  # lesion.py and the tests read it here
 from consensus.models import Item
 from consensus.repository import consensus_table
 from labeling_config import DIAGNOSIS_KEY, PATTERN_KEYS, TARGETS
@@ -36,32 +36,6 @@ def is_validation(external_id: str) -> bool:
     fixed validation split (stable across jobs and machines)."""
     digest = hashlib.sha256(external_id.encode()).digest()
     return int.from_bytes(digest[:4], "big") % VALIDATION_BUCKETS == 0
-
-
-MAX_GROUP_CHARS = 200
-
-
-def _group_value(data: Mapping[str, Any] | None, key: str) -> str | None:
-    value = (data or {}).get(key)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    text = str(value).strip()
-    return text if 0 < len(text) <= MAX_GROUP_CHARS else None
-
-
-def lesion_group(external_id: str, data: Mapping[str, Any] | None) -> tuple[str, str]:
-    """An item's lesion and the key that puts it on one side of the validation split.
-
-    Several images of one lesion (dermoscopy and follow-ups) carry the same ``lesion_id`` in their task
-    data, several lesions of one patient the same ``patient_id``: images of one lesion must never be on
-    both sides, nor a patient's lesions. Returns ``(lesion_id, split key)``: the task's ``lesion_id``
-    (else the item's own id) and its ``patient_id`` (else the lesion). A value that is not a short text
-    or number is ignored.
-    """
-    lesion = _group_value(data, "lesion_id")
-    patient = _group_value(data, "patient_id")
-    lesion_id = f"lesion:{lesion}" if lesion is not None else external_id
-    return lesion_id, (f"patient:{patient}" if patient is not None else lesion_id)
 
 
 @dataclass

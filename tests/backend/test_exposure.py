@@ -7,6 +7,7 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import pandas as pd
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -252,3 +253,95 @@ def test_the_webhook_route_answers_422_not_5xx(client, sessions):
     payload["annotation"]["parent_prediction"] = 17
     assert client.post("/webhook", json=payload).status_code == 200
     assert rows(sessions) == [(17, None, None, None, "non-BCC")]
+
+
+# ------------------------------------------------------------------------- a blind-first, AI-assisted study
+
+
+def study_events(n_images: int = 12, raters: tuple[int, ...] = (5, 6, 7)) -> tuple[list[dict], list[dict]]:
+    """Project 1 (blind: no predictions) and project 2 (dermassist's predictions shown) over the same
+    images, as webhooks (project 2's tasks name their predictions by id, as Label Studio sends them) and
+    project 2's export (with the predictions). Readers take the prediction when assisted; blind, they
+    say what it says on the first half of the images and the opposite on the rest."""
+    events, exported = [], []
+    for i in range(n_images):
+        said = "BCC" if i % 2 else "non-BCC"
+        other = "non-BCC" if i % 2 else "BCC"
+        data = {
+            "image": f"/data/upload/{{project}}/0000000{i % 10}-ISIC_{i:03d}.jpg",
+            "image_id": f"ISIC_{i:03d}",
+        }
+        shown = prediction(prediction_id=1000 + i, task=200 + i)
+        shown["result"] = [{**shown["result"][0], "value": {"choices": [said]}}]
+        blind_task = {"id": 100 + i, "data": {**data, "image": data["image"].format(project=1)}, "project": 1}
+        assisted_task = {
+            "id": 200 + i,
+            "data": {**data, "image": data["image"].format(project=2)},
+            "project": 2,
+        }
+        annotations = []
+        for r in raters:
+            blind = annotation(parent=None, choice=said if i < n_images // 2 else other)
+            blind.update(id=10_000 + 100 * i + r, task=100 + i, completed_by=r, project=1)
+            events.append({"action": "ANNOTATION_CREATED", "annotation": blind, "task": blind_task,
+                           "project": {"id": 1}})  # fmt: skip
+            assisted = annotation(parent=1000 + i, choice=said)
+            assisted.update(id=20_000 + 100 * i + r, task=200 + i, completed_by=r, project=2)
+            events.append({"action": "ANNOTATION_CREATED", "annotation": assisted,
+                           "task": {**assisted_task, "predictions": [1000 + i]}, "project": {"id": 2}})  # fmt: skip
+            annotations.append(assisted)
+        exported.append({**assisted_task, "annotations": annotations, "predictions": [shown], "drafts": []})
+    return events, exported
+
+
+def test_a_blind_first_study_in_two_projects_exports_exposure_and_pairs(sessions, tmp_path):
+    from consensus.export import build_study, to_json, write_csv, write_report
+    from consensus.service import run_consensus
+
+    events, exported = study_events()
+    for payload in events:
+        assert send(sessions, payload) is None
+    with sessions.begin() as session:
+        run_consensus(session)
+    with sessions() as session:
+        before = build_study(session)
+    # The webhooks named the predictions without their result: the report says so.
+    assert before.exposure_summary["assisted_without_prediction_labels"] == 36
+    assert (
+        "36 assisted\nread(s) lack what the prediction showed"
+        in write_report(before, tmp_path / "before.html").read_text()
+    )
+
+    assert sync_project(sessions, 2, exported, CONFIG).changed == 36  # the export brings what they showed
+    with sessions() as session:
+        study = build_study(session)
+    assert study.exposure_summary == {
+        "reads": 72, "assisted": 36, "unassisted": 36, "blind": 36, "assisted_without_prediction_labels": 0,
+        "model_versions": [VERSION], "pairs": 36,
+    }  # fmt: skip
+
+    written = {p.name: p for p in write_csv(study, tmp_path / "csv")}
+    table = pd.read_csv(written["exposure.csv"]).set_index(["label_key", "arm"])
+    assert table.loc[("bcc", "assisted"), "agree_prediction"] == 1.0
+    assert table.loc[("bcc", "unassisted"), "agree_prediction"] == 0.5
+    assert table.loc[("bcc", "assisted - unassisted"), "agree_prediction"] == pytest.approx(0.5)
+    assert table.loc[("bcc", "unassisted"), "n_groups"] == 12  # one group per image (no lesion ids)
+    # Patterns: the prediction showed none, and nobody ticked one.
+    assert table.loc[("ulceration", "unassisted"), "agree_prediction"] == 1.0
+
+    pairs = pd.read_csv(written["paired_reads.csv"])
+    assert len(pairs) == 3 * 12 * 8 and pairs["paired"].all()
+    bcc = pairs[pairs["label_key"] == "bcc"].set_index(["rater", "image"])
+    first = bcc.loc[(bcc.index.get_level_values(0)[0], "id:ISIC_007")]
+    assert (first["blind_value"], first["assisted_value"], first["prediction"]) == (0, 1, 1)
+    assert (first["blind_project"], first["assisted_project"]) == (1, 2)
+    assert first["blind_item"] == "ls-107" and first["consensus_item"] == "ls-107" and first["consensus"] == 0
+
+    summary = pd.read_csv(written["paired_summary.csv"]).set_index("label_key")
+    assert summary.loc["bcc", "toward_prediction"] == 1.0 and summary.loc["bcc", "n_toward_prediction"] == 18
+
+    doc = to_json(study)["exposure"]
+    assert doc["pairs"] == 36 and len(doc["by_label"]) == 3 * 8 and len(doc["paired_reads"]) == 288
+    html = write_report(study, tmp_path / "report.html").read_text()
+    assert "<h2>AI exposure</h2>" in html and "36 of 72 reads started from a prediction" in html
+    assert VERSION in html and "toward_prediction" in html and "No read started" not in html

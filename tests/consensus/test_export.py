@@ -39,7 +39,8 @@ def test_the_study_table_holds_consensus_raters_and_the_criterion(study_db, smal
     assert study.agreement[["percent_agreement", "fleiss_kappa", "krippendorff_alpha"]].notna().all().all()
     assert len(study.reliability) == 4 * len(TARGETS)
     assert set(study.vs_consensus.worker) == {"derm1", "derm2", "derm3", "derm4"}
-    assert study.run["params"]["smoothing"] == 0.1 and not study.answers_changed and not study.notes
+    assert study.run["params"]["candidates"]["full"]["smoothing"] == 0.1
+    assert not study.answers_changed and not study.notes
 
 
 def test_files_and_documents(study_db, small_study, tmp_path):
@@ -47,7 +48,8 @@ def test_files_and_documents(study_db, small_study, tmp_path):
         study = build_study(session)
     written = write_csv(study, tmp_path / "csv")
     assert {p.name for p in written} == {"consensus.csv", "rater_reliability.csv", "agreement.csv",
-                                         "pairwise_kappa.csv", "rater_vs_consensus.csv", "run.json"}  # fmt: skip
+                                         "pairwise_kappa.csv", "rater_vs_consensus.csv", "exposure.csv",
+                                         "paired_reads.csv", "paired_summary.csv", "run.json"}  # fmt: skip
     table = pd.read_csv(tmp_path / "csv" / "consensus.csv")
     assert len(table) == 40 and "bcc_posterior" in table and "derm2:spoke_wheel" in table
     doc = json.loads(json.dumps(to_json(study)))  # plain JSON, no NaN objects left
@@ -111,3 +113,16 @@ def test_the_report_escapes_what_it_is_given(study_db, tmp_path):
     page = write_report(study, tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "<table" in page  # the tables themselves are markup, not text
+
+
+def test_a_study_without_predictions_says_so_plainly(study_db, tmp_path):
+    with study_db() as session:
+        study = build_study(session)
+    summary = study.exposure_summary
+    reads = summary["reads"]  # one per rater and image rated
+    assert reads > 100 and (summary["assisted"], summary["blind"], summary["pairs"]) == (0, reads, 0)
+    unassisted = study.exposure[study.exposure["arm"] == "unassisted"]
+    assert unassisted["n_with_prediction"].eq(0).all() and unassisted["agree_consensus"].between(0.5, 1).all()
+    html = write_report(study, tmp_path / "report.html").read_text()
+    assert "<h2>AI exposure</h2>" in html and f"No read started from a prediction</b> ({reads} reads" in html
+    assert to_json(study)["exposure"]["assisted"] == 0
