@@ -41,7 +41,9 @@ from consensus.repository import (
     lesion_answers,
     save_consensus_run,
 )
+from consensus.repository.gold import gold_counts, gold_table
 from consensus.repository.regions import pattern_region_answers
+from consensus.selection import SelectedDawidSkene
 from labeling_config import HAM_CLASSES, PATTERN_KEYS, TARGETS
 from labeling_config.parse import LESION_KEY
 
@@ -58,13 +60,35 @@ def estimator_params(estimator: DawidSkene) -> dict[str, Any]:
     return params
 
 
+def selection_params(estimator: SelectedDawidSkene) -> dict[str, Any]:
+    """A model-selecting estimator's settings: its folds and every candidate's class and settings."""
+    candidates = estimator._candidates()
+    return {
+        "n_folds": estimator.n_folds,
+        "random_state": estimator.random_state,
+        "candidates": {
+            name: {"method": type(c).__name__, **estimator_params(c)} for name, c in candidates.items()
+        },
+    }
+
+
+def _gold_for(session: Session, keys: Sequence[str]) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """The store's gold labels of these keys (None when there are none) and what a run records of them."""
+    gold, conflicts = gold_table(session, keys)
+    if gold.empty:
+        return None, {"n": 0}
+    sources = gold_counts(gold)
+    return gold[["task", "label_key", "value"]], {"n": len(gold), "by_label": sources, "conflicts": conflicts}
+
+
 def run_consensus(
     session: Session,
-    estimator: DawidSkene | None = None,
+    estimator: DawidSkene | SelectedDawidSkene | None = None,
     label_keys: Sequence[str] = TARGETS,
     *,
     decode: MaskDecoder | None = None,
     staple_params: StapleParams | None = None,
+    use_gold: bool = True,
 ) -> ConsensusRun:
     """Fit one estimator per label on every live answer in the store and store the run.
 
@@ -78,10 +102,14 @@ def run_consensus(
 
     Args:
         session: the open session (the caller commits).
-        estimator: the base estimator, copied per label (default: ``DawidSkene()``, smoothed).
+        estimator: the base estimator, copied per label (default: ``SelectedDawidSkene()``, which
+            chooses per label among full, one-coin and pooled-prior Dawid-Skene by held-out answer
+            likelihood; the choice and the criterion go into the run's ``convergence``).
         label_keys: the labels to fit; those without any answer are skipped.
         decode: a stored region -> boolean mask (None when unreadable); None: no region consensus.
         staple_params: STAPLE's settings for the regions (default :class:`StapleParams`).
+        use_gold: hold the store's gold labels (adjudications, histopathology) at their class; the
+            run's ``params["gold"]`` says how many there were, by label and source.
 
     Returns:
         The stored run (parameters, convergence, posteriors, rater reliability, region masks).
@@ -97,20 +125,25 @@ def run_consensus(
         )
     present = set(table["label_key"])
     keys = [k for k in label_keys if k in present]
-    base = estimator if estimator is not None else DawidSkene()
-    consensus = MultiLabelConsensus(base=base, classes={k: [0, 1] for k in keys}, label_keys=keys).fit(table)
-    convergence = {
-        key: {
+    base = estimator if estimator is not None else SelectedDawidSkene()
+    gold, gold_record = _gold_for(session, keys) if use_gold else (None, {"n": 0, "used": False})
+    mlc = MultiLabelConsensus(base=base, classes={k: [0, 1] for k in keys}, label_keys=keys)  # type: ignore[arg-type]
+    consensus = mlc.fit(table, true_labels=gold)
+    convergence: dict[str, Any] = {}
+    for key, est in consensus.estimators_.items():
+        convergence[key] = {
             "n_iter": int(est.n_iter_),
             "converged": bool(est.converged_),
             "log_likelihood": float(est.log_likelihood_),
+            "n_gold": int(est.n_gold_),
         }
-        for key, est in consensus.estimators_.items()
-    }
+        if isinstance(est, SelectedDawidSkene):
+            convergence[key]["selection"] = est.selection()
     not_converged = [k for k, c in convergence.items() if not c["converged"]]
     if not_converged:
-        logger.warning("EM reached n_iter=%d without converging for %s", base.n_iter, not_converged)
-    params = estimator_params(base)
+        logger.warning("EM reached its iteration limit without converging for %s", not_converged)
+    params = selection_params(base) if isinstance(base, SelectedDawidSkene) else estimator_params(base)
+    params["gold"] = gold_record
     reliability = consensus.rater_reliability()
     regions: PatternRegions | None = None
     if decode is not None:
@@ -198,7 +231,7 @@ def class_reliability(estimator: DawidSkene, data: pd.DataFrame, level: float = 
     counts = np.zeros((len(workers), n_classes, n_classes))
     cells = (workers.get_indexer(pd.Index(data["worker"])), classes.get_indexer(pd.Index(data["label"])))
     np.add.at(counts, cells, probas.loc[data["task"]].to_numpy(dtype=float))
-    counts += estimator.pseudo_counts(n_classes)
+    counts += estimator.prior_counts_
     n_items = data.drop_duplicates(["task", "worker"]).groupby("worker").size().reindex(workers)
     tails = ((1 - level) / 2, (1 + level) / 2)
     frames = []
@@ -253,7 +286,8 @@ def run_lesion_consensus(
     fitted = copy.deepcopy(estimator if estimator is not None else DawidSkene())
     fitted.classes = list(HAM_CLASSES)
     data = diagnoses[["task", "worker", "value"]].rename(columns={"value": "label"}).reset_index(drop=True)
-    fitted.fit(data)
+    gold, gold_record = _gold_for(session, [HAM_KEY])
+    fitted.fit(data, None if gold is None else gold.set_index("task")["value"])
     posteriors = fitted.probas_.reindex(columns=list(HAM_CLASSES)).fillna(0.0)
     if not fitted.converged_:
         logger.warning("EM reached n_iter=%d without converging for %s", fitted.n_iter, HAM_KEY)
@@ -264,7 +298,11 @@ def run_lesion_consensus(
     run = save_consensus_run(
         session,
         method=f"{type(fitted).__name__}+STAPLE",
-        params={HAM_KEY: estimator_params(fitted), region_label: dataclasses.asdict(params)},
+        params={
+            HAM_KEY: estimator_params(fitted),
+            region_label: dataclasses.asdict(params),
+            "gold": gold_record,
+        },
         answers_table=table[list(ANSWER_COLUMNS)],
         probas={HAM_KEY: posteriors},
         convergence={
@@ -272,6 +310,7 @@ def run_lesion_consensus(
                 "n_iter": int(fitted.n_iter_),
                 "converged": bool(fitted.converged_),
                 "log_likelihood": float(fitted.log_likelihood_),
+                "n_gold": int(fitted.n_gold_),
             },
             region_label: outlines.convergence,
         },
