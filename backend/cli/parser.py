@@ -261,6 +261,11 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     gca.add_argument("--tolerance", type=int, default=0, help="pointing game tolerance in pixels")
     gca.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
     gca.add_argument("--seed", type=int, default=0)
+    gca.add_argument(
+        "--all-regions",
+        action="store_true",
+        help="score every non-empty region, also of patterns the consensus says are absent",
+    )
     gca.set_defaults(func=cmd_gradcam_agreement)
     for p in (imp, crun, gca):
         p.add_argument(

@@ -208,7 +208,15 @@ def cmd_gradcam_agreement(args: argparse.Namespace) -> int:
             served = load_served(path, engine=args.engine)
             source = ImageSource(settings, Path(args.images) if args.images else None)
             found = gradcam_agreement(
-                session, run.id, served, source, args.threshold, args.tolerance, args.n_boot, args.seed
+                session,
+                run.id,
+                served,
+                source,
+                args.threshold,
+                args.tolerance,
+                args.n_boot,
+                args.seed,
+                present_only=not args.all_regions,
             )
     finally:
         engine.dispose()

@@ -10,8 +10,12 @@ thresholded at ``threshold`` of its maximum, and the region's area share (energy
 
 Per pattern: the number of images, and the mean of each figure over images with a 95% percentile
 bootstrap interval (images resampled, :func:`model.common.metrics.bootstrap_means`). An empty consensus
-region (the raters' STAPLE found nothing) is not scored: there is nothing to point at. A map with no
-positive value (flat) puts no energy inside (0) and points nowhere (a miss).
+region (the raters' STAPLE found nothing) is not scored: there is nothing to point at. By default only
+images whose Dawid-Skene consensus says the pattern is present are scored (``present_only``): STAPLE
+alone, given one rater's stray stroke and the others' empty masks, can settle on that stroke (a fixed
+point with that rater's sensitivity 1 and the others' 0, as ITK's filter does too), and a map should not
+be judged against a region the raters as a whole say is not there. A map with no positive value (flat)
+puts no energy inside (0) and points nowhere (a miss).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sqlalchemy.orm import Session
 from backend.serving.multitask import BATCH_SIZE, ServedModel, run_batch
 from consensus.models import ConsensusRun, Item
 from consensus.region_export import region_masks
+from consensus.repository import consensus_table
 from model.common.agreement import spatial_agreement
 from model.common.maps import scale_maps
 from model.common.metrics import bootstrap_means
@@ -83,6 +88,7 @@ def gradcam_agreement(
     tolerance: int = 0,
     n_boot: int = 1000,
     seed: int = 0,
+    present_only: bool = True,
 ) -> GradcamAgreement:
     """The served model's Grad-CAM agreement with a run's consensus regions, per pattern.
 
@@ -96,6 +102,7 @@ def gradcam_agreement(
         tolerance: the pointing game's tolerance in pixels of the image.
         n_boot: bootstrap replicates for the intervals.
         seed: the bootstrap's seed.
+        present_only: score a region only where the run's consensus label of the pattern is present.
 
     Raises:
         ValueError: no such run, or a run without any non-empty consensus region.
@@ -103,15 +110,24 @@ def gradcam_agreement(
     run = session.get(ConsensusRun, run_id)
     if run is None:
         raise ValueError(f"no consensus run with id {run_id}")
+    labels = consensus_table(session, run)
+    if present_only:
+        labels = labels[labels["value"] == "1"]
+    scored = set(labels["task"] + "\t" + labels["label_key"])
     masks = {
-        task: {k: m for k, m in by_pattern.items() if m.any() and k in served.meta.targets}
-        for task, by_pattern in region_masks(session, run).items()
+        task: {
+            k: m
+            for k, m in found.items()
+            if m.any() and k in served.meta.targets and f"{task}\t{k}" in scored
+        }
+        for task, found in region_masks(session, run).items()
     }
     masks = {task: found for task, found in masks.items() if found}
     if not masks:
         raise ValueError(
-            f"consensus run {run_id} has no non-empty pattern region the model has an output for: run the "
-            "consensus with the raters' painted regions (dermassist consensus run) first"
+            f"consensus run {run_id} has no non-empty pattern region the model has an output for"
+            + (" (of a pattern the consensus says is present)" if present_only else "")
+            + ": run the consensus with the raters' painted regions (dermassist consensus run) first"
         )
     items = {i.external_id: i for i in session.scalars(select(Item).where(Item.external_id.in_(list(masks))))}
     skipped: list[str] = []
@@ -143,5 +159,12 @@ def gradcam_agreement(
                                 **figures})  # fmt: skip
     columns = ["image_id", "pattern", "probability", *FIGURES]
     per_image = pd.DataFrame(records, columns=columns)
+    rank = {k: i for i, k in enumerate(served.meta.targets)}
+    per_image = (
+        per_image.assign(_rank=per_image["pattern"].map(rank))
+        .sort_values(["_rank", "image_id"])
+        .drop(columns="_rank")
+        .reset_index(drop=True)
+    )
     summary = summarise(per_image, served.version, n_boot, seed)
     return GradcamAgreement(per_image, summary, skipped)

@@ -21,7 +21,13 @@ from consensus.db import init_db
 from consensus.models import ConsensusRun, Item, Source
 from consensus.region_export import region_masks
 from consensus.regions import region_key
-from consensus.repository import consensus_masks, get_or_create_item, get_or_create_rater, upsert_annotation
+from consensus.repository import (
+    consensus_masks,
+    consensus_table,
+    get_or_create_item,
+    get_or_create_rater,
+    upsert_annotation,
+)
 from labeling_config import load_config, parse_config
 from model.common.agreement import spatial_agreement
 from model.common.maps import scale_maps
@@ -139,9 +145,15 @@ def test_import_ratings_with_regions_then_gradcam_agreement(small_study, tiny_ch
         with sessions() as session:
             run = session.query(ConsensusRun).one()
             masks = region_masks(session, run)
+            labels = consensus_table(session, run)
     finally:
         engine.dispose()
-    expected = pd.Series([p for found in masks.values() for p, m in found.items() if m.any()]).value_counts()
+    present = set(
+        labels.loc[labels["value"] == "1", "task"] + "/" + labels.loc[labels["value"] == "1", "label_key"]
+    )
+    scored = [p for t, found in masks.items() for p, m in found.items() if m.any() and f"{t}/{p}" in present]
+    expected = pd.Series(scored).value_counts()
+    assert 0 < len(scored) < sum(m.any() for found in masks.values() for m in found.values())
     assert summary.set_index("pattern")["n_images"].to_dict() == expected.to_dict()
     served = load_served(tiny_checkpoint)
     assert set(summary["model_version"]) == {served.version}
@@ -169,9 +181,9 @@ def test_a_region_covering_the_image_holds_all_the_energy_and_the_peak(
         size = (im.height, im.width)
     everywhere, corner = np.ones(size, bool), np.zeros(size, bool)
     corner[:2, :2] = True
-    regions = [brush_item("regions", "image", "Pigment network", everywhere),
-               brush_item("regions", "image", "Ulceration", corner)]  # fmt: skip
-    result = ls_result(False, {}) + regions
+    # Pigment network and ulceration chosen and painted; maple leaf painted but not chosen (absent).
+    maple = brush_item("regions", "image", "Maple leaf-like areas", corner)
+    result = [*ls_result(False, {PN: everywhere, UL: corner}), maple]
     try:
         with sessions.begin() as session:
             item = get_or_create_item(session, image_id)
@@ -187,11 +199,17 @@ def test_a_region_covering_the_image_holds_all_the_energy_and_the_peak(
                 session, run_id, load_served(tiny_checkpoint), lambda item: small_study / "images" /
                 f"{item.external_id}.jpg", n_boot=50,
             )  # fmt: skip
+            everything = gradcam_agreement(
+                session, run_id, load_served(tiny_checkpoint), lambda item: small_study / "images" /
+                f"{item.external_id}.jpg", n_boot=50, present_only=False,
+            )  # fmt: skip
             with pytest.raises(ValueError, match="no consensus run"):
                 gradcam_agreement(session, run_id + 1, load_served(tiny_checkpoint), lambda item: None)
             assert session.get(Item, 1) is not None
     finally:
         engine.dispose()
+    assert found.summary["pattern"].tolist() == [PN, UL]  # in the model's output order
+    assert everything.summary["pattern"].tolist() == [PN, UL, "maple_leaf"]
     by = found.summary.set_index("pattern")
     assert by.loc[PN, "energy_inside"] == pytest.approx(1.0) and by.loc[PN, "pointing"] == 1.0
     assert by.loc[PN, "area"] == 1.0
