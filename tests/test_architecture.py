@@ -253,7 +253,7 @@ BACKEND_LAYERS = [
 ]
 # consensus/: the estimators are pure (numpy / pandas), the store below the repository (its only
 # queries), region fusion reads the repository's rows, the service joins estimators to the store, the
-# exports read runs.
+# region export reads a run's regions, the study export reads runs (and may show the regions).
 CONSENSUS_LAYERS = [
     {"consensus._validate"},
     {
@@ -266,8 +266,8 @@ CONSENSUS_LAYERS = [
     {"consensus.db", "consensus.models"},
     {"consensus.repository"},
     {"consensus.regions"},
-    {"consensus.service"},
-    {"consensus.export", "consensus.region_export"},
+    {"consensus.service", "consensus.region_export"},
+    {"consensus.export"},
 ]
 
 
