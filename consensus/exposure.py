@@ -169,7 +169,8 @@ def exposure(
     """Per label and arm: agreement with the pre-annotation and with the consensus, with intervals.
 
     Args:
-        reads: one row per read and label (:data:`READ_COLUMNS`, optionally ``group``).
+        reads: one row per read and label (:data:`READ_COLUMNS`, optionally ``group`` and
+            ``reference_item``: the item whose consensus the read is compared with, default its own).
         consensus: the reference standard, one row per item (index: the reads' ``item``), one column
             per label (e.g. ``Study.consensus``); None: no consensus columns.
         labels: which labels, in which order (default: the reads' own, in order of appearance).
@@ -196,7 +197,8 @@ def exposure(
     order = list(labels) if labels is not None else list(dict.fromkeys(table["label_key"]))
     table = table[table["label_key"].isin(order)]
     reference = _consensus_long(consensus, order)
-    keys = pd.MultiIndex.from_arrays([table["item"], table["label_key"]])
+    compared = table["reference_item"].astype(str) if "reference_item" in table.columns else table["item"]
+    keys = pd.MultiIndex.from_arrays([compared, table["label_key"]])
     table["consensus"] = reference.reindex(keys).to_numpy()
     for name in REFERENCES:
         table[f"agree_{name}"] = _same(table["value"], table[name])
@@ -282,7 +284,9 @@ def prepare_reads(stored: pd.DataFrame) -> pd.DataFrame:
     project did) and ``prediction``: for an assisted read what its prediction showed (where the store
     lacks it, what the same prediction showed another reader); for any other read what the model says
     about the same image (the newest prediction of that image that is known), so that unassisted
-    readers' agreement with the model can be measured too.
+    readers' agreement with the model can be measured too. And ``reference_item``: the item whose
+    consensus a read is compared with, a blind item of the same image where there is one (its
+    consensus comes from blind reads only), else the read's own.
     """
     table = stored.copy()
     table["assisted"] = table["parent_prediction"].notna()
@@ -297,6 +301,10 @@ def prepare_reads(stored: pd.DataFrame) -> pd.DataFrame:
         .drop_duplicates(["image", "label_key"])
         .set_index(["image", "label_key"])["shown"]
     )
+    blind_items = (
+        table[table["blind"]].sort_values("item").drop_duplicates("image").set_index("image")["item"]
+    )
+    table["reference_item"] = table["image"].map(blind_items).fillna(table["item"])
     same_prediction = by_prediction.reindex(
         pd.MultiIndex.from_arrays([table["parent_prediction"], table["label_key"]])
     )
@@ -329,7 +337,8 @@ def paired_reads(reads: pd.DataFrame, consensus: pd.DataFrame | None = None) -> 
     One row per (rater, image, label) that has a blind or an assisted read (``paired``: it has both;
     where a reader has two reads of one kind, the newer counts). ``prediction`` is what the assisted
     read was shown (else what the model says about the image), ``consensus`` the reference of the
-    blind read's item (built without the model's influence on that read), else the assisted read's.
+    blind read's item (built from blind reads), else the one the assisted read is compared with
+    (``reference_item``: another reader's blind item of the image, else the assisted read's own).
 
     Args:
         reads: from :func:`prepare_reads`.
@@ -340,15 +349,23 @@ def paired_reads(reads: pd.DataFrame, consensus: pd.DataFrame | None = None) -> 
     sides = []
     for side, chosen in (("blind", ordered["blind"]), ("assisted", ordered["assisted"])):
         part = ordered[chosen].drop_duplicates(keys, keep="last")
-        columns = {"value": f"{side}_value", "item": f"{side}_item", "project": f"{side}_project"}
-        kept = [*keys, *columns, "prediction"] + (["model_version"] if side == "assisted" else [])
-        sides.append(part[kept].rename(columns={**columns, "prediction": f"{side}_prediction"}))
+        columns = {
+            "value": f"{side}_value",
+            "item": f"{side}_item",
+            "project": f"{side}_project",
+            "prediction": f"{side}_prediction",
+            "reference_item": f"{side}_reference",
+        }
+        kept = [*keys, *columns] + (["model_version"] if side == "assisted" else [])
+        sides.append(part[kept].rename(columns=columns))
     pairs = sides[0].merge(sides[1], on=keys, how="outer")
     pairs["prediction"] = pairs["assisted_prediction"].where(
         pairs["assisted_prediction"].notna(), pairs["blind_prediction"]
     )
     pairs["paired"] = pairs["blind_value"].notna() & pairs["assisted_value"].notna()
-    pairs["consensus_item"] = pairs["blind_item"].where(pairs["blind_item"].notna(), pairs["assisted_item"])
+    pairs["consensus_item"] = pairs["blind_item"].where(
+        pairs["blind_item"].notna(), pairs["assisted_reference"]
+    )
     reference = _consensus_long(consensus, list(dict.fromkeys(pairs["label_key"])))
     pairs["consensus"] = reference.reindex(
         pd.MultiIndex.from_arrays([pairs["consensus_item"].astype(str), pairs["label_key"]])

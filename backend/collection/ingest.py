@@ -29,8 +29,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.collection.spool import EventSpool
+from backend.label_studio.annotations import MAX_ID as MAX_ID  # SQL's BIGINT: the API reads it here
 from backend.label_studio.annotations import (
-    MAX_ID,
     AnnotationError,
     parent_prediction,
     parse_result,

@@ -326,6 +326,10 @@ def test_a_blind_first_study_in_two_projects_exports_exposure_and_pairs(sessions
     assert table.loc[("bcc", "unassisted"), "agree_prediction"] == 0.5
     assert table.loc[("bcc", "assisted - unassisted"), "agree_prediction"] == pytest.approx(0.5)
     assert table.loc[("bcc", "unassisted"), "n_groups"] == 12  # one group per image (no lesion ids)
+    # Against the consensus of the blind reads of each image: the assisted followed the model on the
+    # half of the images where the blind consensus says otherwise.
+    assert table.loc[("bcc", "unassisted"), "agree_consensus"] == 1.0
+    assert table.loc[("bcc", "assisted"), "agree_consensus"] == 0.5
     # Patterns: the prediction showed none, and nobody ticked one.
     assert table.loc[("ulceration", "unassisted"), "agree_prediction"] == 1.0
 

@@ -151,10 +151,12 @@ def test_prepare_reads_tells_blind_from_assisted_and_fills_the_prediction():
     assert reads["blind"].tolist() == [True, True, True, False, False, False, True]
     # c's prediction is 77's (what a was shown); the unassisted reads of x get the model's 1; y has none.
     assert reads["prediction"].tolist()[:6] == [1, 1, 1, 1, 1, 1] and pd.isna(reads["prediction"].iloc[6])
+    # Every read of x is compared with the consensus of a blind task of x; y's with its own.
+    assert reads["reference_item"].tolist() == ["ls-1"] * 6 + ["img-y"]
 
 
 def test_paired_reads_put_a_readers_two_reads_of_an_image_side_by_side():
-    consensus = pd.DataFrame({"bcc": [0, 1, 1]}, index=["ls-9", "ls-2", "img-y"])
+    consensus = pd.DataFrame({"bcc": [1, 0, 0, 1]}, index=["ls-1", "ls-9", "ls-2", "img-y"])
     pairs = paired_reads(prepare_reads(TWO_PROJECTS), consensus).set_index("rater")
     a = pairs.loc["a"]
     assert (a["blind_value"], a["assisted_value"], a["prediction"], a["paired"]) == (1, 1, 1, True)
@@ -168,7 +170,11 @@ def test_paired_reads_put_a_readers_two_reads_of_an_image_side_by_side():
     assert not pairs.loc["b", "paired"] and pd.isna(
         pairs.loc["b", "assisted_value"]
     )  # b's blank start: no pair
-    assert not pairs.loc["c", "paired"] and pairs.loc["c", "consensus"] == 1  # from the assisted item
+    # c has no blind read: compared with the blind task of the image (ls-1), not with the assisted one.
+    assert not pairs.loc["c", "paired"] and (
+        pairs.loc["c", "consensus_item"],
+        pairs.loc["c", "consensus"],
+    ) == ("ls-1", 1)
     assert pairs.loc["d", "image"] == "y" and not pairs.loc["d", "paired"]
     assert pairs["paired"].sum() == 1
 
