@@ -517,6 +517,10 @@ def _calibration_plot(table: pd.DataFrame) -> str:
 def _table_html(frame: pd.DataFrame, digits: int = 3) -> str:
     if frame.empty:
         return "<p>none</p>"
+    # Nullable integer columns (counts with gaps) print <NA> whatever na_rep says.
+    nullable = [c for c in frame.columns if isinstance(frame[c].dtype, pd.Int64Dtype)]
+    frame = frame.astype(dict.fromkeys(nullable, object))
+    frame[nullable] = frame[nullable].where(frame[nullable].notna(), "-")
     return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="-", border=0)
 
 

@@ -18,9 +18,10 @@ interval (Wilson 1927, doi:10.1080/01621459.1927.10502953) at the effective samp
 ``n / deff``, where the design effect ``deff`` is the bootstrap variance over the binomial variance
 (at least 1): the approach of Korn & Graubard (1998, Survey Methodology 24:193-201) for proportions
 from clustered data. It always contains the estimate, stays inside [0, 1] (a 100% agreement still
-gets an interval below 1) and narrows as groups are added. The difference between the arms gets the
-bootstrap's percentile interval (both arms resampled together, so an image read in both arms counts
-once), widened to contain the estimate where a skewed bootstrap leaves it out.
+gets an interval below 1) and narrows as groups are added. The difference between the arms gets
+Newcombe's hybrid score interval built from the two arms' intervals (Newcombe 1998, method 10, with the
+clustered limits); it treats the arms as independent, which the same images read in both arms (reads
+of one image agree alike) make conservative.
 
 A blind-first, then AI-assisted study reads each image twice, in two Label Studio projects:
 :func:`paired_reads` puts a reader's two reads of an image side by side. A read is *blind* when it
@@ -181,7 +182,7 @@ def exposure(
     Returns:
         :data:`EXPOSURE_COLUMNS`: per label, a row per arm (``assisted``, ``unassisted``: counts, rates
         with intervals; a rate with nothing to compare is NaN) and a row ``assisted - unassisted``
-        (the differences of the rates, with the bootstrap's percentile intervals).
+        (the differences of the rates, with Newcombe's intervals).
 
     Raises:
         ValueError: a column is missing, a read has no value, or ``assisted`` is not boolean.
@@ -210,7 +211,6 @@ def exposure(
             continue
         groups = pd.Index(pd.unique(subset["group"]))
         weights = _weights(len(groups), n_boot, rng) if n_boot > 0 else None
-        sums: dict[tuple[str, bool], tuple[FloatArray, FloatArray]] = {}
         for arm, assisted in ((ASSISTED, True), (UNASSISTED, False)):
             reads_ = subset[subset["assisted"] == assisted]
             row: dict[str, object] = {
@@ -222,13 +222,13 @@ def exposure(
             }
             for name in REFERENCES:
                 s, n = _group_sums(reads_[f"agree_{name}"], reads_["group"], groups)
-                sums[(name, assisted)] = (s, n)
                 row[f"n_with_{name}"] = int(n.sum())
                 rate = _rate(s, n, weights, level)
                 row[f"agree_{name}"], row[f"agree_{name}_low"], row[f"agree_{name}_high"] = rate
             rows.append(row)
-        rows.append(_difference(key, sums, weights, level, rows[-2:]))
-    return pd.DataFrame(rows, columns=list(EXPOSURE_COLUMNS))
+        rows.append(_difference(key, rows[-2:]))
+    counts = [c for c in EXPOSURE_COLUMNS if c.startswith("n_")]
+    return pd.DataFrame(rows, columns=list(EXPOSURE_COLUMNS)).astype(dict.fromkeys(counts, "Int64"))
 
 
 def _group_sums(agree: pd.Series, group_of: pd.Series, groups: pd.Index) -> tuple[FloatArray, FloatArray]:
@@ -248,30 +248,19 @@ def _rate(
     return clustered_rate(s[seen], n[seen], weights[:, seen] if weights is not None else None, level)
 
 
-def _difference(
-    key: str,
-    sums: dict[tuple[str, bool], tuple[FloatArray, FloatArray]],
-    weights: FloatArray | None,
-    level: float,
-    arms: list[dict[str, object]],
-) -> dict[str, object]:
-    """The row ``assisted - unassisted``: differences of the rates, bootstrap percentile intervals."""
+def _difference(key: str, arms: list[dict[str, object]]) -> dict[str, object]:
+    """The row ``assisted - unassisted``: differences of the rates, with Newcombe's interval built from
+    the two arms' intervals (Newcombe 1998, "Interval estimation for the difference between independent
+    proportions", Statistics in Medicine 17:873-890, method 10)."""
     row: dict[str, object] = {"label_key": key, "arm": DIFFERENCE}
-    for column in ("n_reads", "n_items", "n_groups"):
-        row[column] = None
     for name in REFERENCES:
-        estimate = float(arms[0][f"agree_{name}"]) - float(arms[1][f"agree_{name}"])  # type: ignore[arg-type]
-        low = high = float("nan")
-        if weights is not None and np.isfinite(estimate):
-            (sa, na), (su, nu) = sums[(name, True)], sums[(name, False)]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                replicates = (weights @ sa) / (weights @ na) - (weights @ su) / (weights @ nu)
-            replicates = replicates[np.isfinite(replicates)]
-            if len(replicates):
-                tail = 100 * (1 - level) / 2
-                low, high = (float(v) for v in np.percentile(replicates, [tail, 100 - tail]))
-                low, high = min(low, estimate), max(high, estimate)
-        row[f"n_with_{name}"] = None
+        a, u = (
+            tuple(float(arm[f"agree_{name}{end}"]) for end in ("", "_low", "_high"))  # type: ignore[arg-type]
+            for arm in arms
+        )
+        estimate = a[0] - u[0]
+        low = estimate - float(np.hypot(a[0] - a[1], u[2] - u[0]))
+        high = estimate + float(np.hypot(a[2] - a[0], u[0] - u[1]))
         row[f"agree_{name}"], row[f"agree_{name}_low"], row[f"agree_{name}_high"] = estimate, low, high
     return row
 

@@ -57,4 +57,6 @@ def exposure_reads(session: Session, label_keys: Iterable[str] = TARGETS) -> pd.
                 shown = (read.parent_labels or {}).get(key)
             if value is not None:
                 records.append((*head, key, value, *tail, shown, read.updated_at))
-    return pd.DataFrame(records, columns=list(STORED_READ_COLUMNS))
+    table = pd.DataFrame(records, columns=list(STORED_READ_COLUMNS))
+    # Ids stay integers beside missing ones (a CSV shows 2, not 2.0).
+    return table.astype({"project": "Int64", "parent_prediction": "Int64"})

@@ -217,3 +217,49 @@ def test_pair_summary_counts_moves_toward_the_prediction():
 )
 def test_image_key_finds_the_same_image_in_two_projects(image, data, expected):
     assert image_key("ls-5", image, data) == expected
+
+
+def test_the_store_gives_each_read_with_what_it_was_shown(tmp_path):
+    from consensus.db import init_db
+    from consensus.models import Source
+    from consensus.repository import Exposure, get_or_create_item, get_or_create_rater, upsert_annotation
+    from consensus.repository.answers import HAM_KEY
+    from consensus.repository.exposure import exposure_reads
+
+    engine, sessions = init_db(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    with sessions.begin() as session:
+        data = {"image": "/data/upload/2/0a1b2c3d-ISIC_9.jpg", "lesion_id": "L1", "patient_id": "P1"}
+        item = get_or_create_item(
+            session, "ls-9", ls_task_id=9, image=data["image"], data=data, ls_project_id=2
+        )
+        blind = get_or_create_item(session, "ls-8", ls_task_id=8, image="/data/upload/1/99999999-ISIC_9.jpg")
+        rater = get_or_create_rater(session, "derm1")
+        shown = Exposure(prediction=5, model_version="v2", labels={"bcc": 0}, diagnosis="Melanoma")
+        upsert_annotation(session, item, rater, {"bcc": 1}, Source.WEBHOOK, diagnosis="bcc", exposure=shown)
+        upsert_annotation(session, blind, rater, {"bcc": 0}, Source.WEBHOOK, diagnosis="nv")
+        with pytest.raises(ValueError, match="model_version"):
+            upsert_annotation(
+                session, blind, rater, {"bcc": 0}, Source.WEBHOOK, exposure=Exposure(5, "v" * 201)
+            )
+        with pytest.raises(ValueError, match="need its id"):
+            upsert_annotation(
+                session, blind, rater, {"bcc": 0}, Source.WEBHOOK, exposure=Exposure(labels={"bcc": 1})
+            )
+    with sessions() as session:
+        table = exposure_reads(session, ["bcc", HAM_KEY]).set_index(["item", "label_key"])
+    engine.dispose()
+    assert table.loc[("ls-9", "bcc"), ["value", "shown", "parent_prediction", "model_version"]].tolist() == [
+        1,
+        0,
+        5,
+        "v2",
+    ]
+    assert table.loc[("ls-9", HAM_KEY), ["value", "shown"]].tolist() == ["bcc", "mel"]  # codes, by name too
+    assert table.loc[("ls-9", "bcc"), ["image", "group", "project"]].tolist() == [
+        "upload:ISIC_9.jpg",
+        "patient:P1",
+        2,
+    ]
+    assert table.loc[("ls-8", "bcc"), "image"] == "upload:ISIC_9.jpg" and pd.isna(
+        table.loc[("ls-8", "bcc"), "shown"]
+    )

@@ -191,7 +191,10 @@ def test_the_export_includes_the_lesion_run(db, tmp_path):
     assert table.loc["a", "ham_diagnosis"] == "mel" and "r1:lesion" in table and "lesion_posterior" in table
     reliability = pd.read_csv(tmp_path / "csv" / "rater_reliability.csv")
     assert (reliability.label_key == "ham_diagnosis:bcc").sum() == 3
-    assert json.loads((tmp_path / "csv" / "run.json").read_text())["id"] == run_id and len(written) == 6
+    assert json.loads((tmp_path / "csv" / "run.json").read_text())["id"] == run_id and len(written) == 9
+    # AI exposure covers the HAM10000 diagnosis (no read here started from a prediction), not the outline.
+    exposure = pd.read_csv(tmp_path / "csv" / "exposure.csv")
+    assert set(exposure.label_key) == {"ham_diagnosis"} and exposure.n_with_prediction.fillna(0).eq(0).all()
     doc = json.loads(json.dumps(to_json(study)))
     assert doc["run"]["kind"] == "lesion" and len(doc["images"]) == 5
     html = write_report(study, tmp_path / "report.html").read_text()
