@@ -245,8 +245,9 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     gca.add_argument("--run", type=int, default=None, help="consensus run id (default: the latest)")
     gca.add_argument(
         "--model",
+        action="append",
         default=None,
-        help="a registered version / release, or a checkpoint (default: the promoted)",
+        help="a registered version / release, or a checkpoint; repeat for several (default: the promoted)",
     )
     gca.add_argument(
         "--images", default=None, help="a study folder with the images (default: fetched from Label Studio)"

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from model.synthetic import SynthConfig
@@ -179,9 +179,18 @@ def cmd_consensus_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_agreement(version: str, summary: Any) -> None:
+    for row in summary.itertuples():
+        print(f"{version} {row.pattern}: {row.n_images} images, energy inside {row.energy_inside:.3f} "
+              f"[{row.energy_inside_low:.3f}, {row.energy_inside_high:.3f}] (area {row.area:.3f}), "
+              f"pointing {row.pointing:.3f}, IoU {row.iou:.3f}")  # fmt: skip
+
+
 def cmd_gradcam_agreement(args: argparse.Namespace) -> int:
-    """Score a model version's Grad-CAM maps against a consensus run's pattern regions (energy inside,
+    """Score model versions' Grad-CAM maps against a consensus run's pattern regions (energy inside,
     pointing game, IoU, per pattern with bootstrap intervals) and write gradcam_agreement.csv."""
+    import pandas as pd
+
     from backend.serving import registry
     from backend.serving.multitask import load_served
     from backend.training.gradcam_agreement import gradcam_agreement
@@ -192,44 +201,40 @@ def cmd_gradcam_agreement(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     out = Path(args.out)
+    summaries, per_image = [], []
     engine, sessions = init_db(_database_url(args))
     try:
         with sessions() as session:
             run = session.get(ConsensusRun, args.run) if args.run is not None else latest_run(session)
             if run is None:
                 raise ValueError("no such consensus run: run `dermassist consensus run` first")
-            if args.model and Path(args.model).is_file():
-                path = Path(args.model)
-            else:
-                version = registry.find(session, args.model) if args.model else registry.promoted(session)
-                if version is None:
-                    raise ValueError(f"no model version {args.model or '(promoted)'} in the store")
-                path = Path(version.path)
-            served = load_served(path, engine=args.engine)
             source = ImageSource(settings, Path(args.images) if args.images else None)
-            found = gradcam_agreement(
-                session,
-                run.id,
-                served,
-                source,
-                args.threshold,
-                args.tolerance,
-                args.n_boot,
-                args.seed,
-                present_only=not args.all_regions,
-            )
+            for name in args.model or [None]:
+                if name and Path(name).is_file():
+                    path = Path(name)
+                else:
+                    version = registry.find(session, name) if name else registry.promoted(session)
+                    if version is None:
+                        raise ValueError(f"no model version {name or '(promoted)'} in the store")
+                    path = Path(version.path)
+                served = load_served(path, engine=args.engine)
+                found = gradcam_agreement(
+                    session, run.id, served, source, args.threshold, args.tolerance, args.n_boot, args.seed,
+                    present_only=not args.all_regions,
+                )  # fmt: skip
+                summaries.append(found.summary)
+                per_image.append(found.per_image.assign(model_version=served.version))
+                _print_agreement(served.version, found.summary)
+                if found.skipped:
+                    print(
+                        f"note: {len(found.skipped)} image(s) left out: {found.skipped[:5]}", file=sys.stderr
+                    )
     finally:
         engine.dispose()
     out.mkdir(parents=True, exist_ok=True)
-    found.summary.to_csv(out / "gradcam_agreement.csv", index=False)
-    found.per_image.to_csv(out / "gradcam_agreement_images.csv", index=False)
-    for row in found.summary.itertuples():
-        print(f"{row.pattern}: {row.n_images} images, energy inside {row.energy_inside:.3f} "
-              f"[{row.energy_inside_low:.3f}, {row.energy_inside_high:.3f}] (area {row.area:.3f}), "
-              f"pointing {row.pointing:.3f}, IoU {row.iou:.3f}")  # fmt: skip
-    print(f"consensus run {run.id}, model {served.version}: {out / 'gradcam_agreement.csv'}")
-    if found.skipped:
-        print(f"note: {len(found.skipped)} image(s) left out: {found.skipped[:5]}", file=sys.stderr)
+    pd.concat(summaries, ignore_index=True).to_csv(out / "gradcam_agreement.csv", index=False)
+    pd.concat(per_image, ignore_index=True).to_csv(out / "gradcam_agreement_images.csv", index=False)
+    print(f"consensus run {run.id}, {len(summaries)} model version(s): {out / 'gradcam_agreement.csv'}")
     return 0
 
 

@@ -5,6 +5,7 @@ served model's Grad-CAM agreement with those regions (`dermassist consensus grad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,11 +136,17 @@ def test_import_ratings_with_regions_then_gradcam_agreement(small_study, tiny_ch
     assert "painted regions" in capsys.readouterr().out
     assert main(["consensus", "run", "--db", db]) == 0
     out = tmp_path / "agreement"
-    args = ["consensus", "gradcam-agreement", "--db", db, "--model", str(tiny_checkpoint), "--images",
-            str(small_study), "--out", str(out), "--n-boot", "200"]  # fmt: skip
+    released = Path(__file__).resolve().parents[2] / "models" / "dermnet-bcc.pt"
+    args = ["consensus", "gradcam-agreement", "--db", db, "--model", str(tiny_checkpoint), "--model",
+            str(released), "--images", str(small_study), "--out", str(out), "--n-boot", "200"]  # fmt: skip
     assert main(args) == 0
-    summary = pd.read_csv(out / "gradcam_agreement.csv")
+    both = pd.read_csv(out / "gradcam_agreement.csv")
+    served = load_served(tiny_checkpoint)
+    # One block of rows per model version, in the order given.
+    assert both["model_version"].drop_duplicates().tolist() == [served.version, load_served(released).version]
+    summary = both[both["model_version"] == served.version]
     per_image = pd.read_csv(out / "gradcam_agreement_images.csv", dtype={"image_id": str})
+    per_image = per_image[per_image["model_version"] == served.version]
     engine, sessions = init_db(db)
     try:
         with sessions() as session:
@@ -155,12 +162,10 @@ def test_import_ratings_with_regions_then_gradcam_agreement(small_study, tiny_ch
     expected = pd.Series(scored).value_counts()
     assert 0 < len(scored) < sum(m.any() for found in masks.values() for m in found.values())
     assert summary.set_index("pattern")["n_images"].to_dict() == expected.to_dict()
-    served = load_served(tiny_checkpoint)
-    assert set(summary["model_version"]) == {served.version}
     for figure in ("energy_inside", "pointing", "iou", "area"):
-        assert summary[figure].between(0, 1).all()
-        assert (summary[f"{figure}_low"] <= summary[figure] + 1e-12).all()
-        assert (summary[figure] <= summary[f"{figure}_high"] + 1e-12).all()
+        assert both[figure].between(0, 1).all()
+        assert (both[f"{figure}_low"] <= both[figure] + 1e-12).all()
+        assert (both[figure] <= both[f"{figure}_high"] + 1e-12).all()
     # One image by hand: the same map, scaled to the image, scored against the same region.
     row = per_image.iloc[0]
     with Image.open(small_study / "images" / f"{row['image_id']}.jpg") as im:
