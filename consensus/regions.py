@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ from numpy.typing import NDArray
 from consensus.repository import RegionConsensus
 from consensus.repository.regions import region_digest
 from consensus.staple import StapleResult, staple
+
+logger = logging.getLogger(__name__)
 
 #: Turns one stored region into a boolean mask, or None when it cannot be read. Label Studio's brush RLE
 #: is the backend's knowledge: it hands its decoder in.
@@ -176,6 +179,9 @@ def fuse_regions(
         "converged": all(f.converged for f in fits),
         "max_n_iter": max((f.n_iter for f in fits), default=0),
     }
+    stalled = sum(not f.converged for f in fits)
+    if stalled:
+        logger.info("%s: STAPLE reached its iteration limit on %d of %d images", label, stalled, len(fits))
     return RegionSet(masks, regions, reliability, convergence, skipped)
 
 

@@ -162,7 +162,7 @@ def staple(
             break
         last_p, last_q = p, q
     if not converged:
-        logger.info("STAPLE did not reach tol=%g in %d iterations", tol, n_iter)
+        logger.debug("STAPLE did not reach tol=%g in %d iterations", tol, n_iter)
 
     probability = w[inverse].reshape(shape)
     return StapleResult(
