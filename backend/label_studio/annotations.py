@@ -16,8 +16,11 @@ The reading of one annotation's ``result``:
   annotation was made against another config and guessing would corrupt the reference standard.
 
 The prediction an annotation started from (``parent_prediction``, AI exposure) is read by
-:func:`parent_prediction`: its id, its ``model_version`` and, where the payload carries the prediction
-(an export's task does; a webhook's task may not), what it showed, read with :func:`parse_result`.
+:func:`parent_prediction`: its id, its ``model_version`` and, where the payload carries the prediction,
+what it showed, read with :func:`parse_result`. Label Studio 1.23.2 sends with every annotation, in
+webhooks and exports alike, the task's prediction as ``prediction`` (also when the read did not start
+from it: only ``parent_prediction`` says it did); its webhooks' tasks have no ``predictions``, its
+exports' tasks list them by id.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ class ParentPrediction:
         id: the prediction's id (the annotation's ``parent_prediction``); None: a blank task.
         model_version: the prediction's ``model_version``, where the payload carries the prediction.
         shown: its ``result`` read like an annotation's; None where the payload does not carry it
-            (a webhook's task may list prediction ids only) or it cannot be read with this config.
+            (its ``prediction`` is empty or another one) or it cannot be read with this config.
     """
 
     id: int | None = None
@@ -199,13 +202,12 @@ class ParentPrediction:
 def _prediction_object(
     parent: int, annotation: Mapping[str, Any], task: Mapping[str, Any] | None
 ) -> Mapping[str, Any] | None:
-    """The prediction ``parent`` as the payload carries it: an expanded ``parent_prediction``, an entry
-    of the task's ``predictions`` (objects in an export; a webhook's may be ids), or the annotation's
-    own ``prediction`` (what Label Studio recorded as viewed)."""
-    candidates: list[Any] = [annotation.get("parent_prediction")]
+    """The prediction ``parent`` as the payload carries it: the annotation's ``prediction`` (Label
+    Studio 1.23), an expanded ``parent_prediction``, or an object among the task's ``predictions`` (the
+    documented export format; 1.23 lists ids there). Only an object whose id is ``parent`` counts."""
+    candidates: list[Any] = [annotation.get("prediction"), annotation.get("parent_prediction")]
     if task is not None and isinstance(task.get("predictions"), list):
         candidates.extend(task["predictions"])
-    candidates.append(annotation.get("prediction"))
     for candidate in candidates:
         if isinstance(candidate, Mapping) and candidate.get("id") == parent and "result" in candidate:
             return candidate

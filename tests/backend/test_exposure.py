@@ -1,5 +1,12 @@
 """AI exposure: the prediction each annotation started from (``parent_prediction``), stored from webhooks
-and syncs alike, on SQLite and PostgreSQL; replays idempotent, bad values refused, never a 5xx."""
+and syncs alike, on SQLite and PostgreSQL; replays idempotent, bad values refused, never a 5xx.
+
+The payloads have the shapes a live Label Studio 1.23.2 sent (checked with a probe, and by
+tests/e2e/test_exposure_live.py where Label Studio is installed): the annotation carries
+``parent_prediction`` (an id, or null) and ``prediction``, the full prediction object of the task
+(also when the annotation did not start from it); a webhook's task has no ``predictions``; an export's
+task lists its predictions by id.
+"""
 
 from __future__ import annotations
 
@@ -57,10 +64,17 @@ def prediction(prediction_id: int = 17, task: int = 3, version: str = VERSION) -
 
 
 def annotation(
-    parent: Any = 17, choice: str = "non-BCC", updated_at: str = "2026-11-20T10:00:00.000000Z", **extra: Any
+    parent: Any = 17,
+    choice: str = "non-BCC",
+    updated_at: str = "2026-11-20T10:00:00.000000Z",
+    seen: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """An annotation as Label Studio 1.23 sends it (webhook and export): the reader changed the
-    prediction's BCC to ``choice`` and kept no pattern."""
+    prediction's BCC to ``choice`` and kept no pattern. ``prediction`` is the task's prediction
+    (``seen``; default the one with id ``parent``, none for a blank start)."""
+    if seen is None:
+        seen = prediction(parent) if isinstance(parent, int) and not isinstance(parent, bool) else {}
     return {
         "id": 41,
         "result": [
@@ -82,6 +96,7 @@ def annotation(
         "task": 3,
         "project": 1,
         "updated_by": 5,
+        "prediction": seen,
         "parent_prediction": parent,
         "parent_annotation": None,
         "last_created_by": None,
@@ -90,7 +105,8 @@ def annotation(
 
 
 def webhook_task(predictions: list[Any] | None = None) -> dict[str, Any]:
-    """A webhook's task: Label Studio sends counts, not the predictions themselves."""
+    """A webhook's task: Label Studio 1.23 sends counts, not the predictions (``predictions``: the
+    list other versions or other exports give, objects or ids)."""
     task: dict[str, Any] = {
         "id": 3, "data": {"image": "/data/upload/1/a.png"}, "meta": {}, "is_labeled": True, "overlap": 1,
         "inner_id": 3, "total_annotations": 1, "cancelled_annotations": 0, "total_predictions": 1,
@@ -108,13 +124,13 @@ def event(
 
 
 def export(body: dict[str, Any], predictions: list[Any] | None = None) -> list[dict[str, Any]]:
-    """The project's JSON export: the task with its annotations and its predictions (objects)."""
+    """The project's JSON export: the task with its annotations and its predictions (by id in 1.23)."""
     task = {
         "id": 3,
         "annotations": [body],
         "file_upload": "a.png",
         "drafts": [],
-        "predictions": [prediction()] if predictions is None else predictions,
+        "predictions": [17] if predictions is None else predictions,
         "data": {"image": "/data/upload/1/a.png"},
         "meta": {},
         "project": 1,
@@ -155,53 +171,65 @@ SHOWN = {
 }
 
 
-def test_a_webhook_with_the_prediction_stores_what_the_reader_saw(sessions):
-    assert send(sessions, event(annotation(), webhook_task([prediction()]))) is None
+def test_a_webhook_stores_the_prediction_and_what_the_reader_saw(sessions):
+    assert send(sessions, event(annotation())) is None
     assert rows(sessions) == [(17, VERSION, SHOWN, "BCC", "non-BCC")]
+    # A sync of the same annotation (the export lists the task's predictions by id) changes nothing.
+    summary = sync_project(sessions, 1, export(annotation()), CONFIG)
+    assert (summary.created, summary.changed, summary.unchanged) == (0, 0, 1)
 
 
-def test_a_blind_read_stores_no_prediction(sessions):
-    assert send(sessions, event(annotation(parent=None))) is None
-    body = annotation()
+def test_a_blank_start_stores_no_prediction_even_where_the_task_had_one(sessions):
+    # Label Studio fills "prediction" with the task's prediction whether or not the read started from it.
+    assert send(sessions, event(annotation(parent=None, seen=prediction()))) is None
+    body = annotation(parent=None)
     del body["parent_prediction"]  # an older Label Studio leaves the field out
     body["id"], body["completed_by"] = 42, 6
     assert send(sessions, event(body)) is None
     assert rows(sessions) == [(None, None, None, None, "non-BCC")] * 2
 
 
-def test_webhook_ids_then_sync_details_then_replays_change_nothing(sessions):
-    # The webhook's task names its predictions by id only: the id is stored, what it showed is not known.
-    webhook = event(annotation(), webhook_task([17]))
+def test_a_payload_without_the_prediction_then_one_with_it_then_replays(sessions):
+    # The annotation names its prediction but does not carry it (an empty "prediction"): the id is
+    # stored, what it showed is not known.
+    webhook = event(annotation(seen={}))
     assert send(sessions, webhook) is None
     assert rows(sessions) == [(17, None, None, None, "non-BCC")]
-    # The sync's export carries the prediction: its details fill in, as a change.
-    summary = sync_project(sessions, 1, export(annotation()), CONFIG)
+    # An export that carries it (here as the task's prediction objects, as Label Studio's documented
+    # export format has them) fills it in, as a change.
+    summary = sync_project(sessions, 1, export(annotation(seen={}), [prediction()]), CONFIG)
     assert (summary.created, summary.changed) == (0, 1)
     assert rows(sessions) == [(17, VERSION, SHOWN, "BCC", "non-BCC")]
-    # Replays of either change nothing: the webhook's bare id keeps the details the sync stored.
+    # Replays change nothing: a version naming the same prediction without it keeps what is stored.
     assert send(sessions, webhook) is None
     again = sync_project(sessions, 1, export(annotation()), CONFIG)
     assert (again.created, again.changed, again.unchanged) == (0, 0, 1)
     assert rows(sessions) == [(17, VERSION, SHOWN, "BCC", "non-BCC")]
 
 
+def test_the_prediction_object_must_be_the_parent(sessions):
+    # The task's prediction is another one than the read started from (since replaced): not its details.
+    assert send(sessions, event(annotation(parent=17, seen=prediction(prediction_id=99)))) is None
+    assert rows(sessions) == [(17, None, None, None, "non-BCC")]
+
+
 def test_an_update_replaces_the_prediction(sessions):
-    assert send(sessions, event(annotation(), webhook_task([prediction()]))) is None
+    assert send(sessions, event(annotation())) is None
     newer = prediction(prediction_id=18, version="dermnet-bcc-77aa0102")
     newer["result"] = newer["result"][:1]  # BCC, no pattern above threshold
-    update = annotation(parent=18, choice="BCC", updated_at="2026-11-20T11:00:00.000000Z")
-    assert send(sessions, event(update, webhook_task([newer]), "ANNOTATION_UPDATED")) is None
+    update = annotation(parent=18, choice="BCC", updated_at="2026-11-20T11:00:00.000000Z", seen=newer)
+    assert send(sessions, event(update, action="ANNOTATION_UPDATED")) is None
     only_bcc = {k: int(k == "bcc") for k in SHOWN}
     assert rows(sessions) == [(18, "dermnet-bcc-77aa0102", only_bcc, "BCC", "BCC")]
     # An older version arriving late is ignored, prediction and all.
-    assert send(sessions, event(annotation(), webhook_task([prediction()]), "ANNOTATION_UPDATED")) is None
+    assert send(sessions, event(annotation(), action="ANNOTATION_UPDATED")) is None
     assert rows(sessions) == [(18, "dermnet-bcc-77aa0102", only_bcc, "BCC", "BCC")]
 
 
 def test_a_prediction_this_config_cannot_read_keeps_the_read_without_what_it_showed(sessions):
     odd = prediction()
     odd["result"][0]["from_name"] = "old_diagnosis"  # made with another labeling config
-    assert send(sessions, event(annotation(), webhook_task([odd]))) is None
+    assert send(sessions, event(annotation(seen=odd))) is None
     assert rows(sessions) == [(17, VERSION, None, None, "non-BCC")]
 
 
@@ -230,13 +258,13 @@ def test_bad_parent_predictions_are_refused_and_kept_with_the_reason(sessions, n
 
 @pytest.mark.parametrize("version", ["v" * 201, 12, ["a"]], ids=["201-chars", "int", "list"])
 def test_a_bad_model_version_is_refused(sessions, version):
-    reason = send(sessions, event(annotation(), webhook_task([prediction(version=version)])))
+    reason = send(sessions, event(annotation(seen=prediction(version=version))))
     assert reason is not None and "model_version" in reason
     assert rows(sessions) == []
 
 
 def test_a_huge_model_version_in_a_sync_is_an_error_and_the_rest_lands(sessions):
-    tasks = export(annotation(), [prediction(version="v" * 100_000)])
+    tasks = export(annotation(seen=prediction(version="v" * 100_000)))
     blind = copy.deepcopy(tasks[0])
     blind["id"], blind["annotations"][0]["id"], blind["annotations"][0]["task"] = 4, 43, 4
     blind["annotations"][0]["parent_prediction"] = None
@@ -252,17 +280,22 @@ def test_the_webhook_route_answers_422_not_5xx(client, sessions):
     assert response.status_code == 422 and "parent_prediction" in response.get_json()["message"]
     payload["annotation"]["parent_prediction"] = 17
     assert client.post("/webhook", json=payload).status_code == 200
-    assert rows(sessions) == [(17, None, None, None, "non-BCC")]
+    assert rows(sessions) == [(17, None, None, None, "non-BCC")]  # "prediction" was another's ({})
 
 
 # ------------------------------------------------------------------------- a blind-first, AI-assisted study
 
 
-def study_events(n_images: int = 12, raters: tuple[int, ...] = (5, 6, 7)) -> tuple[list[dict], list[dict]]:
+def study_events(
+    n_images: int = 12, raters: tuple[int, ...] = (5, 6, 7), carried: bool = True
+) -> tuple[list[dict], list[dict]]:
     """Project 1 (blind: no predictions) and project 2 (dermassist's predictions shown) over the same
-    images, as webhooks (project 2's tasks name their predictions by id, as Label Studio sends them) and
-    project 2's export (with the predictions). Readers take the prediction when assisted; blind, they
-    say what it says on the first half of the images and the opposite on the rest."""
+    images, as webhooks and as project 2's export. Readers take the prediction when assisted; blind,
+    they say what it says on the first half of the images and the opposite on the rest.
+
+    ``carried``: the webhooks' annotations carry the prediction (as Label Studio 1.23 sends them), or
+    only name it; the export always carries it.
+    """
     events, exported = [], []
     for i in range(n_images):
         said = "BCC" if i % 2 else "non-BCC"
@@ -285,13 +318,35 @@ def study_events(n_images: int = 12, raters: tuple[int, ...] = (5, 6, 7)) -> tup
             blind.update(id=10_000 + 100 * i + r, task=100 + i, completed_by=r, project=1)
             events.append({"action": "ANNOTATION_CREATED", "annotation": blind, "task": blind_task,
                            "project": {"id": 1}})  # fmt: skip
-            assisted = annotation(parent=1000 + i, choice=said)
+            assisted = annotation(parent=1000 + i, choice=said, seen=shown)
             assisted.update(id=20_000 + 100 * i + r, task=200 + i, completed_by=r, project=2)
-            events.append({"action": "ANNOTATION_CREATED", "annotation": assisted,
-                           "task": {**assisted_task, "predictions": [1000 + i]}, "project": {"id": 2}})  # fmt: skip
+            sent = assisted if carried else {**assisted, "prediction": {}}
+            events.append({"action": "ANNOTATION_CREATED", "annotation": sent, "task": assisted_task,
+                           "project": {"id": 2}})  # fmt: skip
             annotations.append(assisted)
-        exported.append({**assisted_task, "annotations": annotations, "predictions": [shown], "drafts": []})
+        exported.append(
+            {**assisted_task, "annotations": annotations, "predictions": [1000 + i], "drafts": []}
+        )
     return events, exported
+
+
+def test_a_study_whose_webhooks_lacked_the_predictions_says_so_until_a_sync(sessions, tmp_path):
+    from consensus.export import build_study, write_report
+    from consensus.service import run_consensus
+
+    events, exported = study_events(carried=False)
+    for payload in events:
+        assert send(sessions, payload) is None
+    with sessions.begin() as session:
+        run_consensus(session)
+    with sessions() as session:
+        before = build_study(session)
+    assert before.exposure_summary["assisted_without_prediction_labels"] == 36
+    html = write_report(before, tmp_path / "before.html").read_text()
+    assert "36 assisted\nread(s) lack what the prediction showed" in html
+    assert sync_project(sessions, 2, exported, CONFIG).changed == 36  # the export brings what they showed
+    with sessions() as session:
+        assert build_study(session).exposure_summary["assisted_without_prediction_labels"] == 0
 
 
 def test_a_blind_first_study_in_two_projects_exports_exposure_and_pairs(sessions, tmp_path):
@@ -301,18 +356,9 @@ def test_a_blind_first_study_in_two_projects_exports_exposure_and_pairs(sessions
     events, exported = study_events()
     for payload in events:
         assert send(sessions, payload) is None
+    assert sync_project(sessions, 2, exported, CONFIG).unchanged == 36  # the webhooks missed nothing
     with sessions.begin() as session:
         run_consensus(session)
-    with sessions() as session:
-        before = build_study(session)
-    # The webhooks named the predictions without their result: the report says so.
-    assert before.exposure_summary["assisted_without_prediction_labels"] == 36
-    assert (
-        "36 assisted\nread(s) lack what the prediction showed"
-        in write_report(before, tmp_path / "before.html").read_text()
-    )
-
-    assert sync_project(sessions, 2, exported, CONFIG).changed == 36  # the export brings what they showed
     with sessions() as session:
         study = build_study(session)
     assert study.exposure_summary == {
