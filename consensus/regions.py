@@ -23,6 +23,13 @@ Two callers, one fusion (:func:`fuse_regions`):
   An image and pattern gets a consensus region only where at least one rater painted; one painted mask
   and no other is taken as it is. The image size is the painted masks' (they must agree).
 
+  STAPLE estimates every rater's rates on each image anew, so one rater's stroke against the others'
+  empty masks is weakly identified: EM may settle on the stroke (that rater's sensitivity near 1, the
+  others' near 0; SimpleITK's filter does the same) and then needs many iterations (the demo study: 17
+  of 393 images at the limit). The Dawid-Skene label of the pattern, stored beside the region, says
+  whether the raters as a whole found it; :mod:`backend.training.gradcam_agreement` scores only regions
+  of patterns the consensus says are present.
+
 Per rater, sensitivity and specificity are pooled over the pixels of the images STAPLE ran on: with
 :math:`W` the consensus pixel posterior of an image and :math:`p_j, q_j` STAPLE's rates for rater
 :math:`j` there, the pooled sensitivity is :math:`\sum p_j \sum_i W_i / \sum \sum_i W_i` over images
