@@ -251,7 +251,7 @@ BACKEND_LAYERS = [
     {"backend.demo"},
     {"backend.cli"},
 ]
-# consensus/: the estimators are pure (numpy / pandas), the store below the repository (its only
+# consensus/: the estimators are pure (numpy / pandas), choosing among them above them, the store below the repository (its only
 # queries), region fusion reads the repository's rows, the service joins estimators to the store, the
 # region export reads a run's regions, the study export reads runs (and may show the regions).
 CONSENSUS_LAYERS = [
@@ -262,7 +262,9 @@ CONSENSUS_LAYERS = [
         "consensus.staple",
         "consensus.exposure",
         "consensus.groups",
+        "consensus.adjudication",
     },
+    {"consensus.selection"},
     {"consensus.db", "consensus.models"},
     {"consensus.repository"},
     {"consensus.regions"},

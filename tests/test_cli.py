@@ -134,7 +134,13 @@ def test_import_ratings_then_run_the_consensus(small_study, tmp_path, capsys):
     assert " 0 annotations new, 0 changed" in capsys.readouterr().out
     assert main(["consensus", "run", "--db", db]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("consensus run 1 (DawidSkene): 40 items, 4 raters") and "positives: bcc" in out
+    assert (
+        out.startswith("consensus run 1 (SelectedDawidSkene): 40 items, 4 raters") and "positives: bcc" in out
+    )
+    assert main(["consensus", "run", "--db", db, "--rater-model", "one-coin"]) == 0
+    assert capsys.readouterr().out.startswith("consensus run 2 (OneCoinDawidSkene)")
+    assert main(["consensus", "run", "--db", db, "--one-coin", "--rater-model", "full"]) == 2
+    assert "contradicts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

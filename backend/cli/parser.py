@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from backend.settings import Settings
 
+from backend.cli.adjudication import cmd_adjudicate, cmd_import_gold
 from backend.cli.common import _version
 from backend.cli.service import cmd_models, cmd_predict, cmd_serve, cmd_sync, cmd_worker
 from backend.cli.study import (
@@ -237,7 +238,21 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
         default=2.0,
         help="extra pseudo-count (x (K-1)) on the diagonal: raters beat chance",
     )
+    crun.add_argument(
+        "--rater-model",
+        choices=("select", "full", "one-coin", "pooled", "pooled-one-coin"),
+        default=None,
+        help="the rater model of every label; select (the default) chooses per label by held-out answer "
+        "likelihood among the other four",
+    )
+    crun.add_argument("--no-gold", action="store_true", help="leave the store's gold labels out of the fit")
     crun.set_defaults(func=cmd_consensus_run)
+    gold = cons_sub.add_parser(
+        "import-gold", help=cmd_import_gold.__doc__, description=cmd_import_gold.__doc__
+    )
+    gold.add_argument("file", help="CSV: image_id, diagnosis[, source][, date]")
+    gold.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    gold.set_defaults(func=cmd_import_gold)
     gca = cons_sub.add_parser(
         "gradcam-agreement", help=cmd_gradcam_agreement.__doc__, description=cmd_gradcam_agreement.__doc__
     )
@@ -371,6 +386,23 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     )
     sy.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
     sy.set_defaults(func=cmd_sync)
+
+    adj = sub.add_parser("adjudicate", help=cmd_adjudicate.__doc__, description=cmd_adjudicate.__doc__)
+    adj.add_argument("--project", type=int, required=True, help="the readers' Label Studio project id")
+    adj.add_argument("--adjudicator", required=True, help="the senior dermatologist (name or e-mail)")
+    adj.add_argument("--low", type=_probability, default=0.0, help="disputed: posterior >= this (default 0)")
+    adj.add_argument("--high", type=_probability, default=0.9, help="... and < this (default: %(default)s)")
+    adj.add_argument(
+        "--no-majority",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also images whose readers split evenly (default: on)",
+    )
+    adj.add_argument("--min-answers", type=int, default=2, help="ignore images with fewer reads")
+    adj.add_argument("--labels", default=None, help="comma-separated label keys (default: all)")
+    adj.add_argument("--out", default=None, help="also write the queue as CSV here")
+    adj.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    adj.set_defaults(func=cmd_adjudicate)
 
     pr = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
     pr.add_argument("--project", type=int, required=True, help="Label Studio project id")

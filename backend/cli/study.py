@@ -156,17 +156,31 @@ def cmd_import_ratings(args: argparse.Namespace) -> int:
 def cmd_consensus_run(args: argparse.Namespace) -> int:
     """Run the Dawid-Skene consensus over every annotation in the store and store the run."""
     from backend.label_studio.brush import decode_region
-    from consensus.dawid_skene import DawidSkene, OneCoinDawidSkene
+    from consensus.dawid_skene import DawidSkene, OneCoinDawidSkene, PooledDawidSkene, PooledOneCoinDawidSkene
     from consensus.db import init_db
     from consensus.repository import consensus_table
+    from consensus.selection import SelectedDawidSkene
     from consensus.service import run_consensus
 
-    kind = OneCoinDawidSkene if args.one_coin else DawidSkene
-    estimator = kind(n_iter=args.n_iter, smoothing=args.smoothing, diag_smoothing=args.diag_smoothing)
+    settings = {"n_iter": args.n_iter, "smoothing": args.smoothing, "diag_smoothing": args.diag_smoothing}
+    candidates: dict[str, DawidSkene] = {
+        "full": DawidSkene(**settings),
+        "one-coin": OneCoinDawidSkene(**settings),
+        "pooled": PooledDawidSkene(**settings),
+        "pooled-one-coin": PooledOneCoinDawidSkene(**settings),
+    }
+    model = args.rater_model or ("one-coin" if args.one_coin else "select")
+    if args.one_coin and model != "one-coin":
+        raise ValueError(f"--one-coin contradicts --rater-model {model}")
+    estimator: DawidSkene | SelectedDawidSkene = (
+        SelectedDawidSkene(candidates={k.replace("-", "_"): v for k, v in candidates.items()})
+        if model == "select"
+        else candidates[model]
+    )
     engine, sessions = init_db(_database_url(args))
     try:
         with sessions.begin() as session:
-            run = run_consensus(session, estimator, decode=decode_region)
+            run = run_consensus(session, estimator, decode=decode_region, use_gold=not args.no_gold)
             table = consensus_table(session, run)
     finally:
         engine.dispose()

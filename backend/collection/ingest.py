@@ -28,10 +28,17 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from backend.collection.adjudication import (
+    adjudicated_item,
+    apply_adjudication,
+    disputed_keys,
+    withdraw_adjudications,
+)
 from backend.collection.spool import EventSpool
 from backend.label_studio.annotations import MAX_ID as MAX_ID  # SQL's BIGINT: the API reads it here
 from backend.label_studio.annotations import (
     AnnotationError,
+    ParsedAnnotation,
     parent_prediction,
     parse_result,
     timestamp,
@@ -207,6 +214,7 @@ def apply_annotation(
     if annotation.get("was_cancelled"):
         updated = timestamp(annotation.get("updated_at"))
         outcome.deleted = soft_delete_annotations(session, [annotation_id], at=updated or received_at)
+        outcome.deleted += withdraw_adjudications(session, [annotation_id])
         outcome.skipped = 1
         return outcome
     try:
@@ -223,6 +231,12 @@ def apply_annotation(
     if shown is not None and shown.diagnosis is not None and len(shown.diagnosis) > MAX_VALUE_CHARS:
         shown = None  # what the prediction showed is kept only where it fits, like the rater's own
     data = task.get("data") if task is not None and isinstance(task.get("data"), Mapping) else None
+    adjudicated = adjudicated_item(data)
+    if adjudicated is not None:
+        keys = disputed_keys(data)
+        return _apply_adjudication(
+            session, outcome, annotation, (adjudicated, keys), parsed, annotation_id, rater_id
+        )
     image = data.get(config.image_key) if data is not None else None
     item = get_or_create_item(
         session,
@@ -258,6 +272,29 @@ def apply_annotation(
         ),
     )
     outcome.created, outcome.changed = int(result.created), int(result.changed and not result.created)
+    return outcome
+
+
+def _apply_adjudication(
+    session: Session,
+    outcome: Outcome,
+    annotation: Mapping[str, Any],
+    target: tuple[str, frozenset[str] | None],
+    parsed: ParsedAnnotation,
+    annotation_id: int,
+    rater_id: int,
+) -> Outcome:
+    """An annotation of an adjudication task: its labels become gold of the adjudicated item."""
+    completed_by = annotation.get("completed_by")
+    email = completed_by.get("email") if isinstance(completed_by, Mapping) else None
+    adjudicator = (
+        email if isinstance(email, str) and 0 < len(email) <= MAX_NAME_CHARS else f"ls-user-{rater_id}"
+    )
+    try:
+        written, _ = apply_adjudication(session, target[0], parsed, annotation_id, adjudicator, target[1])
+    except LookupError as exc:
+        raise EventError(f"annotation {annotation_id}: {exc}") from exc
+    outcome.changed = written
     return outcome
 
 
@@ -301,7 +338,8 @@ def apply_event(
             raise EventError(f"{action} without an annotations list")
         raw = [a.get("id") if isinstance(a, Mapping) else a for a in annotations]
         ids = [check_id(i, f"annotations[{n}].id") for n, i in enumerate(raw)]
-        return Outcome(action=action, deleted=soft_delete_annotations(session, ids, at=received_at))
+        deleted = soft_delete_annotations(session, ids, at=received_at) + withdraw_adjudications(session, ids)
+        return Outcome(action=action, deleted=deleted)
     if action == TRAIN_EVENT:
         return Outcome(action=action, train=True)
     return Outcome(action=action, ignored=True)

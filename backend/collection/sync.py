@@ -18,10 +18,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from backend.collection.adjudication import ADJUDICATION, adjudicated_item, withdraw_adjudications
 from backend.collection.ingest import EventError, apply_annotation
 from backend.label_studio.client import LabelStudioError, connect, label_studio_errors
 from backend.settings import Settings
-from consensus.models import Annotation, Item, Source
+from consensus.models import Annotation, GoldLabel, Item, Source
 from consensus.repository import record_event, soft_delete_annotations
 from labeling_config.parse import ProjectConfig
 
@@ -45,6 +46,23 @@ class SyncSummary:
         return dict(self.__dict__)
 
 
+def _withdraw_missing_adjudications(session: Session, items: set[str], seen: set[int]) -> int:
+    """Soft-delete the adjudications of these items whose annotation the export no longer holds."""
+    if not items:
+        return 0
+    rows = session.scalars(
+        select(GoldLabel.ls_annotation_id)
+        .join(Item, Item.id == GoldLabel.item_id)
+        .where(
+            Item.external_id.in_(sorted(items)),
+            GoldLabel.source == ADJUDICATION,
+            GoldLabel.deleted.is_(False),
+            GoldLabel.ls_annotation_id.is_not(None),
+        )
+    ).all()
+    return withdraw_adjudications(session, sorted({i for i in rows if i is not None and i not in seen}))
+
+
 def sync_project(
     sessions: sessionmaker[Session],
     project: int,
@@ -58,10 +76,14 @@ def sync_project(
     """
     summary = SyncSummary(project=project)
     seen: set[int] = set()
+    adjudicated: set[str] = set()  # items adjudicated by this project's tasks (an adjudication project)
     problems: list[str] = []
     with sessions() as session:
         for task in tasks:
             summary.tasks += 1
+            source = adjudicated_item(task.get("data") if isinstance(task.get("data"), Mapping) else None)
+            if source is not None:
+                adjudicated.add(source)
             for annotation in task.get("annotations") or []:
                 summary.annotations += 1
                 if isinstance(annotation.get("id"), int):
@@ -89,6 +111,7 @@ def sync_project(
         ).all()
         gone = [i for i in stale if i is not None and i not in seen]
         summary.deleted += soft_delete_annotations(session, gone)
+        summary.deleted += _withdraw_missing_adjudications(session, adjudicated, seen)
         record_event(
             session,
             Source.SYNC,
@@ -115,7 +138,23 @@ def sync_from_label_studio(settings: Settings, sessions: sessionmaker[Session], 
     with connect(url, key) as ls, label_studio_errors(url):
         xml = ls.label_config(project)
         tasks = ls.export_tasks(project)
-    return sync_project(sessions, project, tasks, parse_config(xml))
+        emails = {int(u.id): str(u.email) for u in ls.users.list() if u.id is not None and u.email}
+    return sync_project(sessions, project, [with_emails(t, emails) for t in tasks], parse_config(xml))
+
+
+def with_emails(task: Mapping[str, Any], emails: Mapping[int, str]) -> Mapping[str, Any]:
+    """An exported task whose annotations name their reader by id only, given the reader's e-mail too
+    (as a webhook gives it), so a reader first seen through a sync is stored under their e-mail."""
+    annotations = task.get("annotations")
+    if not isinstance(annotations, list):
+        return task
+    named = []
+    for annotation in annotations:
+        who = annotation.get("completed_by") if isinstance(annotation, Mapping) else None
+        if isinstance(who, int) and not isinstance(who, bool) and who in emails:
+            annotation = {**annotation, "completed_by": {"id": who, "email": emails[who]}}
+        named.append(annotation)
+    return {**task, "annotations": named}
 
 
 class PeriodicSync:
