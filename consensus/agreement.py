@@ -27,7 +27,7 @@ pair and are left out of every statistic below except the rater-vs-consensus one
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -279,3 +279,63 @@ def _sorted_unique(values: pd.Series) -> pd.Index:
         return index.sort_values()
     except TypeError:
         return index
+
+
+def bootstrap_interval(
+    data: pd.DataFrame,
+    statistic: Callable[[pd.DataFrame], float],
+    groups: Mapping[Hashable, Hashable] | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    random_state: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of an agreement statistic, resampling items, or groups of items.
+
+    Images of one lesion (or lesions of one patient) are not independent: with ``groups`` (task ->
+    group, e.g. from :func:`consensus.groups.lesion_group`) whole groups are resampled, so the interval
+    is not narrowed by counting one lesion several times. Tasks missing from ``groups`` are their own
+    group. Deterministic for a given ``random_state``.
+
+    Args:
+        data: long table ``task``, ``worker``, ``label``.
+        statistic: e.g. :func:`fleiss_kappa` or :func:`krippendorff_alpha`.
+        groups: task -> group key; default every task alone.
+        n_boot: bootstrap resamples.
+        level: coverage.
+        random_state: seed.
+
+    Returns:
+        ``(low, high)``; NaN where fewer than half of the resamples give a finite value.
+
+    Raises:
+        ValueError: ``n_boot`` below 1 or ``level`` outside (0, 1).
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    tasks = pd.Index(pd.unique(data["task"]))
+    keys = [groups.get(t, ("task", t)) if groups is not None else ("task", t) for t in tasks]
+    group_codes, _ = pd.factorize(pd.Series(keys, dtype=object))
+    members = [np.flatnonzero(group_codes == g) for g in range(group_codes.max() + 1)]
+    row_task = tasks.get_indexer(pd.Index(data["task"]))
+    rows_of = [np.flatnonzero(row_task == t) for t in range(len(tasks))]
+    rng = np.random.default_rng(random_state)
+    values = []
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(members), len(members))
+        picked = [t for g in drawn for t in members[g]]
+        rows = np.concatenate([rows_of[t] for t in picked])
+        # Each drawn copy of a task is a task of its own (else a repeated task would look like more raters).
+        copy = np.repeat(np.arange(len(picked)), [len(rows_of[t]) for t in picked])
+        sample = data.iloc[rows][["worker", "label"]].assign(task=copy)
+        try:
+            value = statistic(sample)
+        except ValueError:
+            continue
+        if np.isfinite(value):
+            values.append(value)
+    if len(values) < n_boot / 2:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)

@@ -234,3 +234,25 @@ def test_rater_vs_consensus_bad_consensus(consensus, message):
 def test_rater_vs_consensus_unknown_class():
     with pytest.raises(ValueError, match=r"consensus labels \[2\] are not in classes \[0, 1\]"):
         rater_vs_consensus(GOOD, pd.Series({1: 0, 2: 2}), classes=[0, 1])
+
+
+def test_bootstrap_interval_covers_the_statistic_and_widens_when_lesions_repeat():
+    from consensus.agreement import bootstrap_interval, fleiss_kappa
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for item in range(60):
+        truth = int(rng.random() < 0.4)
+        rows += [(item, f"r{j}", truth if rng.random() < 0.85 else 1 - truth) for j in range(4)]
+    one = pd.DataFrame(rows, columns=["task", "worker", "label"])
+    # Every lesion photographed five times: 300 images, but only 60 independent lesions.
+    copies = pd.concat([one.assign(task=one["task"] * 10 + k) for k in range(5)], ignore_index=True)
+    lesions = {t: t // 10 for t in copies["task"].unique()}
+    kappa = fleiss_kappa(copies)
+    naive = bootstrap_interval(copies, fleiss_kappa, n_boot=300)
+    grouped = bootstrap_interval(copies, fleiss_kappa, groups=lesions, n_boot=300)
+    assert naive[0] < kappa < naive[1] and grouped[0] < kappa < grouped[1]
+    assert (grouped[1] - grouped[0]) > 1.6 * (naive[1] - naive[0])  # about sqrt(5) wider
+    assert bootstrap_interval(copies, fleiss_kappa, groups=lesions, n_boot=300) == grouped  # seeded
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_interval(copies, fleiss_kappa, n_boot=0)
