@@ -88,8 +88,9 @@ def wilson_interval(p: float, n: float, level: float = 0.95) -> tuple[float, flo
     return float(min(max(centre - half, 0.0), p)), float(max(min(centre + half, 1.0), p))
 
 
-def _weights(n_groups: int, n_boot: int, rng: np.random.Generator) -> FloatArray:
-    """How many times each group is drawn, per bootstrap replicate (``n_boot x n_groups``)."""
+def bootstrap_draws(n_groups: int, n_boot: int, rng: np.random.Generator) -> FloatArray:
+    """How many times each group is drawn in each bootstrap replicate (``n_boot x n_groups``): the
+    ``weights`` of :func:`clustered_rate`."""
     return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(float)
 
 
@@ -210,7 +211,7 @@ def exposure(
         if subset.empty:
             continue
         groups = pd.Index(pd.unique(subset["group"]))
-        weights = _weights(len(groups), n_boot, rng) if n_boot > 0 else None
+        weights = bootstrap_draws(len(groups), n_boot, rng) if n_boot > 0 else None
         for arm, assisted in ((ASSISTED, True), (UNASSISTED, False)):
             reads_ = subset[subset["assisted"] == assisted]
             row: dict[str, object] = {
@@ -400,7 +401,7 @@ def pair_summary(
             "assisted_agree_consensus": _same(sub["assisted_value"], sub["consensus"]),
         }
         groups = pd.Index(pd.unique(sub["image"]))
-        weights = _weights(len(groups), n_boot, rng) if n_boot > 0 else None
+        weights = bootstrap_draws(len(groups), n_boot, rng) if n_boot > 0 else None
         row: dict[str, object] = {"label_key": key, "n_pairs": len(sub), "n_images": len(groups)}
         for name, hits in measures.items():
             s, n = _group_sums(hits, sub["image"], groups)

@@ -263,3 +263,21 @@ def test_the_store_gives_each_read_with_what_it_was_shown(tmp_path):
     assert table.loc[("ls-8", "bcc"), "image"] == "upload:ISIC_9.jpg" and pd.isna(
         table.loc[("ls-8", "bcc"), "shown"]
     )
+
+
+def test_clustered_intervals_keep_their_coverage_where_reads_of_an_image_are_alike():
+    from consensus.exposure import bootstrap_draws, clustered_rate
+
+    # 40 lesions, 8 reads each, intra-class correlation 0.5 (bench/exposure_coverage.py, fewer runs).
+    rng = np.random.default_rng(3)
+    p, icc, reps = 0.7, 0.5, 200
+    a, b = p * (1 - icc) / icc, (1 - p) * (1 - icc) / icc
+    hits = np.zeros(2)
+    for _ in range(reps):
+        agree = rng.binomial(8, rng.beta(a, b, 40)).astype(float)
+        known = np.full(40, 8.0)
+        for k, draws in enumerate((bootstrap_draws(40, 500, rng), None)):
+            _, low, high = clustered_rate(agree, known, draws)
+            hits[k] += low <= p <= high
+    clustered, naive = hits / reps
+    assert clustered >= 0.9 and naive <= 0.8, (clustered, naive)
