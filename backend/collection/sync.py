@@ -138,8 +138,21 @@ def sync_from_label_studio(settings: Settings, sessions: sessionmaker[Session], 
     with connect(url, key) as ls, label_studio_errors(url):
         xml = ls.label_config(project)
         tasks = ls.export_tasks(project)
-        emails = {int(u.id): str(u.email) for u in ls.users.list() if u.id is not None and u.email}
+        emails = _emails(ls)
     return sync_project(sessions, project, [with_emails(t, emails) for t in tasks], parse_config(xml))
+
+
+def _emails(ls: Any) -> dict[int, str]:
+    """Label Studio user id -> e-mail; empty where the user list cannot be read (a key without the
+    right to list users): readers are then named by their id, as before."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return {int(u.id): str(u.email) for u in ls.users.list() if u.id is not None and u.email}
+    except (ApiError, httpx.HTTPError, ValueError, TypeError) as exc:  # the names are a nicety
+        logger.info("sync: the user list could not be read (%s); readers are named by id", exc)
+        return {}
 
 
 def with_emails(task: Mapping[str, Any], emails: Mapping[int, str]) -> Mapping[str, Any]:
