@@ -246,6 +246,7 @@ BACKEND_LAYERS = [
     {"backend.collection"},
     {"backend.serving"},
     {"backend.training"},
+    {"backend.bundle"},
     {"backend.api"},
     {"backend.server"},
     {"backend.demo"},

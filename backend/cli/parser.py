@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from backend.settings import Settings
 
 from backend.cli.adjudication import cmd_adjudicate, cmd_import_gold
+from backend.cli.bundle import cmd_study_freeze, cmd_study_verify
 from backend.cli.common import _version
 from backend.cli.service import cmd_models, cmd_predict, cmd_serve, cmd_sync, cmd_worker
 from backend.cli.study import (
@@ -386,6 +387,20 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     )
     sy.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
     sy.set_defaults(func=cmd_sync)
+
+    study = sub.add_parser("study", help="a frozen study bundle: freeze, verify")
+    study_sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+    fr = study_sub.add_parser("freeze", help=cmd_study_freeze.__doc__, description=cmd_study_freeze.__doc__)
+    fr.add_argument("--out", required=True, help="a new (or empty) folder for the bundle")
+    fr.add_argument("--run", type=int, default=None, help="consensus run id (default: the latest BCC run)")
+    fr.add_argument("--config", default=None, help="the Label Studio labeling config XML (default: bcc.xml)")
+    fr.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    fr.set_defaults(func=cmd_study_freeze)
+    ve = study_sub.add_parser("verify", help=cmd_study_verify.__doc__, description=cmd_study_verify.__doc__)
+    ve.add_argument("bundle", help="the bundle's folder")
+    ve.add_argument("--config", default=None, help="the config given to freeze, if any")
+    ve.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    ve.set_defaults(func=cmd_study_verify)
 
     adj = sub.add_parser("adjudicate", help=cmd_adjudicate.__doc__, description=cmd_adjudicate.__doc__)
     adj.add_argument("--project", type=int, required=True, help="the readers' Label Studio project id")

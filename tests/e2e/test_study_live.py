@@ -1,11 +1,13 @@
 """A reading study against a real Label Studio 1.23.2: four readers, the disputed images to an adjudicator,
-the adjudicator's labels back as gold, the consensus re-run with them.
+the adjudicator's labels back as gold, the consensus re-run with them, the study frozen and verified.
 
 Twelve tasks; four dermatologists read each one through Label Studio's API. Four images split the
 readers 2-2 on the diagnosis. ``dermassist adjudicate`` syncs the project, runs the consensus and puts
 exactly the disputed images into a new adjudication project, each with the four readings as
 predictions; a second call adds nothing. The senior dermatologist answers there; ``dermassist sync``
 of the adjudication project stores the answers as gold labels; ``dermassist consensus run`` holds them.
+``dermassist study freeze`` locks the run into a bundle that ``study verify`` accepts, and rejects once a
+reader has changed an annotation in Label Studio.
 """
 
 from __future__ import annotations
@@ -140,3 +142,19 @@ def test_disputed_images_are_adjudicated_and_come_back_as_gold(
         for item, value in decided.items():
             assert consensus[item] == (str(value), 1.0)
     engine.dispose()
+
+    # The study is frozen; the bundle verifies, until a reader changes an annotation in Label Studio.
+    bundle = tmp_path / "bundle"
+    frozen = _dermassist(env, "study", "freeze", "--out", str(bundle))
+    assert "4 gold labels" in frozen, frozen
+    assert "verified" in _dermassist(env, "study", "verify", str(bundle))
+    annotation = ls.export_tasks(project.id)[1]["annotations"][0]
+    flipped = _result(
+        not any(c == "BCC" for r in annotation["result"] for c in r["value"].get("choices", [])), False
+    )
+    ls.annotations.update(id=annotation["id"], result=flipped)
+    _dermassist(env, "sync", "--project", str(project.id))
+    done = subprocess.run(
+        [str(DERMASSIST), "study", "verify", str(bundle)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "answers changed" in done.stderr, done.stdout + done.stderr
