@@ -83,6 +83,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _headless_demo(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from backend.demo.regions import import_study_regions
+    from backend.label_studio.brush import decode_region
     from consensus.db import init_db
     from consensus.export import build_study, write_csv, write_report
     from consensus.repository import import_ratings
@@ -100,8 +102,9 @@ def _headless_demo(args: argparse.Namespace) -> int:
     try:
         with sessions.begin() as session:
             import_ratings(session, pd.read_csv(study_dir / "ratings.csv"), origin="demo")
+            import_study_regions(session, study_dir)  # the simulated dermatologists' painted regions
         with sessions.begin() as session:
-            run = run_consensus(session)
+            run = run_consensus(session, decode=decode_region)
         with sessions() as session:
             study = build_study(session, run.id)
     finally:
