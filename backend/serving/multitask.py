@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
+from scipy.special import expit
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def run_batch(served: ServedModel, images: Sequence[Image.Image], maps: bool = T
     for start in range(0, len(images), BATCH_SIZE):
         chunk = np.stack([to_array(im, meta.input_size) for im in images[start : start + BATCH_SIZE]])
         logits, raw = served.engine.run(chunk, maps=maps)
-        probs = 1.0 / (1.0 + np.exp(-logits / temperatures))
+        probs = expit(logits / temperatures)  # 1 / (1 + exp(-x)) without overflow at large |x|
         for i in range(len(chunk)):
             outputs.append(
                 ImageOutput(
