@@ -100,10 +100,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cam_method=args.cam_method,
     )
     bcc = metrics["classification"]["bcc"]
+    auroc = bcc["auroc"]
     print(
         f"{metrics['model_version']} on {metrics['classification']['n_images']} images ({metrics['split']}): "
-        f"BCC AUROC {bcc['auroc']['value']:.3f}, sensitivity {bcc['recall']['value']:.3f}, "
-        f"specificity {bcc['specificity']['value']:.3f} -> {Path(args.out) / 'report.html'}"
+        f"BCC AUROC {auroc['value']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}], "
+        f"sensitivity {bcc['recall']['value']:.3f}, specificity {bcc['specificity']['value']:.3f}; "
+        f"95% intervals: {metrics['bootstrap']['text']} -> {Path(args.out) / 'report.html'}"
     )
     return 0
 
@@ -142,7 +144,7 @@ def cmd_evaluate_seg(args: argparse.Namespace) -> int:
         for k, v in found.items()
         if isinstance(v, dict) and "mean" in v
     ]
-    print(f"{'; '.join(parts)} -> {Path(args.out) / 'metrics.json'}")
+    print(f"{'; '.join(parts)} ({found['bootstrap']['text']}) -> {Path(args.out) / 'metrics.json'}")
     return 0
 
 
@@ -193,6 +195,7 @@ def cmd_evaluate_dual(args: argparse.Namespace) -> int:
     print(
         f"{found['n']} images: balanced accuracy {fmt(found.get('balanced_accuracy'))}, macro AUROC "
         f"{fmt(found.get('auroc_macro'))}, BCC AUROC {fmt(found.get('auroc_bcc'))}; Grad-CAM energy inside "
-        f"the lesion {fmt(cam.get('energy_inside'))} (lesion area {fmt(cam.get('area'))}) -> {args.out}"
+        f"the lesion {fmt(cam.get('energy_inside'))} (lesion area {fmt(cam.get('area'))}); 95% intervals: "
+        f"{found['bootstrap']['text']} -> {args.out}"
     )
     return 0

@@ -3,7 +3,9 @@
 On the checkpoint's own lesion-grouped validation split (or every row):
 
 - the seven-class diagnosis: balanced accuracy, macro AUROC and per-class AUROC (one vs rest), BCC
-  AUROC, each with a 95% interval from a bootstrap over lesions (an image's siblings move together);
+  AUROC, each with a 95% interval from a bootstrap over lesions (an image's siblings move together;
+  over patients where the data name them, over images where they name neither:
+  :func:`model.common.metrics.resampling`, recorded in ``metrics.json`` and the report);
 - where does the image encoder look: the Grad-CAM map of the predicted diagnosis, from the one
   forward pass (:func:`model.common.explain.explain` through :class:`model.lesion.dual.ImageBranch`),
   resized to the image's own size; the share of its energy inside the reference lesion mask, beside the mask's
@@ -34,7 +36,7 @@ from labeling_config import HAM_CLASSES
 from model.common.data import load_table, read_binary_mask, table_hash
 from model.common.explain import explain
 from model.common.files import write_json
-from model.common.metrics import bootstrap, map_agreement
+from model.common.metrics import UNITS, bootstrap, map_agreement, resampling
 from model.common.report import confusion_png, figure_png, overlay, pyplot, write_report
 from model.lesion.dual import ImageBranch, load_dual_checkpoint
 from model.lesion.train_dual import DualDataset, collate, metrics, validation_rows
@@ -91,6 +93,7 @@ def evaluate_dual(
     seed: int = 0,
     gallery_size: int = 8,
     table: pd.DataFrame | None = None,
+    unit: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a dual-encoder checkpoint; writes ``metrics.json``, ``per_image.csv`` and ``report.html``.
 
@@ -102,15 +105,19 @@ def evaluate_dual(
         segnet: a segmentation checkpoint whose masks make the lesion crops (default: reference masks).
         batch_size, n_boot, seed, gallery_size: as named.
         table: the :func:`model.common.data.load_table` table to use instead of reading ``data``.
+        unit: what the bootstrap resamples (:func:`model.common.metrics.resampling`): ``"auto"``
+            (patients, else lesions, else images), ``"patient"``, ``"lesion"`` or ``"image"``.
 
     Returns:
         The content of ``metrics.json``.
 
     Raises:
-        ValueError: an unknown ``split``, or a table without diagnoses.
+        ValueError: an unknown ``split`` or ``unit``, or a table without diagnoses.
     """
     if split not in ("val", "all"):
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    if unit not in ("auto", *UNITS):
+        raise ValueError(f"unit must be 'auto', 'patient', 'lesion' or 'image', got {unit!r}")
     model, meta = load_dual_checkpoint(checkpoint)
     config = {**meta.extra.get("train_config", {}), **meta.config_part()}
     table = load_table(data) if table is None else table
@@ -159,8 +166,8 @@ def evaluate_dual(
         found = metrics(sub)
         return {k: float(found.get(k, np.nan)) for k in ("balanced_accuracy", "auroc_macro", "auroc_bcc")}
 
-    groups = rows["lesion_id"].to_numpy()
-    intervals = bootstrap(scalar_metrics, groups, n_boot, seed)
+    resample = resampling(rows, unit)
+    intervals = bootstrap(scalar_metrics, resample.groups, n_boot, seed, n=len(rows))
 
     # Grad-CAM of the predicted diagnosis against the reference lesion mask, at the image's size.
     agreement: list[dict[str, float]] = []
@@ -173,7 +180,7 @@ def evaluate_dual(
     cam: dict[str, Any] = {"n": len(agreement)}
     if agreement:
         frame = pd.DataFrame(agreement)
-        cam_groups = groups[with_mask]
+        cam_rows = resample.subset(np.asarray(with_mask, dtype=int))
 
         def cam_means(index: Array) -> dict[str, float]:
             with warnings.catch_warnings():  # a resample of maps without energy has no mean
@@ -183,7 +190,7 @@ def evaluate_dual(
                     for c in ("energy_inside", "area", "pointing")
                 }
 
-        cam.update(bootstrap(cam_means, cam_groups, n_boot, seed))
+        cam.update(bootstrap(cam_means, cam_rows.groups, n_boot, seed, n=cam_rows.n_images))
         cam["share_above_half"] = float((frame["energy_inside"] > 0.5).mean())
         cam["maps_without_energy"] = int(frame["energy_inside"].isna().sum())  # all zero after the ReLU
     result = {
@@ -195,13 +202,18 @@ def evaluate_dual(
         },
         "epoch": meta.epoch,
         "n": len(rows),
+        "bootstrap": {"replicates": n_boot, "seed": seed, "interval": "95% percentile", **resample.as_dict()},
         **{k: v for k, v in point.items() if k in ("auroc_per_class",)},
         **intervals,
         "gradcam_predicted_class": cam,
     }
     if mask_dice is not None and not np.isnan(mask_dice).all():
         result["predicted_mask_dice"] = bootstrap(
-            lambda index: {"dice": float(np.nanmean(mask_dice[index]))}, groups, n_boot, seed
+            lambda index: {"dice": float(np.nanmean(mask_dice[index]))},
+            resample.groups,
+            n_boot,
+            seed,
+            n=len(rows),
         )["dice"]
     write_json(out / "metrics.json", result)
     per_image = rows[["image_id", "lesion_id", "dx"]].assign(

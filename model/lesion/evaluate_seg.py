@@ -3,9 +3,10 @@
 The logits are upsampled bilinearly to the image's size and a pixel is lesion where the probability is
 at least the checkpoint's threshold (:data:`model.lesion.segmentation.THRESHOLD_RULE`).
 :func:`evaluate_seg` writes ``metrics.json`` (Dice, IoU and boundary F, each the mean over images with
-a 95% bootstrap interval over lesions), ``per_image.csv`` and ``gallery.png`` (best and worst cases by
-Dice, predicted contour over the reference contour). :func:`predict_masks` is the same prediction for
-any images (the dual-encoder's evaluation and the backend's retraining use it).
+a 95% bootstrap interval over lesions: patients where the data name them, images where they name
+neither, :func:`model.common.metrics.resampling`), ``per_image.csv`` and ``gallery.png`` (best and worst
+cases by Dice, predicted contour over the reference contour). :func:`predict_masks` is the same prediction
+for any images (the dual-encoder's evaluation and the backend's retraining use it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from numpy.typing import NDArray
 
 from model.common.data import DataError, load_table, split_by_lesion, table_hash
 from model.common.files import write_json
-from model.common.metrics import bootstrap_means
+from model.common.metrics import UNITS, bootstrap_means, resampling
 from model.common.training import transforms
 from model.lesion.masks import boundary_f_score, dice, iou
 from model.lesion.segmentation import THRESHOLD, THRESHOLD_RULE, SegMeta, load_segnet
@@ -110,6 +111,7 @@ def evaluate_seg(
     n_boot: int = 1000,
     seed: int = 0,
     gallery_size: int = 4,
+    unit: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a segmentation checkpoint at each image's own resolution.
 
@@ -123,15 +125,19 @@ def evaluate_seg(
         n_boot: bootstrap replicates.
         seed: bootstrap seed.
         gallery_size: best and worst cases shown.
+        unit: what the bootstrap resamples (:func:`model.common.metrics.resampling`): ``"auto"``
+            (patients, else lesions, else images), ``"patient"``, ``"lesion"`` or ``"image"``.
 
     Returns:
         The content of ``metrics.json``.
 
     Raises:
-        ValueError: an unknown ``split``.
+        ValueError: an unknown ``split`` or ``unit``.
     """
     if split not in ("val", "all"):
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    if unit not in ("auto", *UNITS):
+        raise ValueError(f"unit must be 'auto', 'patient', 'lesion' or 'image', got {unit!r}")
     model, meta = load_segnet(checkpoint)
     table = rows_with_masks(load_table(data))
     data_hash = table_hash(table)
@@ -167,9 +173,8 @@ def evaluate_seg(
 
     frame = pd.DataFrame(per_image)
     names = ("dice", "iou", "boundary_f")
-    intervals = bootstrap_means(
-        {k: frame[k].to_numpy() for k in names}, frame["lesion_id"].to_numpy(), n_boot, seed
-    )
+    resample = resampling(table, unit)
+    intervals = bootstrap_means({k: frame[k].to_numpy() for k in names}, resample.groups, n_boot, seed)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "version": meta.version,
@@ -180,7 +185,7 @@ def evaluate_seg(
         "threshold": meta.threshold,
         "threshold_rule": THRESHOLD_RULE,
         "boundary_tolerance_px": tolerance_px,
-        "bootstrap": {"replicates": n_boot, "seed": seed, "unit": "lesion", "interval": "95% percentile"},
+        "bootstrap": {"replicates": n_boot, "seed": seed, "interval": "95% percentile", **resample.as_dict()},
         "data_hash": data_hash,
         "trained_on_data_hash": meta.data_hash,
         **intervals,
@@ -191,8 +196,9 @@ def evaluate_seg(
     frame.to_csv(out / "per_image.csv", index=False)
     _gallery(out / "gallery.png", cases, gallery_size)
     logger.info(
-        "segmentation (%s, %d images): Dice %.3f [%.3f, %.3f], IoU %.3f, boundary F %.3f",
+        "segmentation (%s, %d images): Dice %.3f [%.3f, %.3f] (%s), IoU %.3f, boundary F %.3f",
         split, len(frame), result["dice"]["mean"], result["dice"]["low"], result["dice"]["high"],
+        resample.describe(),
         result["iou"]["mean"], result["boundary_f"]["mean"],
     )  # fmt: skip
     return result

@@ -1,7 +1,9 @@
 """Evaluation with the paper's metrics, explanation agreement, and a self-contained HTML report.
 
 Metrics (Matas et al., arXiv:2407.00104) with 95% intervals from a bootstrap over *lesions* (images of
-one lesion are resampled together, as they are not independent):
+one lesion are resampled together, as they are not independent), over patients where the data name them
+(a ``patient_id`` column), over images where they name neither (:func:`model.common.metrics.resampling`;
+``metrics.json`` and the report say which, and how many):
 
 - BCC: accuracy, precision, recall (sensitivity), specificity, F1, balanced accuracy at the
   checkpoint's threshold; AUROC and AUPRC.
@@ -36,7 +38,7 @@ from labeling_config import BCC_PATTERNS, DIAGNOSIS_KEY, EXCLUSION_PATTERN, PATT
 from model.common.data import DermDataset, load_table, read_binary_mask, split_sources, table_hash
 from model.common.explain import LIBRARY_METHODS, explain, library_cams
 from model.common.files import write_json
-from model.common.metrics import bootstrap, map_agreement
+from model.common.metrics import UNITS, Resampling, bootstrap, map_agreement, resampling
 from model.common.report import confusion_png, figure_png, overlay, pyplot
 from model.common.report import write_report as write_report_page
 from model.common.training import transforms
@@ -119,10 +121,16 @@ def threshold_metrics(y: Array, pred: Array) -> dict[str, float]:
     }
 
 
-def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """BCC and per-pattern metrics with intervals, and the paper's two criteria."""
+def classification_metrics(
+    pred: Predictions, n_boot: int = 1000, seed: int = 0, resample: Resampling | None = None
+) -> dict[str, Any]:
+    """BCC and per-pattern metrics with intervals, and the paper's two criteria.
+
+    ``resample`` says what the bootstrap resamples (default: :func:`model.common.metrics.resampling`
+    of the table: patients, else lesions, else images).
+    """
     table, probs, meta = pred.table, pred.probs, pred.meta
-    groups = table["lesion_id"].to_numpy()
+    resample = resampling(table) if resample is None else resample
     thresholds = np.array([meta.thresholds.get(t, 0.5) for t in TARGETS])
     detected = probs >= thresholds
     y_bcc = table[DIAGNOSIS_KEY].to_numpy().astype(int)
@@ -133,14 +141,14 @@ def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0)
         return {**threshold_metrics(y, detected[rows, 0]), "auroc": auroc(y, s), "auprc": auprc(y, s)}
 
     result: dict[str, Any] = {"n_images": len(table), "n_bcc": int(y_bcc.sum())}
-    result["bcc"] = bootstrap(bcc_stat, groups, n_boot, seed)
+    result["bcc"] = bootstrap(bcc_stat, resample.groups, n_boot, seed, n=len(table))
     result["bcc"]["threshold"] = float(thresholds[0])
 
     patterns: dict[str, Any] = {}
     for k, key in enumerate(TARGETS[1:], start=1):
         labelled = table[key].notna().to_numpy()
         if labelled.any():
-            sub_groups = groups[labelled]
+            sub = resample.subset(labelled)
             y = table.loc[labelled, key].to_numpy().astype(int)
             s, d = probs[labelled, k], detected[labelled, k]
 
@@ -148,7 +156,7 @@ def classification_metrics(pred: Predictions, n_boot: int = 1000, seed: int = 0)
                 m = threshold_metrics(y[rows], d[rows])
                 return {"auroc": auroc(y[rows], s[rows]), "ap": auprc(y[rows], s[rows]), "f1": m["f1"]}
 
-            patterns[key] = bootstrap(stat, sub_groups, n_boot, seed)
+            patterns[key] = bootstrap(stat, sub.groups, n_boot, seed, n=sub.n_images)
             patterns[key]["prevalence"] = float(y.mean())
             patterns[key]["threshold"] = float(thresholds[k])
     result["patterns"] = patterns
@@ -335,6 +343,7 @@ def write_report(
         data=str(metrics["data"]),
         split=metrics["split"],
         n_bootstrap=metrics["n_bootstrap"],
+        resampled=metrics.get("bootstrap", {}).get("text", "bootstrap over lesions"),
         cls=cls,
         bcc=[(k, v) for k, v in cls["bcc"].items() if isinstance(v, dict)],
         patterns=[(display(k), v) for k, v in cls["patterns"].items()],
@@ -355,6 +364,7 @@ def evaluate(
     batch_size: int = 32,
     seed: int = 0,
     cam_method: str = "gradcam",
+    unit: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset folder; write ``metrics.json`` and ``report.html`` to ``out``.
 
@@ -370,12 +380,17 @@ def evaluate(
         seed: seed of the bootstrap and the gallery.
         cam_method: ``"gradcam"`` (ours, all outputs from one pass) or a pytorch-grad-cam method
             for the explanation metrics and galleries.
+        unit: what the bootstrap resamples: ``"auto"`` (patients where the table has ``patient_id``,
+            else lesions where it has lesion ids, else images), ``"patient"``, ``"lesion"`` or
+            ``"image"`` (:func:`model.common.metrics.resampling`).
 
     Returns:
         The metrics (as written to ``metrics.json``).
     """
     if split not in ("auto", "all", "val"):
         raise ValueError(f"split must be 'auto', 'all' or 'val', got {split!r}")
+    if unit not in ("auto", *UNITS):
+        raise ValueError(f"unit must be 'auto', 'patient', 'lesion' or 'image', got {unit!r}")
     model, meta = load_checkpoint(checkpoint)
     table = load_table(data)
     if split == "auto":
@@ -387,7 +402,15 @@ def evaluate(
         cfg = meta.extra.get("train_config", {})
         _, val = split_sources(table, cfg.get("val_fraction", 0.2), seed=cfg.get("split_seed", 0))
         table = table.iloc[val]
-    logger.info("evaluating %s on %d images of %s (%s)", meta.version, len(table), data, split)
+    resample = resampling(table, unit)
+    logger.info(
+        "evaluating %s on %d images of %s (%s; %s)",
+        meta.version,
+        len(table),
+        data,
+        split,
+        resample.describe(),
+    )
     pred = predict(model, meta, table, batch_size, cam_method)
     metrics: dict[str, Any] = {
         "model_version": meta.version,
@@ -396,7 +419,8 @@ def evaluate(
         "data": str(data),
         "split": split,
         "n_bootstrap": n_boot,
-        "classification": classification_metrics(pred, n_boot, seed),
+        "bootstrap": {"replicates": n_boot, "seed": seed, "interval": "95% percentile", **resample.as_dict()},
+        "classification": classification_metrics(pred, n_boot, seed, resample),
         "explanations": explanation_metrics(pred),
     }
     out = Path(out)
