@@ -9,7 +9,9 @@ the same pass); each pattern's map, scaled to the image's size as the backend sc
 thresholded at ``threshold`` of its maximum, and the region's area share (energy inside's chance level).
 
 Per pattern: the number of images, and the mean of each figure over images with a 95% percentile
-bootstrap interval (images resampled, :func:`model.common.metrics.bootstrap_means`). An empty consensus
+bootstrap interval (:func:`model.common.metrics.bootstrap_means`) that resamples patients, or lesions,
+whole where the tasks' data name them (``patient_id``, ``lesion_id``: :func:`consensus.groups.lesion_group`),
+else images; ``resampled`` and ``n_groups`` say which and how many. An empty consensus
 region (the raters' STAPLE found nothing) is not scored: there is nothing to point at. By default only
 images whose Dawid-Skene consensus says the pattern is present are scored (``present_only``): STAPLE
 alone, given one rater's stray stroke and the others' empty masks, can settle on that stroke (a fixed
@@ -21,7 +23,7 @@ puts no energy inside (0) and points nowhere (a miss).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.serving.multitask import BATCH_SIZE, ServedModel, run_batch
+from consensus.groups import lesion_group
 from consensus.models import ConsensusRun, Item
 from consensus.region_export import region_masks
 from consensus.repository import consensus_table
@@ -46,6 +49,8 @@ SUMMARY_COLUMNS = (
     "model_version",
     "pattern",
     "n_images",
+    "resampled",
+    "n_groups",
     *(f"{f}{s}" for f in FIGURES for s in ("", "_low", "_high")),
 )
 
@@ -65,14 +70,35 @@ class GradcamAgreement:
     skipped: list[str]
 
 
-def summarise(per_image: pd.DataFrame, model_version: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Per pattern: images scored, each figure's mean and 95% bootstrap interval over images."""
+def summarise(
+    per_image: pd.DataFrame,
+    model_version: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Per pattern: images scored, each figure's mean and 95% bootstrap interval over images, or over
+    groups of images (``groups``: image id -> its patient's or lesion's key, as
+    :func:`consensus.groups.lesion_group` gives; an image not in it is its own group)."""
     rows = []
     for pattern, group in per_image.groupby("pattern", sort=False):
-        found = bootstrap_means(
-            {f: group[f].to_numpy(dtype=float) for f in FIGURES}, group["image_id"].to_numpy(), n_boot, seed
+        ids = group["image_id"].astype(str).tolist()
+        keys = [(groups or {}).get(i, i) for i in ids]
+        unit = (
+            "patients"
+            if any(k.startswith("patient:") for k in keys)
+            else "lesions"
+            if keys != ids
+            else "images"
         )
-        row: dict[str, object] = {"model_version": model_version, "pattern": pattern, "n_images": len(group)}
+        found = bootstrap_means(
+            {f: group[f].to_numpy(dtype=float) for f in FIGURES},
+            None if unit == "images" else np.asarray(keys, dtype=object),
+            n_boot,
+            seed,
+        )
+        row: dict[str, object] = {"model_version": model_version, "pattern": pattern, "n_images": len(group),
+                                  "resampled": unit, "n_groups": len(set(keys))}  # fmt: skip
         for f in FIGURES:
             row.update({f: found[f]["mean"], f"{f}_low": found[f]["low"], f"{f}_high": found[f]["high"]})
         rows.append(row)
@@ -166,5 +192,6 @@ def gradcam_agreement(
         .drop(columns="_rank")
         .reset_index(drop=True)
     )
-    summary = summarise(per_image, served.version, n_boot, seed)
+    groups = {task: lesion_group(task, items[task].data)[1] for task in order}
+    summary = summarise(per_image, served.version, n_boot, seed, groups)
     return GradcamAgreement(per_image, summary, skipped)
