@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,21 @@ from sqlalchemy.orm import Session
 
 from consensus.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen_kappa, percent_agreement
 from consensus.agreement import rater_vs_consensus as rater_vs_consensus_table
+from consensus.export.html import render, table_html, with_interval
+from consensus.export.raters import PAGES, Overlay, page_name, shrink, write_rater_pages
+from consensus.export.tables import (
+    disagreements,
+    gold_counts_table,
+    gold_summary,
+    gradcam_table,
+    rater_models,
+    rater_vs_gold,
+    region_summary,
+)
 from consensus.exposure import exposure, pair_summary, paired_reads, prepare_reads
-from consensus.models import ConsensusRun, ModelOutput, ModelVersion, Rater, RaterReliability, RunKind
+from consensus.models import ConsensusRun, Item, ModelOutput, ModelVersion, Rater, RaterReliability, RunKind
+from consensus.region_export import region_masks, region_reliability, region_table
+from consensus.regions import REGION_PREFIX, MaskDecoder, rater_pattern_masks
 from consensus.repository import (
     ANSWER_COLUMNS,
     HAM_KEY,
@@ -44,6 +58,8 @@ from consensus.repository import (
     lesion_answers,
 )
 from consensus.repository.exposure import exposure_reads
+from consensus.repository.gold import gold_table
+from consensus.repository.regions import pattern_region_answers
 from labeling_config import (
     BCC_PATTERNS,
     DIAGNOSIS_KEY,
@@ -94,6 +110,23 @@ class Study:
             pre-annotation, with 95% intervals (:func:`consensus.exposure.pair_summary`).
         exposure_summary: counts of reads by exposure, of assisted reads whose prediction's labels are
             not stored, of pairs, and the model versions the readers saw.
+        regions: per image and pattern with a region consensus (``region:<pattern>`` keys, which stay
+            out of ``consensus`` and ``reliability``): :func:`consensus.region_export.region_table`.
+        region_reliability: per pattern and rater: the pixel-pooled region sensitivity / specificity.
+        gold: the store's gold labels of the run's labels (:func:`consensus.repository.gold.gold_table`).
+        gold_summary: what the run held as gold (n, by label and source, conflicts) and what the store
+            holds now (:func:`consensus.export.tables.gold_summary`).
+        rater_vs_gold: per label and reader: sensitivity, specificity and agreement against the gold
+            labels on the gold items only, with Wilson intervals
+            (:func:`consensus.export.tables.rater_vs_gold`).
+        rater_models: per label and candidate rater model: held-out log-likelihood per answer, the
+            standard error of the difference to the chosen one (empty for a fixed estimator).
+        rater_model_criteria: per label, the selection criterion's wording.
+        readers: per reader: images read, answers, answers that differ from the consensus, page file.
+        disagreements: every answer that differs from the consensus (rater, image, label, both values).
+        overlays: per (image, pattern) of a disagreement: the consensus region and the readers' painted
+            regions at thumbnail size.
+        images: image id -> the store's image (path or URL) of each item.
     """
 
     run: dict[str, Any]
@@ -110,6 +143,17 @@ class Study:
     paired: pd.DataFrame = field(default_factory=pd.DataFrame)
     pair_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     exposure_summary: dict[str, Any] = field(default_factory=dict)
+    regions: pd.DataFrame = field(default_factory=pd.DataFrame)
+    region_reliability: pd.DataFrame = field(default_factory=pd.DataFrame)
+    gold: pd.DataFrame = field(default_factory=pd.DataFrame)
+    gold_summary: dict[str, Any] = field(default_factory=dict)
+    rater_vs_gold: pd.DataFrame = field(default_factory=pd.DataFrame)
+    rater_models: pd.DataFrame = field(default_factory=pd.DataFrame)
+    rater_model_criteria: dict[str, str] = field(default_factory=dict)
+    readers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    disagreements: pd.DataFrame = field(default_factory=pd.DataFrame)
+    overlays: dict[tuple[str, str], Overlay] = field(default_factory=dict)
+    images: dict[str, str] = field(default_factory=dict)
 
 
 def _run_dict(run: ConsensusRun) -> dict[str, Any]:
@@ -139,8 +183,20 @@ def _run_answers(session: Session, run: ConsensusRun, keys: list[str]) -> tuple[
     return table, answers_hash(table)
 
 
-def build_study(session: Session, run_id: int | None = None, kind: RunKind = RunKind.BCC) -> Study:
+def build_study(
+    session: Session,
+    run_id: int | None = None,
+    kind: RunKind = RunKind.BCC,
+    decode: MaskDecoder | None = None,
+) -> Study:
     """Lay out a stored run (default: the latest of ``kind``) for export.
+
+    Args:
+        session: the open session.
+        run_id: the run; default the latest of ``kind``.
+        kind: which latest run.
+        decode: a stored painted region -> boolean mask (the backend's Label Studio RLE decoder); with
+            it, the readers' pages show each reader's own region on the images they disagreed on.
 
     Raises:
         ValueError: no consensus run in the store, or no run with that id.
@@ -158,6 +214,8 @@ def build_study(session: Session, run_id: int | None = None, kind: RunKind = Run
         if run is None:
             raise ValueError(f"no consensus run with id {run_id}")
     long = consensus_table(session, run)
+    # The pattern regions (``region:<pattern>``) have their own tables, not consensus.csv's columns.
+    long = long[~long["label_key"].str.startswith(REGION_PREFIX)]
     keys = [k for k in TARGETS if k in set(long["label_key"])] + sorted(set(long["label_key"]) - set(TARGETS))
     values = long.pivot(index="task", columns="label_key", values="value")[keys]
     posteriors = long.pivot(index="task", columns="label_key", values="posterior")[keys]
@@ -227,7 +285,7 @@ def build_study(session: Session, run_id: int | None = None, kind: RunKind = Run
     rel_rows = session.execute(
         select(RaterReliability, Rater.name)
         .join(Rater, RaterReliability.rater_id == Rater.id)
-        .where(RaterReliability.run_id == run.id)
+        .where(RaterReliability.run_id == run.id, ~RaterReliability.label_key.startswith(REGION_PREFIX))
         .order_by(RaterReliability.label_key, Rater.name)
     ).all()
     reliability = pd.DataFrame(
@@ -249,7 +307,25 @@ def build_study(session: Session, run_id: int | None = None, kind: RunKind = Run
         return out[["label_key", *[c for c in out.columns if c != "label_key"]]]
 
     exposure_table, paired, summary = ai_exposure(session, consensus, keys)
+    gold, conflicts = gold_table(session, [k for k in keys if k not in masked])
+    models_table, criteria = rater_models(run.convergence or {})
+    differ = disagreements(table, consensus, [k for k in keys if k not in masked])
     return Study(
+        regions=region_table(session, run),
+        region_reliability=region_reliability(session, run),
+        gold=gold,
+        gold_summary=gold_summary(_run_dict(run), gold, conflicts),
+        rater_vs_gold=rater_vs_gold(table, gold),
+        rater_models=models_table,
+        rater_model_criteria=criteria,
+        readers=_readers(table, differ),
+        disagreements=differ,
+        overlays=_overlays(session, run, differ, decode),
+        images={
+            e: i
+            for e, i in session.execute(select(Item.external_id, Item.image).order_by(Item.external_id))
+            if i
+        },
         exposure=exposure_table,
         paired=paired,
         pair_summary=pair_summary(paired),
@@ -265,6 +341,43 @@ def build_study(session: Session, run_id: int | None = None, kind: RunKind = Run
         answers_changed=changed,
         notes=notes,
     )
+
+
+def _readers(table: pd.DataFrame, differ: pd.DataFrame) -> pd.DataFrame:
+    """Per reader (sorted): images read, answers, answers that differ from the consensus, page file."""
+    if table.empty:
+        return pd.DataFrame(columns=["rater", "images", "answers", "disagreements", "page"])
+    grouped = table.groupby("worker", sort=True).agg(images=("task", "nunique"), answers=("task", "size"))
+    counts = differ.groupby("rater").size() if not differ.empty else pd.Series(dtype=int)
+    grouped["disagreements"] = counts.reindex(grouped.index).fillna(0).astype(int)
+    grouped["page"] = [f"{PAGES}/{page_name(str(r))}" for r in grouped.index]
+    return grouped.rename_axis("rater").reset_index()
+
+
+def _overlays(
+    session: Session, run: ConsensusRun, differ: pd.DataFrame, decode: MaskDecoder | None
+) -> dict[tuple[str, str], Overlay]:
+    """The regions, at thumbnail size, of each (image, pattern) some reader disagreed on: the run's
+    consensus region, and with ``decode`` every reader's painted one."""
+    wanted = {
+        (i, k) for i, k in zip(differ["image_id"], differ["label_key"], strict=True) if k in PATTERN_KEYS
+    }
+    if not wanted:
+        return {}
+    out: dict[tuple[str, str], Overlay] = {}
+    for image, by_pattern in region_masks(session, run).items():
+        for pattern, mask in by_pattern.items():
+            if (image, pattern) in wanted:
+                out[(image, pattern)] = Overlay(consensus=shrink(mask))
+    if decode is not None:
+        patterns = sorted({k for _, k in wanted})
+        painted, _ = rater_pattern_masks(pattern_region_answers(session, patterns), decode)
+        for pair, per_rater in painted.items():
+            if pair not in wanted:
+                continue
+            overlay = out.setdefault(pair, Overlay())
+            overlay.raters = {w: shrink(m) for w, m in per_rater if m is not None}
+    return out
 
 
 def ai_exposure(
@@ -341,13 +454,25 @@ def write_csv(study: Study, out: str | Path) -> list[Path]:
         "paired_reads.csv": study.paired,
         "paired_summary.csv": study.pair_summary,
     }
+    # Written where the run has them: pattern regions, gold labels, a rater model chosen per label.
+    optional = {
+        "region_consensus.csv": study.regions,
+        "region_reliability.csv": study.region_reliability,
+        "gold_labels.csv": study.gold,
+        "rater_vs_gold.csv": study.rater_vs_gold,
+        "rater_models.csv": study.rater_models,
+    }
+    files.update({name: frame for name, frame in optional.items() if not frame.empty})
     written = []
     for name, frame in files.items():
         path = folder / name
         frame.to_csv(path, index=name == "consensus.csv", lineterminator="\n")
         written.append(path)
     run_file = folder / "run.json"
-    run_file.write_text(json.dumps({**study.run, "notes": study.notes}, indent=2) + "\n", encoding="utf-8")
+    run_file.write_text(
+        json.dumps({**study.run, "notes": study.notes, "gold": study.gold_summary}, indent=2) + "\n",
+        encoding="utf-8",
+    )
     return [*written, run_file]
 
 
@@ -367,6 +492,12 @@ def to_json(study: Study) -> dict[str, Any]:
         "agreement": _records(study.agreement),
         "pairwise_kappa": _records(study.pairwise),
         "rater_vs_consensus": _records(study.vs_consensus),
+        "gold": {**study.gold_summary, "labels": _records(study.gold)},
+        "rater_vs_gold": _records(study.rater_vs_gold),
+        "rater_models": _records(study.rater_models),
+        "regions": _records(study.regions),
+        "region_reliability": _records(study.region_reliability),
+        "disagreements": _records(study.disagreements),
         "exposure": {
             **study.exposure_summary,
             "by_label": _records(study.exposure),
@@ -514,32 +645,28 @@ def _calibration_plot(table: pd.DataFrame) -> str:
     return _png(fig)
 
 
-def _table_html(frame: pd.DataFrame, digits: int = 3) -> str:
-    if frame.empty:
-        return "<p>none</p>"
-    # Nullable integer columns (counts with gaps) print <NA> whatever na_rep says.
-    nullable = [c for c in frame.columns if isinstance(frame[c].dtype, pd.Int64Dtype)]
-    frame = frame.astype(dict.fromkeys(nullable, object))
-    frame[nullable] = frame[nullable].where(frame[nullable].notna(), "-")
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="-", border=0)
-
-
-def render(template: str, **values: Any) -> str:
-    """A page from ``consensus/templates`` (Jinja2, autoescaped: values are text unless ``Markup``)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    environment = Environment(loader=PackageLoader("consensus"), autoescape=select_autoescape(["html"]))
-    return environment.get_template(template).render(**values)
-
-
-def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = None) -> Path:
-    """A self-contained HTML page: the run, agreement, reliability, criterion consistency, plots.
+def write_report(
+    study: Study,
+    path: str | Path,
+    truth: pd.DataFrame | None = None,
+    gradcam: pd.DataFrame | None = None,
+    images: Mapping[str, str | Path] | None = None,
+    rater_pages: bool = True,
+) -> Path:
+    """A self-contained HTML page: the run, agreement, reliability against each reference, the rater
+    model chosen per label, gold, regions, criterion consistency, AI exposure, plots, and an index of the
+    readers' pages.
 
     Args:
         study: from :func:`build_study`.
         path: the HTML file to write.
         truth: optional known truth (index image_id, columns labels; e.g. a synthetic labels.csv) for
             a calibration curve of the posteriors.
+        gradcam: optional Grad-CAM agreement summary (``dermassist consensus gradcam-agreement``'s CSV)
+            for the regions section.
+        images: image id -> local image file for the readers' pages' thumbnails (default the store's).
+        rater_pages: also write one page per reader into ``raters/`` beside the report
+            (:func:`consensus.export.raters.write_rater_pages`), which the report's index links to.
     """
     import matplotlib
 
@@ -550,7 +677,7 @@ def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = No
         table = calibration(study, truth)
         if not table.empty:
             figures.append(_calibration_plot(table))
-            calibration_html = _table_html(table)
+            calibration_html = table_html(table)
     criterion = None
     if "criterion_agrees" in study.consensus.columns:
         agrees = study.consensus["criterion_agrees"]
@@ -563,23 +690,106 @@ def write_report(study: Study, path: str | Path, truth: pd.DataFrame | None = No
             "bcc": f"{by_dx.get(1, float('nan')):.1%}",
             "non_bcc": f"{by_dx.get(0, float('nan')):.1%}",
         }
+    if rater_pages:
+        write_rater_pages(study, Path(path).parent / PAGES, images)
     page = render(
         "report.html",
+        rater_model=_rater_model_section(study),
+        gold=_gold_section(study),
+        regions=_regions_section(study, gradcam),
+        readers=study.readers.to_dict("records") if rater_pages else [],
         run=study.run,
         params=json.dumps(study.run["params"]),
         notes=study.notes,
-        agreement=Markup(_table_html(study.agreement)),
+        agreement=Markup(table_html(study.agreement)),
         criterion=criterion,
-        reliability=Markup(_table_html(study.reliability)),
-        vs_consensus=Markup(_table_html(study.vs_consensus)),
+        reliability=Markup(table_html(study.reliability)),
+        reliability_reference=_consensus_reference(study),
+        vs_consensus=Markup(table_html(study.vs_consensus)),
         calibration=Markup(calibration_html) if calibration_html else None,
-        models=Markup(_table_html(study.models)) if not study.models.empty else None,
+        models=Markup(table_html(study.models)) if not study.models.empty else None,
         exposure=study.exposure_summary,
-        exposure_table=Markup(_table_html(study.exposure)),
-        pairs_table=Markup(_table_html(study.pair_summary)),
+        exposure_table=Markup(table_html(study.exposure)),
+        pairs_table=Markup(table_html(study.pair_summary)),
         figures=figures,
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _consensus_reference(study: Study) -> str:
+    """How the report names the consensus reference of the run's reliability."""
+    if study.gold_summary.get("run", {}).get("used"):
+        return "consensus (Dawid-Skene, with the gold items held at their gold class)"
+    return "consensus (Dawid-Skene)"
+
+
+def _rater_model_section(study: Study) -> dict[str, Any]:
+    """The rater model per label: a wide table of the candidates' held-out log-likelihoods, the criteria,
+    and the labels fitted by a fixed estimator."""
+    convergence = study.run.get("convergence") or {}
+    fixed = [
+        k for k in convergence if not str(k).startswith(REGION_PREFIX) and k not in study.rater_model_criteria
+    ]
+    table = study.rater_models
+    wide = pd.DataFrame()
+    if not table.empty:
+        rows = []
+        for key, group in table.groupby("label_key", sort=False):
+            row: dict[str, Any] = {"label": key, "chosen": group.loc[group["chosen"], "candidate"].iloc[0]}
+            for r in group.to_dict("records"):
+                score = f"{r['heldout_loglik_per_answer']:.4f}"
+                se = r["se_of_difference_to_choice"]
+                row[r["candidate"]] = f"{score} (chosen)" if r["chosen"] else f"{score} (SE {se:.4f})"
+            rows.append(row)
+        wide = pd.DataFrame(rows)
+    method = str(study.run.get("method", "")).removesuffix("+STAPLE")
+    return {
+        "table": Markup(table_html(wide)) if not wide.empty else None,
+        "criteria": sorted(set(study.rater_model_criteria.values())),
+        "fixed": fixed,
+        "method": method,
+    }
+
+
+def _gold_section(study: Study) -> dict[str, Any]:
+    """What the run held as gold, and the readers against it."""
+    summary = study.gold_summary or {"run": {"n": 0}, "store": {"n": 0}}
+    versus = study.rater_vs_gold
+    shown = pd.DataFrame()
+    if not versus.empty:
+        intervals = {
+            rate: [
+                with_interval(*v)
+                for v in zip(versus[rate], versus[f"{rate}_low"], versus[f"{rate}_high"], strict=True)
+            ]
+            for rate in ("sensitivity", "specificity", "agreement")
+        }
+        shown = pd.DataFrame({
+            "label": versus["label_key"], "rater": versus["rater"], "reference": versus["reference"],
+            "n": versus["n_items"], "gold +": versus["n_positive"], "gold -": versus["n_negative"],
+            **intervals,
+        })  # fmt: skip
+    return {
+        "run": summary["run"],
+        "store": summary["store"],
+        "changed": summary["run"].get("n") != summary["store"].get("n"),
+        "counts": Markup(table_html(gold_counts_table(summary))) if summary["run"].get("n") else None,
+        "versus": Markup(table_html(shown)) if not shown.empty else None,
+    }
+
+
+GRADCAM_CAPTION = "regions of patterns the consensus says are present; IoU at \u2265 0.5 of the map's maximum"
+
+
+def _regions_section(study: Study, gradcam: pd.DataFrame | None) -> dict[str, Any]:
+    """The pattern regions: per pattern, per pattern and rater, and the Grad-CAM agreement when given."""
+    return {
+        "any": not study.regions.empty,
+        "summary": Markup(table_html(region_summary(study.regions))),
+        "reliability": Markup(table_html(study.region_reliability)),
+        "gradcam": Markup(table_html(gradcam_table(gradcam))) if gradcam is not None else None,
+        "caption": GRADCAM_CAPTION,
+    }

@@ -47,9 +47,11 @@ def test_files_and_documents(study_db, small_study, tmp_path):
     with study_db() as session:
         study = build_study(session)
     written = write_csv(study, tmp_path / "csv")
+    # No regions and no gold in this run: their files are left out; the rater model chosen per label is in.
     assert {p.name for p in written} == {"consensus.csv", "rater_reliability.csv", "agreement.csv",
                                          "pairwise_kappa.csv", "rater_vs_consensus.csv", "exposure.csv",
-                                         "paired_reads.csv", "paired_summary.csv", "run.json"}  # fmt: skip
+                                         "paired_reads.csv", "paired_summary.csv", "rater_models.csv",
+                                         "run.json"}  # fmt: skip
     table = pd.read_csv(tmp_path / "csv" / "consensus.csv")
     assert len(table) == 40 and "bcc_posterior" in table and "derm2:spoke_wheel" in table
     doc = json.loads(json.dumps(to_json(study)))  # plain JSON, no NaN objects left
@@ -126,3 +128,110 @@ def test_a_study_without_predictions_says_so_plainly(study_db, tmp_path):
     html = write_report(study, tmp_path / "report.html").read_text()
     assert "<h2>AI exposure</h2>" in html and f"No read started from a prediction</b> ({reads} reads" in html
     assert to_json(study)["exposure"]["assisted"] == 0
+
+
+def test_the_rater_model_per_label_is_reported_with_every_candidate(study_db, tmp_path):
+    with study_db() as session:
+        study = build_study(session)
+    models = study.rater_models
+    assert len(models) == 4 * len(TARGETS) and models.groupby("label_key")["chosen"].sum().eq(1).all()
+    for key in TARGETS:
+        selection = study.run["convergence"][key]["selection"]
+        rows = models[models["label_key"] == key].set_index("candidate")
+        assert rows.index[rows["chosen"]].tolist() == [selection["choice"]]
+        assert rows["heldout_loglik_per_answer"].to_dict() == selection["scores"]
+        assert rows.loc[selection["choice"], "se_of_difference_to_choice"] == 0
+        # The choice has the highest held-out likelihood.
+        assert rows["heldout_loglik_per_answer"].idxmax() == selection["choice"]
+    html = write_report(study, tmp_path / "report.html").read_text()
+    section = html[html.index('<h2 id="rater-model">') : html.index('<h2 id="gold">')]
+    assert "mean held-out answer log-likelihood, 5-fold" in section and "(chosen)" in section
+    assert section.count("(SE ") == 3 * len(TARGETS) and "fixed estimator" not in section
+
+
+def test_a_run_with_a_fixed_estimator_names_it(tmp_path, small_study):
+    from consensus.dawid_skene import OneCoinDawidSkene
+
+    engine, sessions = init_db(f"sqlite:///{tmp_path / 'fixed.sqlite'}")
+    with sessions.begin() as session:
+        import_ratings(session, pd.read_csv(small_study / "ratings.csv"))
+    with sessions.begin() as session:
+        run_consensus(session, estimator=OneCoinDawidSkene())
+    with sessions() as session:
+        study = build_study(session)
+    engine.dispose()
+    assert study.rater_models.empty
+    html = write_report(study, tmp_path / "report.html").read_text()
+    assert "Every label was fitted by one fixed estimator, <b>OneCoinDawidSkene</b>" in html
+    assert "rater_models.csv" not in {p.name for p in write_csv(study, tmp_path / "csv")}
+
+
+def _gold_store(tmp_path, small_study):
+    """The small study with histopathology for its first 12 images and one adjudication that disagrees."""
+    from consensus.models import Item
+    from consensus.repository.gold import import_gold, upsert_gold
+
+    truth = pd.read_csv(small_study / "labels.csv")
+    first = truth.head(12)
+    table = pd.DataFrame({
+        "image_id": first["image_id"],
+        "diagnosis": ["basal cell carcinoma" if b else "nevus" for b in first["bcc"]],
+    })  # fmt: skip
+    engine, sessions = init_db(f"sqlite:///{tmp_path / 'gold.sqlite'}")
+    with sessions.begin() as session:
+        import_ratings(session, pd.read_csv(small_study / "ratings.csv"))
+        import_gold(session, table, reference="pathology.csv")
+        item = session.query(Item).filter_by(external_id=str(first["image_id"].iloc[0])).one()
+        upsert_gold(session, item, "bcc", str(1 - int(first["bcc"].iloc[0])), "adjudication")
+    with sessions.begin() as session:
+        run_consensus(session)
+    return engine, sessions, first
+
+
+def test_readers_are_scored_against_gold_on_the_gold_items_only(tmp_path, small_study):
+    engine, sessions, first = _gold_store(tmp_path, small_study)
+    with sessions() as session:
+        study = build_study(session)
+    engine.dispose()
+    held = study.gold_summary["run"]
+    assert held["n"] == 12 and held["by_label"] == {"bcc": {"histopathology": 12}} and held["conflicts"] == 1
+    versus = study.rater_vs_gold
+    assert set(versus["label_key"]) == {"bcc"} and len(versus) == 4
+    assert (versus["reference"] == "gold (12 items)").all()
+    # Each reader by hand, on the gold items only.
+    ratings = pd.read_csv(small_study / "ratings.csv")
+    for rater in ("derm1", "derm2", "derm3", "derm4"):
+        said = ratings[(ratings["rater"] == rater) & (ratings["label"] == "bcc")].set_index("image_id")[
+            "value"
+        ]
+        gold = first.set_index("image_id")["bcc"]
+        said = said.reindex(gold.index).dropna().astype(int)
+        gold = gold.reindex(said.index)
+        row = versus[versus["rater"] == rater].iloc[0]
+        assert row["n_items"] == len(said) and row["n_positive"] == int(gold.sum())
+        assert row["sensitivity"] == pytest.approx(((said == 1) & (gold == 1)).sum() / (gold == 1).sum())
+        assert row["specificity"] == pytest.approx(((said == 0) & (gold == 0)).sum() / (gold == 0).sum())
+        assert row["agreement"] == pytest.approx((said == gold).mean())
+        assert row["agreement_low"] <= row["agreement"] <= row["agreement_high"]
+        assert row["agreement_high"] - row["agreement_low"] > 0.2  # 12 items: a wide Wilson interval
+    written = {p.name: p for p in write_csv(study, tmp_path / "csv")}
+    assert len(pd.read_csv(written["rater_vs_gold.csv"])) == 4
+    assert len(pd.read_csv(written["gold_labels.csv"])) == 12
+    assert json.loads(written["run.json"].read_text())["gold"]["run"]["n"] == 12
+    doc = to_json(study)
+    assert doc["gold"]["run"]["n"] == 12 and len(doc["rater_vs_gold"]) == 4
+    html = write_report(study, tmp_path / "report.html").read_text()
+    section = html[html.index('<h2 id="gold">') : html.index('<h2 id="regions">')]
+    assert "held <b>12</b> gold label(s)" in section and "<b>1</b> item label(s) had sources that" in section
+    assert "on the gold items only" in section and "gold (12 items)" in section
+    assert "with the gold items held at their gold class" in html  # the consensus reference says so
+    page = (tmp_path / "raters").glob("derm1-*.html").__next__().read_text()
+    assert "gold (12 items)" in page and "<td>consensus</td>" in page
+
+
+def test_a_run_without_gold_says_so(study_db, tmp_path):
+    with study_db() as session:
+        study = build_study(session)
+    assert study.rater_vs_gold.empty and study.gold_summary["run"]["n"] == 0
+    html = write_report(study, tmp_path / "report.html").read_text()
+    assert "The run held <b>no gold labels</b>" in html and "This run has no region consensus" in html
