@@ -299,6 +299,11 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
         "--truth", default=None, help="report: a labels.csv with known truth, for a calibration curve"
     )
     ex.add_argument(
+        "--gradcam",
+        default=None,
+        help="report: a Grad-CAM agreement CSV (consensus gradcam-agreement) for the regions section",
+    )
+    ex.add_argument(
         "--config",
         default=str(resources.files("labeling_config") / "bcc.xml"),
         help="ls-import: the target project's labeling config (default: the shipped bcc.xml)",

@@ -263,6 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import pandas as pd
     from sqlalchemy import select
 
+    from backend.label_studio.brush import decode_region
     from consensus.db import init_db
     from consensus.export import build_study, write_csv, write_json, write_report
     from consensus.models import ConsensusRun, Item
@@ -272,7 +273,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     engine, sessions = init_db(_database_url(args))
     try:
         with sessions() as session:
-            study = build_study(session, args.run)
+            # The decoder lets the readers' pages show each reader's own painted region.
+            decode = decode_region if args.format == "report" else None
+            study = build_study(session, args.run, decode=decode)
             images = {e: i for e, i in session.execute(select(Item.external_id, Item.image)) if i}
             run = session.get_one(ConsensusRun, study.run["id"])
             masks = region_masks(session, run) if args.format == "ls-import" else {}
@@ -291,8 +294,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         truth = None
         if args.truth:
             truth = pd.read_csv(args.truth, dtype={"image_id": str}).set_index("image_id")
-        write_report(study, out, truth)
-        print(f"consensus run {study.run['id']}: report -> {out}")
+        gradcam = pd.read_csv(args.gradcam) if args.gradcam else None
+        write_report(study, out, truth, gradcam)
+        pages = out.parent / "raters"
+        print(f"consensus run {study.run['id']}: report -> {out}, a page per reader in {pages}")
     else:
         from backend.label_studio.export import ls_import_tasks
         from backend.label_studio.ground_truth import add_region_ground_truth

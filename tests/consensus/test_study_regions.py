@@ -170,3 +170,22 @@ def test_pages_without_readers_write_nothing(tmp_path):
     empty = Study(run={}, consensus=pd.DataFrame(), ratings=pd.DataFrame(), reliability=pd.DataFrame(),
                   agreement=pd.DataFrame(), pairwise=pd.DataFrame(), vs_consensus=pd.DataFrame())  # fmt: skip
     assert write_rater_pages(empty, Path(tmp_path / "raters")) == []
+
+
+def test_dermassist_export_report_takes_the_gradcam_csv(db, tmp_path, capsys):
+    from backend.cli import main
+
+    url = f"sqlite:///{tmp_path / 'regions.sqlite'}"
+    gradcam = tmp_path / "gradcam.csv"
+    pd.DataFrame([{"model_version": "dermnet-cli", "pattern": PN, "n_images": 4, "energy_inside": 0.5,
+                   "energy_inside_low": 0.4, "energy_inside_high": 0.6}]).to_csv(gradcam, index=False)  # fmt: skip
+    out = tmp_path / "cli" / "report.html"
+    assert (
+        main(["export", "--format", "report", "--out", str(out), "--gradcam", str(gradcam), "--db", url]) == 0
+    )
+    html = out.read_text()
+    assert "dermnet-cli" in html and "0.500 [0.400, 0.600]" in html
+    assert "a page per reader" in capsys.readouterr().out
+    # The pages are beside the report (this store's regions are not Label Studio RLE: no own regions shown).
+    page = (out.parent / "raters" / page_name("r4")).read_text()
+    assert "<b>i5</b>" in page and "you painted it" not in page
