@@ -371,7 +371,10 @@ def _overlays(
                 out[(image, pattern)] = Overlay(consensus=shrink(mask))
     if decode is not None:
         patterns = sorted({k for _, k in wanted})
-        painted, _ = rater_pattern_masks(pattern_region_answers(session, patterns), decode)
+        answered = pattern_region_answers(session, patterns)
+        # Decode only the regions of the pairs shown (a study's other strokes need not be read).
+        shown = [(t, k) in wanted for t, k in zip(answered["task"], answered["label_key"], strict=True)]
+        painted, _ = rater_pattern_masks(answered[shown], decode)
         for pair, per_rater in painted.items():
             if pair not in wanted:
                 continue

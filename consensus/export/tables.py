@@ -191,6 +191,7 @@ def gradcam_table(gradcam: pd.DataFrame) -> pd.DataFrame:
             "area share (chance)": cell(row, "area"),
             "pointing [95% CI]": cell(row, "pointing"),
             "IoU [95% CI]": cell(row, "iou"),
+            **({"intervals resample": row["resampled"]} if "resampled" in row else {}),
         }
         for row in gradcam.to_dict("records")
     ]

@@ -104,6 +104,7 @@ def test_the_report_has_a_regions_section_and_the_gradcam_table(db, tmp_path):
         "energy_inside": 0.61, "energy_inside_low": 0.52, "energy_inside_high": 0.7,
         "pointing": 0.75, "pointing_low": 0.25, "pointing_high": 1.0,
         "iou": 0.31, "iou_low": 0.2, "iou_high": 0.42, "area": 0.09, "area_low": 0.08, "area_high": 0.1,
+        "resampled": "lesions", "n_groups": 3,
     }])  # fmt: skip
     with db() as session:
         study = build_study(session)
@@ -112,7 +113,7 @@ def test_the_report_has_a_regions_section_and_the_gradcam_table(db, tmp_path):
     assert "This run has no region consensus" not in regions
     assert "<td>pigment_network</td>" in regions and "region sensitivity" in regions
     assert "0.610 [0.520, 0.700]" in regions and "0.090 [0.080, 0.100]" in regions  # energy beside chance
-    assert "0.310 [0.200, 0.420]" in regions and "dermnet-abc" in regions
+    assert "0.310 [0.200, 0.420]" in regions and "dermnet-abc" in regions and "<td>lesions</td>" in regions
     assert (
         "regions of patterns the consensus says are present; IoU at ≥ 0.5 of the map&#39;s maximum" in regions
     )
