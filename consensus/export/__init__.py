@@ -733,8 +733,11 @@ def _rater_model_section(study: Study) -> dict[str, Any]:
     """The rater model per label: a wide table of the candidates' held-out log-likelihoods, the criteria,
     and the labels fitted by a fixed estimator."""
     convergence = study.run.get("convergence") or {}
+    # The Dawid-Skene labels fitted without a choice (STAPLE's region entries have no log-likelihood).
     fixed = [
-        k for k in convergence if not str(k).startswith(REGION_PREFIX) and k not in study.rater_model_criteria
+        str(k)
+        for k, entry in convergence.items()
+        if isinstance(entry, Mapping) and "log_likelihood" in entry and k not in study.rater_model_criteria
     ]
     table = study.rater_models
     wide = pd.DataFrame()

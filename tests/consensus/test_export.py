@@ -162,7 +162,8 @@ def test_a_run_with_a_fixed_estimator_names_it(tmp_path, small_study):
     engine.dispose()
     assert study.rater_models.empty
     html = write_report(study, tmp_path / "report.html").read_text()
-    assert "Every label was fitted by one fixed estimator, <b>OneCoinDawidSkene</b>" in html
+    assert "Every label\n(bcc, pigment_network, " in html
+    assert "fitted by one fixed estimator, <b>OneCoinDawidSkene</b>" in html
     assert "rater_models.csv" not in {p.name for p in write_csv(study, tmp_path / "csv")}
 
 
