@@ -2,7 +2,8 @@
 
 ``dermassist study freeze --out DIR`` writes, for one consensus run (default: the latest BCC run):
 
-- ``consensus/*.csv``, ``study.json``, ``report.html``: the study export of the run;
+- ``consensus/*.csv``, ``study.json``, ``report.html`` and ``raters/*.html`` (a page per reader): the
+  study export of the run;
 - ``regions/``: the consensus region masks (PNG) and their tables;
 - ``label_studio_import.json``: the consensus as Label Studio ground truth (regions as brushes);
 - ``gold.csv``: the gold labels the run used, with their sources;
@@ -30,6 +31,7 @@ import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.label_studio.brush import decode_region
 from backend.label_studio.export import ls_import_tasks
 from backend.label_studio.ground_truth import add_region_ground_truth
 from consensus.agreement import bootstrap_interval, fleiss_kappa, krippendorff_alpha
@@ -159,7 +161,7 @@ def methods_paragraph(
 
 def _write(session: Session, out: Path, run_id: int | None, config_xml: str | None) -> dict[str, Any]:
     """Write every file but the manifest into ``out``; return the manifest (without file hashes)."""
-    study: Study = build_study(session, run_id)
+    study: Study = build_study(session, run_id, decode=decode_region)  # the readers' pages show their regions
     run = session.get_one(ConsensusRun, study.run["id"])
     if run.kind is RunKind.LESION:
         keys = [HAM_KEY]

@@ -106,11 +106,12 @@ def _headless_demo(args: argparse.Namespace) -> int:
         with sessions.begin() as session:
             run = run_consensus(session, decode=decode_region)
         with sessions() as session:
-            study = build_study(session, run.id)
+            study = build_study(session, run.id, decode=decode_region)
     finally:
         engine.dispose()
     truth = pd.read_csv(study_dir / "labels.csv", dtype={"image_id": str}).set_index("image_id")
-    report = write_report(study, root / "consensus" / "report.html", truth)
+    images = {p.stem: p for p in sorted((study_dir / "images").glob("*")) if p.is_file()}
+    report = write_report(study, root / "consensus" / "report.html", truth, images=images)
     write_csv(study, root / "consensus")
     agree = (study.consensus["bcc"] == truth.loc[study.consensus.index, "bcc"]).mean()
     print(f"demo: consensus of {study.run['n_raters']} dermatologists on {study.run['n_items']} images "
