@@ -66,6 +66,7 @@ def selection_params(estimator: SelectedDawidSkene) -> dict[str, Any]:
     return {
         "n_folds": estimator.n_folds,
         "random_state": estimator.random_state,
+        "classes": None if estimator.classes is None else list(estimator.classes),
         "candidates": {
             name: {"method": type(c).__name__, **estimator_params(c)} for name, c in candidates.items()
         },
@@ -201,7 +202,9 @@ class LesionReference:
     skipped: list[str]
 
 
-def class_reliability(estimator: DawidSkene, data: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+def class_reliability(
+    estimator: DawidSkene | SelectedDawidSkene, data: pd.DataFrame, level: float = 0.95
+) -> pd.DataFrame:
     r"""One-vs-rest sensitivity and specificity of every rater for every class of a fitted estimator.
 
     For class :math:`k` the true and the observed classes are split into :math:`k` and the rest, and the
@@ -251,7 +254,7 @@ def class_reliability(estimator: DawidSkene, data: pd.DataFrame, level: float = 
 def run_lesion_consensus(
     session: Session,
     decode: MaskDecoder,
-    estimator: DawidSkene | None = None,
+    estimator: DawidSkene | SelectedDawidSkene | None = None,
     staple_params: StapleParams | None = None,
     region_label: str = LESION_KEY,
 ) -> LesionReference:
@@ -267,7 +270,8 @@ def run_lesion_consensus(
     Args:
         session: the open session (the caller commits).
         decode: a stored region -> boolean mask, or None when it cannot be read.
-        estimator: the diagnosis' estimator, copied (default ``DawidSkene()``); its classes are set to
+        estimator: the diagnosis' estimator, copied (default ``SelectedDawidSkene()``: the rater model
+            chosen by held-out answer likelihood, recorded in the run); its classes are set to
             :data:`labeling_config.HAM_CLASSES`.
         staple_params: STAPLE's settings (default :class:`StapleParams`).
         region_label: the outline's label in the stored regions.
@@ -283,14 +287,14 @@ def run_lesion_consensus(
     if diagnoses.empty:
         raise ValueError("the store holds no HAM10000 diagnosis (no lesion.xml annotation yet)")
     params = staple_params if staple_params is not None else StapleParams()
-    fitted = copy.deepcopy(estimator if estimator is not None else DawidSkene())
+    fitted = copy.deepcopy(estimator if estimator is not None else SelectedDawidSkene())
     fitted.classes = list(HAM_CLASSES)
     data = diagnoses[["task", "worker", "value"]].rename(columns={"value": "label"}).reset_index(drop=True)
     gold, gold_record = _gold_for(session, [HAM_KEY])
     fitted.fit(data, None if gold is None else gold.set_index("task")["value"])
     posteriors = fitted.probas_.reindex(columns=list(HAM_CLASSES)).fillna(0.0)
     if not fitted.converged_:
-        logger.warning("EM reached n_iter=%d without converging for %s", fitted.n_iter, HAM_KEY)
+        logger.warning("EM reached its iteration limit without converging for %s", HAM_KEY)
     by_class = class_reliability(fitted, data)
     by_class["label_key"] = HAM_KEY + ":" + by_class.pop("class").astype(str)
     outlines = outline_consensuses(table[table["label_key"] == region_label], decode, params, region_label)
@@ -299,7 +303,9 @@ def run_lesion_consensus(
         session,
         method=f"{type(fitted).__name__}+STAPLE",
         params={
-            HAM_KEY: estimator_params(fitted),
+            HAM_KEY: selection_params(fitted)
+            if isinstance(fitted, SelectedDawidSkene)
+            else estimator_params(fitted),
             region_label: dataclasses.asdict(params),
             "gold": gold_record,
         },
@@ -311,6 +317,7 @@ def run_lesion_consensus(
                 "converged": bool(fitted.converged_),
                 "log_likelihood": float(fitted.log_likelihood_),
                 "n_gold": int(fitted.n_gold_),
+                **({"selection": fitted.selection()} if isinstance(fitted, SelectedDawidSkene) else {}),
             },
             region_label: outlines.convergence,
         },

@@ -82,7 +82,7 @@ def test_lesion_reference_from_the_store(sessions):
     # by the backend, stored by the consensus service).
     with sessions() as session:
         run = latest_run(session, RunKind.LESION)
-        assert run is not None and run.id == reference.run.id and run.method == "DawidSkene+STAPLE"
+        assert run is not None and run.id == reference.run.id and run.method == "SelectedDawidSkene+STAPLE"
         stored = consensus_masks(session, run, "lesion")
         assert set(stored) == {"a", "b"} and (stored["b"] == truth).all()
 
@@ -112,7 +112,7 @@ def test_webhooks_on_lesion_xml_retrain_and_promote_the_pair(settings, sessions,
     # The job's reference is a stored consensus run, and the study export includes it.
     with sessions() as session:
         (run,) = session.scalars(select(ConsensusRun).where(ConsensusRun.kind == RunKind.LESION)).all()
-        assert f"lesion: consensus run {run.id} (DawidSkene+STAPLE)" in row.log
+        assert f"lesion: consensus run {run.id} (SelectedDawidSkene+STAPLE)" in row.log
         assert (run.n_items, run.n_raters) == (40, 3) and run.convergence["lesion"]["n_images"] == 40
         study = build_study(session, kind=RunKind.LESION)
     assert study.run["id"] == run.id and len(study.consensus) == 40

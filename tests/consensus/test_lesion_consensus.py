@@ -101,7 +101,7 @@ def test_the_lesion_reference_is_stored_as_a_consensus_run(db):
 
     with db() as session:
         run = session.get_one(ConsensusRun, run_id)
-        assert (run.kind, run.method) == (RunKind.LESION, "DawidSkene+STAPLE")
+        assert (run.kind, run.method) == (RunKind.LESION, "SelectedDawidSkene+STAPLE")
         assert run.params["ham_diagnosis"]["classes"] == list(HAM_CLASSES)
         assert run.params["lesion"] == {"prior": None, "n_iter": 1000, "tol": 1e-7, "threshold": 0.5}
         assert run.convergence["ham_diagnosis"]["converged"]
@@ -191,14 +191,17 @@ def test_the_export_includes_the_lesion_run(db, tmp_path):
     assert table.loc["a", "ham_diagnosis"] == "mel" and "r1:lesion" in table and "lesion_posterior" in table
     reliability = pd.read_csv(tmp_path / "csv" / "rater_reliability.csv")
     assert (reliability.label_key == "ham_diagnosis:bcc").sum() == 3
-    assert json.loads((tmp_path / "csv" / "run.json").read_text())["id"] == run_id and len(written) == 9
+    assert json.loads((tmp_path / "csv" / "run.json").read_text())["id"] == run_id and len(written) == 10
+    # The diagnosis' rater model was chosen from the answers, and the export says which.
+    models = pd.read_csv(tmp_path / "csv" / "rater_models.csv")
+    assert set(models["label_key"]) == {"ham_diagnosis"}
     # AI exposure covers the HAM10000 diagnosis (no read here started from a prediction), not the outline.
     exposure = pd.read_csv(tmp_path / "csv" / "exposure.csv")
     assert set(exposure.label_key) == {"ham_diagnosis"} and exposure.n_with_prediction.fillna(0).eq(0).all()
     doc = json.loads(json.dumps(to_json(study)))
     assert doc["run"]["kind"] == "lesion" and len(doc["images"]) == 5
     html = write_report(study, tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "DawidSkene+STAPLE" in html
+    assert html.count("data:image/png;base64,") == 3 and "SelectedDawidSkene+STAPLE" in html
 
     with db.begin() as session:  # a rater redraws an outline: the export says the run is behind
         item, rater = get_or_create_item(session, "a"), get_or_create_rater(session, name="r3")
