@@ -69,7 +69,7 @@ def _model_versions(session: Session) -> list[dict[str, Any]]:
     ]
 
 
-def _agreement(run_answers: pd.DataFrame, groups: Mapping[Hashable, Hashable]) -> pd.DataFrame:
+def _agreement(run_answers: pd.DataFrame, groups: Mapping[Hashable, Hashable], n_boot: int) -> pd.DataFrame:
     """Per label: Fleiss' kappa and Krippendorff's alpha with bootstrap intervals over lesion groups."""
     rows = []
     for key, part in run_answers.groupby("label_key", sort=False):
@@ -80,7 +80,7 @@ def _agreement(run_answers: pd.DataFrame, groups: Mapping[Hashable, Hashable]) -
         row: dict[str, Any] = {"label_key": key}
         for name, statistic in (("kappa", fleiss_kappa), ("alpha", krippendorff_alpha)):
             row[name] = statistic(data)
-            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(data, statistic, groups, N_BOOT)
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(data, statistic, groups, n_boot)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -93,6 +93,7 @@ def methods_paragraph(
     grouped_by: str,
     gold: pd.DataFrame,
     models: list[dict[str, Any]],
+    n_boot: int = N_BOOT,
 ) -> str:
     """The methods section of a paper, written from the run (Markdown)."""
     reads = run_answers.drop_duplicates(["task", "worker"]).groupby("task").size()
@@ -103,7 +104,7 @@ def methods_paragraph(
         f"({reads.mean():.2f} reads per image, range {reads.min()}–{reads.max()}).",
         "",
         f"**Agreement.** Fleiss' kappa and Krippendorff's alpha (nominal) per label, with 95% percentile "
-        f"bootstrap intervals ({N_BOOT} resamples of {n_groups} {grouped_by}, seed 0):",
+        f"bootstrap intervals ({n_boot} resamples of {n_groups} {grouped_by}, seed 0):",
         "",
     ]
     for row in agreement.itertuples(index=False):
@@ -159,7 +160,9 @@ def methods_paragraph(
     return "\n".join(lines)
 
 
-def _write(session: Session, out: Path, run_id: int | None, config_xml: str | None) -> dict[str, Any]:
+def _write(
+    session: Session, out: Path, run_id: int | None, config_xml: str | None, n_boot: int
+) -> dict[str, Any]:
     """Write every file but the manifest into ``out``; return the manifest (without file hashes)."""
     study: Study = build_study(session, run_id, decode=decode_region)  # the readers' pages show their regions
     run = session.get_one(ConsensusRun, study.run["id"])
@@ -192,9 +195,9 @@ def _write(session: Session, out: Path, run_id: int | None, config_xml: str | No
         json.dumps(tasks, indent=1, sort_keys=True) + "\n", encoding="utf-8"
     )
     gold.to_csv(out / "gold.csv", index=False)
-    agreement = _agreement(run_answers, groups)
+    agreement = _agreement(run_answers, groups, n_boot)
     agreement.to_csv(out / "agreement_intervals.csv", index=False, float_format="%.6f")
-    text = methods_paragraph(run, run_answers, agreement, n_groups, grouped_by, gold, models)
+    text = methods_paragraph(run, run_answers, agreement, n_groups, grouped_by, gold, models, n_boot)
     (out / "methods.md").write_text(text, encoding="utf-8")
     gold_hash = hashlib.sha256(gold.to_csv(index=False).encode()).hexdigest()
     counts = {"n_items": run.n_items, "n_raters": run.n_raters, "n_answers": run.n_answers}
@@ -206,21 +209,31 @@ def _write(session: Session, out: Path, run_id: int | None, config_xml: str | No
         "gold": {"n": len(gold), "conflicts": conflicts, "hash": gold_hash},
         "models": models,
         "settings": run.params,
+        "n_boot": n_boot,
         "config_sha256": hashlib.sha256(xml.encode()).hexdigest(),
     }  # fmt: skip
 
 
 def freeze(
-    session: Session, out: Path, run_id: int | None = None, config_xml: str | None = None
+    session: Session,
+    out: Path,
+    run_id: int | None = None,
+    config_xml: str | None = None,
+    n_boot: int | None = None,
 ) -> dict[str, Any]:
     """Write the bundle of a run into ``out`` (a new or empty folder); return its manifest.
+
+    ``n_boot`` is the number of bootstrap resamples behind the agreement intervals (default
+    :data:`N_BOOT`); it is kept in the manifest, so ``verify`` freezes again with the same.
 
     The files are written into a temporary folder beside ``out`` and moved into place at the end, so
     an interrupted freeze leaves no half bundle.
 
     Raises:
-        ValueError: ``out`` holds files, or the store has no such run.
+        ValueError: ``out`` holds files, the store has no such run, or ``n_boot`` is below 1.
     """
+    if n_boot is not None and n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     if out.exists() and any(out.iterdir()):
         raise ValueError(
             f"{out} is not empty: freeze writes a new bundle (remove it, or choose another folder)"
@@ -228,7 +241,7 @@ def freeze(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".freeze-", dir=out.parent))
     try:
-        manifest = _write(session, work, run_id, config_xml)
+        manifest = _write(session, work, run_id, config_xml, N_BOOT if n_boot is None else int(n_boot))
         files = sorted(p for p in work.rglob("*") if p.is_file())
         manifest["files"] = {p.relative_to(work).as_posix(): _sha256(p) for p in files}
         (work / MANIFEST).write_text(_json(manifest), encoding="utf-8")
@@ -271,7 +284,9 @@ def verify(session: Session, bundle: Path, config_xml: str | None = None) -> lis
             problems.append(f"{name}: not in the manifest")
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
         try:
-            again = freeze(session, Path(tmp) / "bundle", int(manifest["run"]["id"]), config_xml)
+            again = freeze(
+                session, Path(tmp) / "bundle", int(manifest["run"]["id"]), config_xml, manifest.get("n_boot")
+            )
         except (ValueError, KeyError, TypeError) as exc:
             return [*problems, f"the store cannot give this bundle again: {exc}"]
     if again["answers_hash"] != manifest.get("answers_hash"):

@@ -108,7 +108,11 @@ class SelectedDawidSkene:
         """
         if self.n_folds < 2:
             raise ValueError(f"n_folds must be at least 2, got {self.n_folds}")
-        frame = check_columns(data, ("task", "worker", "label")).reset_index(drop=True)
+        frame = check_columns(data, ("task", "worker", "label"))
+        # Folds are drawn over the answers in a canonical order, so the same answers in another row
+        # order (a store without ORDER BY, another export) give the same folds and the same choice.
+        frame = frame.sort_values(["task", "worker", "label"], key=lambda c: c.astype(str), kind="mergesort")
+        frame = frame.reset_index(drop=True)
         classes = list(encode_answers(frame, self.classes).classes)
         candidates = self._candidates()
         rng = np.random.default_rng(self.random_state)

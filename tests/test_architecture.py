@@ -265,7 +265,7 @@ CONSENSUS_LAYERS = [
         "consensus.groups",
         "consensus.adjudication",
     },
-    {"consensus.selection"},
+    {"consensus.selection", "consensus.adaptive"},
     {"consensus.db", "consensus.models"},
     {"consensus.repository"},
     {"consensus.regions"},

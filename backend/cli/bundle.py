@@ -25,7 +25,7 @@ def cmd_study_freeze(args: argparse.Namespace) -> int:
     engine, sessions = init_db(_database_url(args))
     try:
         with sessions() as session:
-            manifest = freeze(session, out, args.run, _config(args))
+            manifest = freeze(session, out, args.run, _config(args), args.n_boot)
     finally:
         engine.dispose()
     run = manifest["run"]

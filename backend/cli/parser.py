@@ -399,6 +399,12 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     fr.add_argument("--out", required=True, help="a new (or empty) folder for the bundle")
     fr.add_argument("--run", type=int, default=None, help="consensus run id (default: the latest BCC run)")
     fr.add_argument("--config", default=None, help="the Label Studio labeling config XML (default: bcc.xml)")
+    fr.add_argument(
+        "--n-boot",
+        type=int,
+        default=None,
+        help="bootstrap resamples of the agreement intervals (default 1000)",
+    )
     fr.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
     fr.set_defaults(func=cmd_study_freeze)
     ve = study_sub.add_parser("verify", help=cmd_study_verify.__doc__, description=cmd_study_verify.__doc__)

@@ -46,7 +46,7 @@ def test_freezing_twice_gives_the_same_bytes_and_verify_agrees(store, tmp_path, 
     assert expected <= set(first)
     manifest = json.loads(first["manifest.json"])
     assert set(manifest["files"]) == set(first) - {"manifest.json"}
-    assert manifest["run"]["id"] == 1 and manifest["gold"]["n"] == 0
+    assert manifest["run"]["id"] == 1 and manifest["gold"]["n"] == 0 and manifest["n_boot"] == 50
     methods = first["methods.md"].decode()
     assert "4 readers" in methods and "kappa" in methods and "held-out" in methods
     capsys.readouterr()

@@ -145,7 +145,7 @@ def test_disputed_images_are_adjudicated_and_come_back_as_gold(
 
     # The study is frozen; the bundle verifies, until a reader changes an annotation in Label Studio.
     bundle = tmp_path / "bundle"
-    frozen = _dermassist(env, "study", "freeze", "--out", str(bundle))
+    frozen = _dermassist(env, "study", "freeze", "--out", str(bundle), "--n-boot", "100")
     assert "4 gold labels" in frozen, frozen
     assert "verified" in _dermassist(env, "study", "verify", str(bundle))
     annotation = ls.export_tasks(project.id)[1]["annotations"][0]

@@ -20,6 +20,7 @@ def test_the_dual_encoder_report_extends_the_common_page_and_escapes_what_it_sho
         "checkpoint": "<script>alert(1)</script>.pt", "n": 12, "split": "val", "lesion_masks": "reference",
         "balanced_accuracy": interval, "auroc_macro": interval, "auroc_bcc": None,
         "auroc_per_class": {"bcc": 0.91}, "model": {"backbone": "mobilenet_v2"},
+        "bootstrap": {"text": "bootstrap over 9 lesions (12 images)", "replicates": 1000},
     }  # fmt: skip
     write_report(
         tmp_path / "report.html", "model.lesion", "dual_evaluation.html", result=result, model="{}",
@@ -29,6 +30,7 @@ def test_the_dual_encoder_report_extends_the_common_page_and_escapes_what_it_sho
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "0.800 <small>[0.700, 0.900]</small>" in page and "n/a" in page and "0.910" in page
     assert "font-family:system-ui" in page  # the common page's style
+    assert "95% bootstrap over 9 lesions (12 images), 1000 replicates" in page
     assert 'src="data:image/png;base64,AAAA"' in page
     multitask = render("model.multitask", "evaluation.html", meta={}, cls={}, criteria={}, figures=["BBBB"])
     assert "font-family:system-ui" in multitask and "data:image/png;base64,BBBB" in multitask
