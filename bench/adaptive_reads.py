@@ -1,4 +1,4 @@
-"""Benchmark: reads saved by stopping each image once its Dawid-Skene consensus is confident (issue 17, part 3).
+"""Benchmark: reads saved by stopping each image once its consensus is confident (issue 17, part 3).
 
 On every multi-rater set with truth in ../shared/data/crowd (the DermX dermatologists first), the recorded
 reads are replayed in a random order per image (:func:`consensus.adaptive.replay`): round by round each
