@@ -93,7 +93,7 @@ def next_reads(
             }
         )
     table = pd.DataFrame(rows, columns=["task", "posterior", "reads", "next"])
-    return table.sort_values(["posterior", "task"], kind="stable", key=None).reset_index(drop=True)
+    return table.sort_values(["posterior", "task"], kind="stable").reset_index(drop=True)
 
 
 @dataclass(frozen=True)

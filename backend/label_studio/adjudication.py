@@ -184,6 +184,6 @@ def queue_adjudication(
     ]
     if tasks:
         ls._request(f"api/projects/{project}/import", "POST", json=tasks)
-    already = disputed["task"].astype(str).isin(existing).groupby(disputed["task"]).any().sum()
+    already = len(set(disputed["task"].astype(str)) & existing)
     logger.info("adjudication project %d: %d tasks added, %d already there", project, len(tasks), already)
     return AdjudicationQueue(project, created, len(tasks), int(already), webhooks)
