@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from consensus.db import DEFAULT_URL
+from labeling_config.schema import ACQUISITION_STRATEGIES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SHOW_OUTPUTS = ("validated", "all")
@@ -108,6 +109,10 @@ class Settings:
         serving_engine: ``SERVING_ENGINE``: ``onnxruntime`` (default: a model's ONNX graph, written beside
             its checkpoint when it is registered, run by ONNX Runtime with ``THREADS`` threads; PyTorch
             where there is none) or ``torch`` (always PyTorch).
+        acquisition: ``ACQUISITION``, what the task score means (which images sort first):
+            ``least_confidence`` (default: the confidence of the diagnosis), ``entropy``, ``bald`` or
+            ``tta`` (:mod:`model.common.acquisition`); a project's ``<Image acquisition="...">``
+            overrides it.
         metrics_dir: ``PROMETHEUS_MULTIPROC_DIR``, where the workers' counters meet (``serve`` sets it for
             its workers when ``WORKERS`` > 1; see ``backend.metrics``).
         cache_dir: ``DERMASSIST_CACHE`` (default ``~/.cache/dermassist``; the Makefile's too): the
@@ -140,6 +145,7 @@ class Settings:
     release_dir: Path | None = DEFAULT_RELEASE_DIR
     show_outputs: str = "validated"
     serving_engine: str = "onnxruntime"
+    acquisition: str = "least_confidence"
     metrics_dir: Path | None = None
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dermassist")
 
@@ -151,6 +157,10 @@ class Settings:
         if self.serving_engine not in SERVING_ENGINES:
             raise SettingsError(
                 f"SERVING_ENGINE must be one of {', '.join(SERVING_ENGINES)}, got {self.serving_engine!r}"
+            )
+        if self.acquisition not in ACQUISITION_STRATEGIES:
+            raise SettingsError(
+                f"ACQUISITION must be one of {', '.join(ACQUISITION_STRATEGIES)}, got {self.acquisition!r}"
             )
         if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
@@ -205,6 +215,7 @@ class Settings:
             release_dir=_release_dir(text("RELEASE_DIR")),
             show_outputs=(text("SHOW_OUTPUTS") or "validated").lower(),
             serving_engine=(text("SERVING_ENGINE") or "onnxruntime").lower(),
+            acquisition=(text("ACQUISITION") or "least_confidence").lower(),
             metrics_dir=_path(text("PROMETHEUS_MULTIPROC_DIR")),
             cache_dir=Path(text("DERMASSIST_CACHE") or Path.home() / ".cache" / "dermassist"),
         )
@@ -231,6 +242,7 @@ class Settings:
             "RELEASE_DIR": str(self.release_dir) if self.release_dir is not None else "none",
             "SHOW_OUTPUTS": self.show_outputs,
             "SERVING_ENGINE": self.serving_engine,
+            "ACQUISITION": self.acquisition,
             "DERMASSIST_CACHE": str(self.cache_dir),
         }
         optional = {

@@ -21,6 +21,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from labeling_config.schema import (
+    ACQUISITION_STRATEGIES,
     BCC,
     DIAGNOSIS_KEY,
     HAM_DIAGNOSES,
@@ -129,6 +130,9 @@ class ProjectConfig:
         metadata: metadata field (age, sex, site) -> task-data key, where the config shows it.
         skipped: names of controls marked ``model_skip="true"``.
         ignored: names of controls that map onto nothing the model predicts.
+        acquisition: the ``<Image>``'s ``acquisition`` attribute (one of
+            :data:`~labeling_config.schema.ACQUISITION_STRATEGIES`): what the task score means in this
+            project; None: the deployment's ``ACQUISITION``.
     """
 
     image: str
@@ -137,6 +141,7 @@ class ProjectConfig:
     metadata: Mapping[str, str] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
+    acquisition: str | None = None
 
     def get(self, role: Role) -> Control | None:
         """The control with this role, or None when the config has none."""
@@ -438,4 +443,26 @@ def parse_config(config: str) -> ProjectConfig:
         metadata=_metadata(li.objects),
         skipped=tuple(skipped),
         ignored=tuple(ignored),
+        acquisition=_acquisition(images[image], controls),
     )
+
+
+#: The strategies that sample the BCC model (Monte Carlo dropout, test-time views).
+SAMPLED_STRATEGIES = ("bald", "tta")
+
+
+def _acquisition(image: Any, controls: Mapping[Role, Control]) -> str | None:
+    raw = image.attr.get("acquisition")
+    if raw is None:
+        return None
+    if raw not in ACQUISITION_STRATEGIES:
+        raise ConfigError(
+            f'<Image name="{image.name}"> has acquisition="{raw}"; use one of '
+            f"{', '.join(ACQUISITION_STRATEGIES)} (or leave it out for the deployment's ACQUISITION)"
+        )
+    if raw in SAMPLED_STRATEGIES and not {Role.DIAGNOSIS, Role.PATTERNS, Role.REGIONS} & set(controls):
+        raise ConfigError(
+            f'acquisition="{raw}" samples the BCC model, and this config has no control it fills '
+            "(the BCC diagnosis, patterns or regions); use entropy or least_confidence"
+        )
+    return str(raw)

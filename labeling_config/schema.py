@@ -160,3 +160,8 @@ def bcc_consistent(present: Mapping[str, bool | int | float]) -> bool:
     if present.get(EXCLUSION_PATTERN, False):
         return False
     return any(bool(present.get(key, False)) for key in BCC_PATTERNS)
+
+
+# Acquisition strategies (which image to label next; model.common.acquisition computes them): chosen
+# per deployment (``ACQUISITION``) or per project (``<Image acquisition="...">`` in the labeling config).
+ACQUISITION_STRATEGIES: Final[tuple[str, ...]] = ("least_confidence", "entropy", "bald", "tta")

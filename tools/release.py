@@ -252,7 +252,8 @@ def add_graph(out: Path, entry: dict[str, Any], limit: bool = True) -> int:
     row = (
         f"| ONNX graph | `{graph.name}` ({size / 1e6:.1f} MB, fp32; SHA-256 `{entry['graph']['sha256']}`): "
         + (
-            "the same weights for ONNX Runtime, with every output's Grad-CAM map from the same pass |\n"
+            "the same weights for ONNX Runtime, with every output's Grad-CAM map, the embedding and 20 Monte "
+            "Carlo dropout samples from the same pass |\n"
             if entry["kind"] == "dermnet"
             else "the same weights for ONNX Runtime |\n"
         )

@@ -98,6 +98,7 @@ def predict() -> Response:
         state.settings.model_score_threshold,
         show_all=state.settings.show_outputs == "all",
         concurrency=state.settings.image_fetch_concurrency,
+        acquisition=state.settings.acquisition,
     )
     return jsonify(results=predictions, model_version=served.version)
 

@@ -27,38 +27,62 @@ BATCH_SIZE = 16
 FloatArray = NDArray[np.float32]
 
 
+@dataclass(frozen=True)
+class Forward:
+    """One engine pass over a batch.
+
+    Attributes:
+        logits: ``(B, K)``.
+        cams: raw Grad-CAM maps ``(B, K, h, w)`` (without maps: ``(B, 0, 0, 0)``).
+        embeddings: the pooled features ``(B, C)`` (None unless asked for).
+        samples: Monte Carlo dropout logits ``(B, T, K)`` (None unless asked for).
+    """
+
+    logits: FloatArray
+    cams: FloatArray
+    embeddings: FloatArray | None = None
+    samples: FloatArray | None = None
+
+
 class Engine(Protocol):
     """What runs the BCC model on a batch: PyTorch (training, and serving without an ONNX file) or ONNX
     Runtime (serving). Both give the same numbers (parity tests hold them within 1e-4)."""
 
     name: str
 
-    def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
-        """``(B, 3, S, S)`` images in [0, 1] -> logits ``(B, K)`` and raw Grad-CAM maps ``(B, K, h, w)``
-        (``maps=False``: an empty ``(B, 0, 0, 0)``)."""
+    def run(self, images: FloatArray, maps: bool = True, extras: bool = False) -> Forward:
+        """``(B, 3, S, S)`` images in [0, 1] -> logits and raw Grad-CAM maps; with ``extras``, the
+        embeddings and Monte Carlo dropout logits too."""
         ...
 
 
+def _no_maps(count: int) -> FloatArray:
+    return np.zeros((count, 0, 0, 0), dtype=np.float32)
+
+
 class TorchEngine:
-    """The checkpoint's network, run by PyTorch (maps by :func:`model.common.explain.explain`)."""
+    """The checkpoint's network, run by PyTorch: the very module the ONNX graph is exported from
+    (:class:`model.multitask.export.Explained`)."""
 
     name = "torch"
 
     def __init__(self, network: Any) -> None:
-        self.network = network.eval()
+        from model.multitask.export import Explained
 
-    def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
+        self.network = network.eval()
+        self.explained = Explained(self.network).eval()
+
+    def run(self, images: FloatArray, maps: bool = True, extras: bool = False) -> Forward:
         import torch
 
-        from model.common.explain import explain
-
-        batch = torch.from_numpy(images)
-        if maps:
-            explanation = explain(self.network, batch, size=(1, 1))
-            return explanation.logits.detach().numpy(), explanation.raw.detach().numpy()
         with torch.no_grad():
-            logits = self.network(batch).numpy()
-        return logits, np.zeros((len(images), 0, 0, 0), dtype=np.float32)
+            logits, cams, embeddings, samples = (t.numpy() for t in self.explained(torch.from_numpy(images)))
+        return Forward(
+            logits,
+            cams if maps else _no_maps(len(images)),
+            embeddings if extras else None,
+            samples if extras else None,
+        )
 
 
 def onnx_session(path: str | Path, threads: int = 1) -> Any:
@@ -71,14 +95,17 @@ def onnx_session(path: str | Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_each(session: Any, feeds: dict[str, NDArray[Any]]) -> list[FloatArray]:
+def run_each(
+    session: Any, feeds: dict[str, NDArray[Any]], outputs: Sequence[str] | None = None
+) -> list[FloatArray]:
     """``session``'s outputs for a batch, run one item at a time and stacked.
 
     On one CPU thread a batch of one is the fastest (the BCC model: 5.5 ms per image against 6.4 in
     batches of 16), and ONNX Runtime's memory arena, which keeps the largest run's activations for
     good, then holds one image's (+12 MB against +198 MB per graph)."""
     count = len(next(iter(feeds.values())))
-    runs = [session.run(None, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(count)]
+    names = None if outputs is None else list(outputs)
+    runs = [session.run(names, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(count)]
     return [
         np.concatenate([np.asarray(run[j], dtype=np.float32) for run in runs]) for j in range(len(runs[0]))
     ]
@@ -111,11 +138,22 @@ class OnnxEngine:
         """The checkpoint metadata stored in the file."""
         return graph_meta(self.session)
 
-    def run(self, images: FloatArray, maps: bool = True) -> tuple[FloatArray, FloatArray]:
-        logits, cams = run_each(self.session, {"images": images})
-        if not maps:
-            cams = np.zeros((len(images), 0, 0, 0), dtype=np.float32)
-        return np.asarray(logits, dtype=np.float32), np.asarray(cams, dtype=np.float32)
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The graph's output names."""
+        return tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, images: FloatArray, maps: bool = True, extras: bool = False) -> Forward:
+        from model.multitask.meta import CAMS, EMBEDDING, LOGITS, MC_LOGITS
+
+        names = [LOGITS, *([CAMS] if maps else []), *([EMBEDDING, MC_LOGITS] if extras else [])]
+        found = dict(zip(names, run_each(self.session, {"images": images}, names), strict=True))
+        return Forward(
+            found[LOGITS],
+            found.get(CAMS, _no_maps(len(images))),
+            found.get(EMBEDDING),
+            found.get(MC_LOGITS),
+        )
 
 
 @dataclass(frozen=True)
@@ -135,10 +173,15 @@ class ImageOutput:
     Attributes:
         probs: target key -> calibrated probability.
         maps: ``(K, h, w)`` Grad-CAM maps at feature resolution, in target order.
+        embedding: ``(C,)`` pooled features (when asked for).
+        samples: ``(T, K)`` calibrated probabilities under Monte Carlo dropout, or over the
+            test-time views (when asked for), in target order.
     """
 
     probs: dict[str, float]
     maps: FloatArray
+    embedding: FloatArray | None = None
+    samples: FloatArray | None = None
 
 
 def onnx_path(checkpoint: str | Path) -> Path:
@@ -153,13 +196,20 @@ def load_served(path: str | Path, engine: str = "onnxruntime", threads: int = 1)
     Raises:
         FileNotFoundError, ValueError: as :func:`model.multitask.network.load_checkpoint`.
     """
-    from model.multitask.meta import CheckpointMeta
+    from model.multitask.meta import GRAPH_OUTPUTS, CheckpointMeta
 
     graph = onnx_path(path)
     if engine == "onnxruntime" and graph.is_file():
         onnx = OnnxEngine(graph, threads)
         meta = CheckpointMeta.from_dict(onnx.meta())
-        return ServedModel(version=meta.version, engine=onnx, meta=meta, path=Path(path))
+        if set(GRAPH_OUTPUTS) <= set(onnx.outputs):
+            return ServedModel(version=meta.version, engine=onnx, meta=meta, path=Path(path))
+        logger.warning(
+            "%s predates the acquisition outputs (%s): served with PyTorch; delete it to have it "
+            "written again at the next promotion",
+            graph.name,
+            ", ".join(GRAPH_OUTPUTS),
+        )
     from model.multitask.network import load_checkpoint
 
     network, meta = load_checkpoint(path)
@@ -197,24 +247,63 @@ def to_array(image: Image.Image, size: int) -> FloatArray:
     return array
 
 
-def run_batch(served: ServedModel, images: Sequence[Image.Image], maps: bool = True) -> list[ImageOutput]:
+#: Sampling for the acquisition strategies: Monte Carlo dropout, or the test-time views.
+SAMPLING = ("dropout", "views")
+
+
+def views(images: FloatArray) -> list[FloatArray]:
+    """The test-time views of a square batch ``(B, 3, S, S)``: itself, flipped left-right, flipped
+    upside down, turned a quarter (a dermoscopic image has no up or left)."""
+    return [
+        images,
+        np.ascontiguousarray(images[..., ::-1]),
+        np.ascontiguousarray(images[..., ::-1, :]),
+        np.ascontiguousarray(np.rot90(images, 1, axes=(-2, -1))),
+    ]
+
+
+def run_batch(
+    served: ServedModel,
+    images: Sequence[Image.Image],
+    maps: bool = True,
+    sampling: str | None = None,
+    embeddings: bool = False,
+) -> list[ImageOutput]:
     """Probabilities and Grad-CAM maps for every image, one forward pass per chunk of images.
 
     Args:
         maps: compute the maps (``False``: probabilities only, e.g. scoring a validation split; the
             outputs' ``maps`` are then empty).
+        sampling: ``dropout``: each output's ``samples`` are its Monte Carlo dropout probabilities
+            (same pass); ``views``: its probabilities on the :func:`views` (one more pass per view).
+        embeddings: keep each image's pooled features (``embedding``).
     """
+    if sampling is not None and sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     meta = served.meta
     temperatures = np.asarray([float(meta.temperatures.get(k, 1.0)) for k in meta.targets], dtype=np.float32)
+    extras = sampling == "dropout" or embeddings
     outputs: list[ImageOutput] = []
     for start in range(0, len(images), BATCH_SIZE):
         chunk = np.stack([to_array(im, meta.input_size) for im in images[start : start + BATCH_SIZE]])
-        logits, raw = served.engine.run(chunk, maps=maps)
-        probs = expit(logits / temperatures)  # 1 / (1 + exp(-x)) without overflow at large |x|
+        found = served.engine.run(chunk, maps=maps, extras=extras)
+        probs = expit(found.logits / temperatures)  # 1 / (1 + exp(-x)) without overflow at large |x|
+        samples: FloatArray | None = None
+        if sampling == "dropout":
+            assert found.samples is not None
+            samples = expit(found.samples / temperatures)
+        elif sampling == "views":
+            turned = [served.engine.run(view, maps=False).logits for view in views(chunk)[1:]]
+            samples = expit(np.stack([found.logits, *turned], axis=1) / temperatures)
         for i in range(len(chunk)):
             outputs.append(
                 ImageOutput(
-                    probs={k: float(probs[i, j]) for j, k in enumerate(meta.targets)}, maps=raw[i].copy()
+                    probs={k: float(probs[i, j]) for j, k in enumerate(meta.targets)},
+                    maps=found.cams[i].copy(),
+                    embedding=found.embeddings[i].copy()
+                    if embeddings and found.embeddings is not None
+                    else None,
+                    samples=samples[i].copy() if samples is not None else None,
                 )
             )
     return outputs

@@ -5,6 +5,13 @@ that says why, the others go on); one batched pass of the BCC model (probabiliti
 and one of the lesion pair, each only when the config has a control it fills; then each task's result
 items. Regions are drawn inside the lesion: the U-Net's outline, segmented only for a task that draws a
 region. Outputs not validated on real images are left out unless ``SHOW_OUTPUTS=all``.
+
+The task ``score`` is ``1 - uncertainty`` under the project's acquisition strategy (the config's
+``<Image acquisition>``, else ``ACQUISITION``; :mod:`model.common.acquisition`), so that sorting by it
+ascending puts first the images the strategy would have labelled next. ``least_confidence`` keeps the
+confidence of the diagnosis; ``entropy`` counts every output the config shows; ``bald`` and ``tta``
+sample the BCC model (with the lesion pair alone they fall back to ``entropy``). A task whose diagnosis
+is not shown (not validated on real images) gets no score, as before.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from backend import metrics
 from backend.images import ImageError, ImageFetcher
 from backend.label_studio.predictions import empty_prediction, task_prediction
 from backend.serving.lesion import LesionSystem, lesion_prediction, metadata_row, run_lesion, segment
-from backend.serving.multitask import ServedModel, run_batch
+from backend.serving.multitask import ImageOutput, ServedModel, run_batch
 from labeling_config.parse import ProjectConfig
+from labeling_config.schema import DIAGNOSIS_KEY
+from model.common.acquisition import DEFAULT_STRATEGY, Outputs, task_score, uncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +63,14 @@ def predict_tasks(
     model_score_threshold: float | None,
     show_all: bool,
     concurrency: int = 8,
+    acquisition: str = DEFAULT_STRATEGY,
 ) -> list[dict[str, Any]]:
     """One prediction per task, in order (Label Studio's ``results``).
 
     Images are fetched ``concurrency`` at a time (``IMAGE_FETCH_CONCURRENCY``) while the models run:
     the tasks go through the models in chunks of :data:`CHUNK`, and the fetches of the next chunk
     overlap the current chunk's inference (at most two chunks of images are held at once).
+    ``acquisition`` (``ACQUISITION``) sets the task score unless the config names its own strategy.
     """
     predictions: list[dict[str, Any] | None] = [None] * len(tasks)
     starts = list(range(0, len(tasks), CHUNK))
@@ -104,6 +115,7 @@ def predict_tasks(
                     served,
                     model_score_threshold,
                     show_all,
+                    config.acquisition or acquisition,
                 )
                 for (i, _), prediction in zip(good, found, strict=True):
                     predictions[i] = prediction
@@ -120,9 +132,16 @@ def _predict_images(
     served: Served,
     model_score_threshold: float | None,
     show_all: bool,
+    strategy: str = DEFAULT_STRATEGY,
 ) -> list[dict[str, Any]]:
     model, system = served.multitask, served.lesion
-    outputs = run_batch(model, images) if model is not None else [None] * len(images)
+    if model is None and strategy in SAMPLING:
+        strategy = "entropy"  # the lesion pair alone: nothing to sample
+    outputs = (
+        run_batch(model, images, sampling=SAMPLING.get(strategy))
+        if model is not None
+        else [None] * len(images)
+    )
     lesions = (
         run_lesion(system, images, [metadata_row(row, config) for row in data_rows])
         if system is not None
@@ -159,5 +178,47 @@ def _predict_images(
             prediction["result"].extend(items)
             if prediction["score"] is None:
                 prediction["score"] = score
+        if prediction["score"] is not None and strategy != DEFAULT_STRATEGY:
+            prediction["score"] = acquisition_score(strategy, config, served, output, lesion_output, show_all)
         results.append(prediction)
     return results
+
+
+#: The strategies that sample the BCC model, and how.
+SAMPLING = {"bald": "dropout", "tta": "views"}
+
+
+def served_targets(config: ProjectConfig, model: ServedModel, show_all: bool) -> list[str]:
+    """The BCC model's outputs this config shows: the diagnosis, the patterns its controls hold
+    (choices or regions), each only where shown (validated on real images, unless ``show_all``)."""
+    from model.common.provenance import shown
+
+    wanted = {DIAGNOSIS_KEY} if config.diagnosis is not None else set()
+    for control in (config.patterns, config.regions):
+        if control is not None:
+            wanted |= set(control.values)
+    return [k for k in model.meta.targets if k in wanted and shown(model.meta.provenance, k, show_all)]
+
+
+def acquisition_score(
+    strategy: str,
+    config: ProjectConfig,
+    served: Served,
+    output: ImageOutput | None,
+    lesion_output: Any,
+    show_all: bool,
+) -> float:
+    """One task's score under ``strategy``: ``1 - uncertainty`` over the outputs the config shows."""
+    binary = samples = None
+    if output is not None and served.multitask is not None:
+        targets = list(served.multitask.meta.targets)
+        keys = served_targets(config, served.multitask, show_all) or [DIAGNOSIS_KEY]
+        columns = [targets.index(k) for k in keys]
+        binary = [[output.probs[k] for k in keys]]
+        if output.samples is not None:
+            samples = Outputs(binary=output.samples[None][:, :, columns])
+    categorical = None
+    if lesion_output is not None and config.ham_diagnosis is not None:
+        categorical = [list(lesion_output.probs.values())]
+    value = uncertainty(strategy, Outputs(binary=binary, categorical=categorical), samples)
+    return task_score(float(value[0]))

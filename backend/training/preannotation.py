@@ -215,6 +215,7 @@ def run_job(
                     settings.model_score_threshold,
                     show_all=settings.show_outputs == "all",
                     concurrency=settings.image_fetch_concurrency,
+                    acquisition=settings.acquisition,
                 )
 
             def on_batch(progress: Progress) -> bool:

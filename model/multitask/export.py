@@ -1,10 +1,13 @@
 """The BCC model as an ONNX graph for serving with ONNX Runtime (no PyTorch at inference).
 
 The graph takes images ``(B, 3, S, S)`` in [0, 1] (normalised inside, as :class:`DermNet` does) and
-gives two outputs from one pass: ``logits`` ``(B, K)`` in ``TARGETS`` order, and ``cams`` ``(B, K, h, w)``,
-the raw Grad-CAM map of every output at feature resolution. With global average pooling and linear
-heads, Grad-CAM's weights are the head weights over ``h * w`` (:mod:`model.common.explain`), so the maps
-are one contraction of the last feature map inside the graph, exactly as the PyTorch path computes them.
+gives, from one pass: ``logits`` ``(B, K)`` in ``TARGETS`` order; ``cams`` ``(B, K, h, w)``, the raw
+Grad-CAM map of every output at feature resolution; and, for the acquisition strategies
+(:mod:`model.common.acquisition`), ``embedding`` ``(B, C)`` (the pooled features: the core-set's space)
+and ``mc_logits`` ``(B, T, K)``, the heads under ``T`` fixed Monte Carlo dropout masks (BALD). With
+global average pooling and linear heads, Grad-CAM's weights are the head weights over ``h * w``
+(:mod:`model.common.explain`), so the maps are one contraction of the last feature map inside the
+graph, exactly as the PyTorch path computes them.
 The checkpoint's metadata travels in the file (``metadata_props["dermassist.meta"]``, JSON), so a served
 ONNX file needs nothing beside it.
 """
@@ -17,26 +20,31 @@ import torch
 from torch import nn
 
 from model.common.onnx import write_onnx
-from model.multitask.meta import CheckpointMeta
-from model.multitask.network import DermNet
-
-INPUT, LOGITS, CAMS = "images", "logits", "cams"
+from model.multitask.meta import GRAPH_OUTPUTS, INPUT, CheckpointMeta
+from model.multitask.network import DermNet, dropout_masks
 
 
-class _Explained(nn.Module):
-    """DermNet's logits and every output's raw Grad-CAM map, from one forward pass."""
+class Explained(nn.Module):
+    """DermNet's logits, every output's raw Grad-CAM map, the pooled embedding and the Monte Carlo
+    dropout logits, from one forward pass (in eval mode: ``logits`` has no dropout)."""
+
+    masks: torch.Tensor
 
     def __init__(self, network: DermNet) -> None:
         super().__init__()
         self.network = network
-        self.register_buffer("weights", network.head_weights().detach().clone())
+        weights = network.head_weights().detach().clone()
+        self.register_buffer("weights", weights)
+        self.register_buffer("masks", dropout_masks(weights.shape[1], network.dropout_p))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.network.features((images - self.network.mean) / self.network.std)
         logits = self.network.forward_heads(features)
         h, w = features.shape[-2:]
         cams = torch.einsum("kc,bchw->bkhw", self.weights, features) / (h * w)
-        return logits, cams.clamp_min(0.0)
+        pooled = features.mean(dim=(-2, -1))
+        samples = self.network.head_samples(pooled, self.masks)
+        return logits, cams.clamp_min(0.0), pooled, samples
 
 
 def export_onnx(network: DermNet, meta: CheckpointMeta, path: str | Path) -> Path:
@@ -45,4 +53,4 @@ def export_onnx(network: DermNet, meta: CheckpointMeta, path: str | Path) -> Pat
     The batch size is dynamic; the image side is ``meta.input_size``.
     """
     example = torch.rand(2, 3, meta.input_size, meta.input_size)
-    return write_onnx(_Explained(network), (example,), (INPUT,), (LOGITS, CAMS), meta, path)
+    return write_onnx(Explained(network), (example,), (INPUT,), GRAPH_OUTPUTS, meta, path)

@@ -10,6 +10,11 @@ from labeling_config import TARGET_NAMES, TARGETS
 from model.common.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from model.common.meta import ModelMeta
 
+#: The ONNX graph's input and outputs (:mod:`model.multitask.export`); a graph without the last two
+#: (written before the acquisition strategies) is served by PyTorch instead.
+INPUT, LOGITS, CAMS, EMBEDDING, MC_LOGITS = "images", "logits", "cams", "embedding", "mc_logits"
+GRAPH_OUTPUTS = (LOGITS, CAMS, EMBEDDING, MC_LOGITS)
+
 ARCH = "dermnet-mobilenet_v2"
 
 

@@ -98,9 +98,33 @@ class DermNet(nn.Module):
         logits = self.forward_heads(features)
         return (logits, features) if return_features else logits
 
+    def head_samples(self, pooled: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Monte Carlo dropout logits ``(B, T, K)``: the heads on the pooled features ``(B, C)`` under
+        each of ``T`` dropout masks ``(T, C)`` (:func:`dropout_masks`)."""
+        dropped = pooled[:, None, :] * masks[None]
+        return torch.cat([self.bcc_head(dropped), self.pattern_head(dropped)], dim=-1)
+
     def head_weights(self) -> torch.Tensor:
         """The two heads stacked: ``(1 + num_patterns, channels)``, rows in ``TARGETS`` order."""
         return torch.cat([self.bcc_head.weight, self.pattern_head.weight], dim=0)
+
+
+#: Monte Carlo dropout samples per image for the ``bald`` acquisition strategy.
+MC_SAMPLES = 20
+
+
+def dropout_masks(channels: int, p: float, samples: int = MC_SAMPLES, seed: int = 0) -> torch.Tensor:
+    """``samples`` fixed dropout masks ``(T, channels)``: 0 with probability ``p``, else ``1 / (1 - p)``.
+
+    Fixed (seeded) rather than drawn per call, so an image's Monte Carlo estimate is the same on every
+    call and on both engines (the ONNX graph holds the same masks); with ``p = 0`` every mask is ones
+    and the samples all equal the deterministic output.
+    """
+    if p <= 0.0:
+        return torch.ones(samples, channels)
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(samples, channels, generator=generator) >= p
+    return keep.float() / (1.0 - p)
 
 
 def set_output_stride(features: nn.Module, output_stride: int) -> None:

@@ -46,6 +46,18 @@ def assert_parity(checkpoint: Path, images: list[Image.Image]) -> None:
         assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 1e-4
         assert a.maps.shape == b.maps.shape
         assert np.abs(scale_maps(a.maps, (224, 224)) - scale_maps(b.maps, (224, 224))).max() < 1e-3
+    # the acquisition outputs: Monte Carlo dropout samples, test-time views, the embedding
+    for sampling in ("dropout", "views"):
+        pairs = zip(
+            run_batch(eager, images, False, sampling, embeddings=True),
+            run_batch(onnx, images, False, sampling, embeddings=True),
+            strict=True,
+        )
+        for a, b in pairs:
+            assert a.samples is not None and b.samples is not None and a.samples.shape == b.samples.shape
+            assert np.abs(a.samples - b.samples).max() < 1e-4
+            assert a.embedding is not None and b.embedding is not None
+            assert np.abs(a.embedding - b.embedding).max() < 1e-3 * max(1.0, np.abs(a.embedding).max())
 
 
 def test_the_onnx_graph_gives_what_pytorch_gives_on_synthetic_images(tiny_checkpoint, tmp_path):
@@ -65,6 +77,34 @@ def test_the_released_model_as_onnx_gives_what_pytorch_gives_on_real_images(tmp_
     shutil.copy(RELEASED, checkpoint)
     export_served(checkpoint)
     assert_parity(checkpoint, real_images())
+
+
+def test_a_graph_without_the_acquisition_outputs_is_served_by_pytorch(tiny_checkpoint, tmp_path, caplog):
+    import torch
+
+    from model.common.onnx import write_onnx
+    from model.multitask.export import Explained
+    from model.multitask.network import load_checkpoint
+
+    class TwoOutputs(torch.nn.Module):  # the graph as written before the acquisition strategies
+        def __init__(self, network):
+            super().__init__()
+            self.inner = Explained(network)
+
+        def forward(self, images):
+            logits, cams, _, _ = self.inner(images)
+            return logits, cams
+
+    checkpoint = tmp_path / "old.pt"
+    shutil.copy(tiny_checkpoint, checkpoint)
+    network, meta = load_checkpoint(checkpoint)
+    example = (torch.rand(2, 3, meta.input_size, meta.input_size),)
+    write_onnx(TwoOutputs(network), example, ("images",), ("logits", "cams"), meta, onnx_path(checkpoint))
+    served = load_served(checkpoint, engine="onnxruntime")
+    assert served.engine.name == "torch"
+    assert "predates the acquisition outputs" in caplog.text
+    (output,) = run_batch(served, synthetic_images(1), maps=False, sampling="dropout")
+    assert output.samples is not None and output.samples.shape[1] == len(meta.targets)
 
 
 def test_without_a_graph_pytorch_serves(tiny_checkpoint, tmp_path):

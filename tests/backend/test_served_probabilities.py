@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from backend.serving.multitask import ServedModel, run_batch
+from backend.serving.multitask import Forward, ServedModel, run_batch
 
 
 class FixedLogits:
@@ -17,8 +17,8 @@ class FixedLogits:
     def __init__(self, logits: list[float]) -> None:
         self.logits = np.asarray(logits, dtype=np.float32)
 
-    def run(self, images, maps=True):
-        return np.tile(self.logits, (len(images), 1)), np.zeros((len(images), 0, 0, 0), np.float32)
+    def run(self, images, maps=True, extras=False):
+        return Forward(np.tile(self.logits, (len(images), 1)), np.zeros((len(images), 0, 0, 0), np.float32))
 
 
 def served(logits: list[float], temperatures: dict[str, float] | None = None) -> ServedModel:
