@@ -96,6 +96,33 @@ def next_reads(
     return table.sort_values(["posterior", "task"], kind="stable").reset_index(drop=True)
 
 
+def assign_reads(queue: pd.DataFrame, per_reader: int | None = None) -> pd.DataFrame:
+    """One next reader per open image of a :func:`next_reads` queue, the load spread over the readers.
+
+    In queue order (least confident first), each image goes to the reader, among those who have not
+    read it, with the fewest images assigned so far; ties go to the more reliable (the order of
+    ``next``). With ``per_reader``, a reader takes at most that many and an image no reader can take
+    waits for the next round. Images every reader has read get none.
+
+    Returns:
+        ``task``, ``reader``, ``posterior``, ``reads``, in queue order.
+    """
+    load: dict[str, int] = {}
+    rows = []
+    for task, posterior, reads, candidates in queue[["task", "posterior", "reads", "next"]].itertuples(
+        index=False
+    ):
+        names = [n for n in str(candidates).split(",") if n]
+        if per_reader is not None:
+            names = [n for n in names if load.get(n, 0) < per_reader]
+        if not names:
+            continue
+        reader = min(names, key=lambda n: (load.get(n, 0), names.index(n)))
+        load[reader] = load.get(reader, 0) + 1
+        rows.append({"task": task, "reader": reader, "posterior": posterior, "reads": reads})
+    return pd.DataFrame(rows, columns=["task", "reader", "posterior", "reads"])
+
+
 @dataclass(frozen=True)
 class Replay:
     """What :func:`replay` found on one set."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from backend.settings import Settings
 
+from backend.cli.acquisition import cmd_next_batch, cmd_next_reads
 from backend.cli.adjudication import cmd_adjudicate, cmd_import_gold
 from backend.cli.bundle import cmd_study_freeze, cmd_study_verify
 from backend.cli.common import _version
@@ -31,6 +32,8 @@ from backend.cli.training import (
     cmd_train_dual,
     cmd_train_seg,
 )
+from labeling_config.schema import ACQUISITION_STRATEGIES
+from model.common.acquisition import POOL_FACTOR
 
 logger = logging.getLogger("dermassist")
 
@@ -429,6 +432,50 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     adj.add_argument("--out", default=None, help="also write the queue as CSV here")
     adj.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
     adj.set_defaults(func=cmd_adjudicate)
+
+    nb = sub.add_parser("next-batch", help=cmd_next_batch.__doc__, description=cmd_next_batch.__doc__)
+    nb.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    nb.add_argument("--size", type=int, default=20, help="tasks in the batch (default: %(default)s)")
+    nb.add_argument(
+        "--strategy",
+        choices=ACQUISITION_STRATEGIES,
+        default=None,
+        help="default: the config's <Image acquisition>, else ACQUISITION",
+    )
+    nb.add_argument(
+        "--pool-factor",
+        type=int,
+        default=POOL_FACTOR,
+        help="pick among this many times --size of the most uncertain (1: no diversity; "
+        "default: %(default)s)",
+    )
+    nb.add_argument("--view", action="store_true", help='show the batch as the Label Studio tab "Next batch"')
+    nb.add_argument("--out", default=None, help="also write the batch as CSV here")
+    nb.add_argument("--quiet", action="store_true", help="no progress bar")
+    nb.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    nb.add_argument("--model-dir", default=None, help="MODEL_DIR")
+    nb.set_defaults(func=cmd_next_batch)
+
+    nr = sub.add_parser("next-reads", help=cmd_next_reads.__doc__, description=cmd_next_reads.__doc__)
+    nr.add_argument("--project", type=int, required=True, help="the readers' Label Studio project id")
+    nr.add_argument("--label", default="bcc", help="the label whose consensus decides (default: %(default)s)")
+    nr.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="an image is done at this posterior (default: %(default)s)",
+    )
+    nr.add_argument(
+        "--min-reads", type=int, default=2, help="... after this many reads (default: %(default)s)"
+    )
+    nr.add_argument("--max-reads", type=int, default=None, help="an image with this many reads is done")
+    nr.add_argument("--per-reader", type=int, default=None, help="at most this many images per reader")
+    nr.add_argument(
+        "--view", action="store_true", help='one Label Studio tab per reader: "Next reads: <reader>"'
+    )
+    nr.add_argument("--out", default=None, help="also write the queue as CSV here")
+    nr.add_argument("--db", default=None, help="database URL (default: DATABASE_URL)")
+    nr.set_defaults(func=cmd_next_reads)
 
     pr = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
     pr.add_argument("--project", type=int, required=True, help="Label Studio project id")

@@ -9,12 +9,15 @@
 2. starts Label Studio (its own venv, a fresh copy of the migrated template) and ``dermassist serve`` on
    loopback, which serves the released models (``models/``) with no training and no promote step;
    creates the project from ``labeling_config/bcc_lesion.xml``, uploads the images, connects the backend;
-3. the dermatologists annotate the first half of the images through the API (webhooks fill the store);
-   the backend pre-annotates every image: the diagnosis, the lesion outline (U-Net) and, for a
-   predicted BCC, where it is (Grad-CAM inside the outline). Outputs not validated on real images
-   (the six BCC patterns) are not shown;
+3. the four dermatologists annotate the first half of the images through the API (webhooks fill the
+   store), and two of them the next quarter; the backend pre-annotates every image: the diagnosis, the
+   lesion outline (U-Net) and, for a predicted BCC, where it is (Grad-CAM inside the outline). Outputs
+   not validated on real images (the six BCC patterns) are not shown;
 4. runs the consensus and one retraining (the Train button), and writes the study report;
-5. prints the URL, the login and what to look at, and keeps both servers up until Ctrl-C.
+5. shows what to label next: the task score is the acquisition strategy's (``ACQUISITION=entropy``
+   here), the tab "Next batch" holds the batch it picks (``dermassist next-batch``), and one tab per
+   dermatologist holds the images that still need their read (``dermassist next-reads``);
+6. prints the URL, the login and what to look at, and keeps both servers up until Ctrl-C.
 
 ``dermassist demo --synthetic`` runs the earlier study instead: synthetic drawings with pattern truth,
 a model trained on them for a few minutes, every output shown (``SHOW_OUTPUTS=all``).
@@ -62,6 +65,9 @@ class DemoConfig:
     size: int = 256
     seed: int = 0
     annotated_share: float = 0.5
+    two_read_share: float = 0.25  # the next images, read by two dermatologists so far
+    acquisition: str = "entropy"
+    next_batch: int = 8
     image_size: int = 160
     epochs: int = 4
     ls_port: int = 8080
@@ -85,6 +91,13 @@ def _port(preferred: int) -> int:
             return preferred
         except OSError:
             return free_port()
+
+
+def _dermassist_out(exe: Path, env: dict[str, str], *args: str) -> str:
+    """``dermassist ARGS``'s last line (its summary)."""
+    done = subprocess.run([str(exe), *args], env=env, check=True, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def _model_version(backend_url: str, xml: str) -> str:
@@ -198,6 +211,7 @@ def run(config: DemoConfig) -> int:
         "MODEL_DIR": str(out / "models"),
         "TRAIN_EPOCHS": "2",
         "LOG_LEVEL": "WARNING",
+        "ACQUISITION": config.acquisition,
     }
     exe = DERMASSIST
     if config.synthetic:
@@ -259,12 +273,21 @@ def run(config: DemoConfig) -> int:
             ordered = sorted(by_image)
             annotated = {i: by_image[i] for i in ordered[: int(len(ordered) * config.annotated_share)]}
             rest = [by_image[i] for i in ordered[len(annotated) :]]
+            two_read = {
+                i: by_image[i]
+                for i in ordered[len(annotated) : len(annotated) + int(len(ordered) * config.two_read_share)]
+            }
 
             ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
             raters = sorted(ratings["rater"].unique())
             users = dict(zip(raters, ls_study.create_raters(client, raters), strict=True))
             _say(f"four dermatologists annotate {len(annotated)} images (webhooks fill the store)")
             n = ls_study.annotate(client, study, annotated, users, config.size if config.synthetic else 0)
+            if two_read:
+                _say(f"two of them read the next {len(two_read)} images")
+                n += ls_study.annotate(
+                    client, study, two_read, users, config.size if config.synthetic else 0, raters=raters[:2]
+                )
 
             _say(f"the backend pre-annotates all {len(images)} images")
             ls_study.retrieve_predictions(client, project)
@@ -303,6 +326,12 @@ def run(config: DemoConfig) -> int:
             else:
                 _say(f"retraining failed: {job['error']}")
             client.projects.update(id=project, model_version=version)
+            _say(f"what to label next ({config.acquisition}) and who reads what next")
+            picked = _dermassist_out(
+                exe, env, "next-batch", "--project", str(project), "--size", str(config.next_batch), "--view",
+                "--quiet",
+            )  # fmt: skip
+            reads = _dermassist_out(exe, env, "next-reads", "--project", str(project), "--view")
             report = out / "consensus" / "report.html"
             subprocess.run(
                 [str(exe), "export", "--format", "report", "--out", str(report)],
@@ -339,8 +368,12 @@ def run(config: DemoConfig) -> int:
     Look at:
       - a pre-annotated image: {ls.url}/projects/{project}/data?task={first}
         {look}
-      - the data manager sorted by prediction score, ascending: the most uncertain images first;
-      - the first {len(annotated)} tasks: {n} annotations by four simulated dermatologists;
+      - the data manager sorted by prediction score, ascending: the images the {config.acquisition} strategy
+        would label first (the score is 1 - its uncertainty; README, "The task score");
+      - the tab "Next batch": {picked}
+      - the tabs "Next reads: <dermatologist>": {reads}
+      - the first {len(annotated)} tasks: read by four simulated dermatologists, the next {len(two_read)} by
+        two ({n} annotations);
       - the consensus report: {report.resolve()}
       - {extra}
     """,

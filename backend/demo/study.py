@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -170,6 +170,7 @@ def annotate(
     users: dict[str, int],
     size: int,
     before_each: Callable[[int], None] | None = None,
+    raters: Collection[str] | None = None,
 ) -> int:
     """Every rating of ``study/ratings.csv`` for the given images, as that rater's Label Studio annotation.
 
@@ -177,12 +178,15 @@ def annotate(
         by_image: image id -> task id (only these images are annotated).
         users: rater name -> Label Studio user id.
         before_each: called with the running count before each annotation (the tests kill the backend).
+        raters: only these raters' ratings (default: every rater's).
 
     Returns:
         How many annotations were created.
     """
     ratings = pd.read_csv(study / "ratings.csv", dtype={"image_id": str})
     ratings = ratings[ratings["image_id"].isin(list(by_image))]
+    if raters is not None:
+        ratings = ratings[ratings["rater"].isin(list(raters))]
     count = 0
     for (image_id, rater), rows in ratings.groupby(["image_id", "rater"], sort=True):
         values = dict(zip(rows["label"], rows["value"].astype(int), strict=True))

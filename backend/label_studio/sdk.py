@@ -13,7 +13,9 @@ use every SDK call as documented (``ls.projects.create(...)``, ``ls.tasks.list(p
   token refresh and the retries are the SDK's;
 - :meth:`LabelStudioApi.tasks_page`: one page of the data manager's task list as Label Studio's own JSON
   (the SDK's typed tasks drop the columns a filter computes, such as ``predictions_model_versions``);
-- :meth:`LabelStudioApi.model_version_counts`: the model versions of a project's predictions.
+- :meth:`LabelStudioApi.model_version_counts`: the model versions of a project's predictions;
+- :meth:`LabelStudioApi.task_view`: a data manager tab that shows given tasks (made, or updated in
+  place when the project has a tab of that title).
 
 The client owns one ``httpx.Client``: close it (``with connect(...) as ls:``) when done.
 """
@@ -144,6 +146,36 @@ class LabelStudioApi(LabelStudio):
                 status_code=None, body={"detail": f"the task list of project {project} is not a list"}
             )
         return tasks, int(body.get("total") or 0)
+
+    def task_view(self, project: int, title: str, task_ids: Sequence[int], ordering: str = "tasks:id") -> int:
+        """A data manager tab of ``project`` titled ``title`` that shows exactly ``task_ids`` (none: an
+        empty tab), in ``ordering``; the project's tab of that title is updated rather than repeated.
+        Its id.
+
+        Raises:
+            ApiError: Label Studio refused the call.
+        """
+        ids = [int(t) for t in task_ids] or [0]  # no task has id 0: an empty tab
+        data = {
+            "title": title,
+            "filters": {
+                "conjunction": "or",
+                "items": [
+                    {"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": task}
+                    for task in ids
+                ],
+            },
+            "ordering": [ordering],
+        }
+        views = self._request("api/dm/views/", "GET", params={"project": int(project)}) or []
+        found = next(
+            (v for v in views if isinstance(v, dict) and (v.get("data") or {}).get("title") == title), None
+        )
+        if found is not None:
+            view = self._request(f"api/dm/views/{int(found['id'])}/", "PATCH", json={"data": data})
+        else:
+            view = self._request("api/dm/views/", "POST", json={"project": int(project), "data": data})
+        return int(view["id"])
 
     def model_version_counts(self, project: int) -> dict[str, int]:
         """The model versions of the project's predictions, with how many predictions each has."""

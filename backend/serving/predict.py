@@ -55,6 +55,17 @@ def _image_ref(task: Any, image_key: str) -> str | None:
     return ref if isinstance(ref, str) else None
 
 
+def fetch_image(task: Any, image_key: str, fetcher: ImageFetcher) -> Any:
+    """A task's image (:meth:`ImageFetcher.fetch`), or why it cannot be had (a string)."""
+    ref = _image_ref(task, image_key)
+    if ref is None:
+        return f"task has no '{image_key}' in its data"
+    try:
+        return fetcher.fetch(ref)
+    except ImageError as exc:
+        return str(exc)
+
+
 def predict_tasks(
     tasks: Sequence[Any],
     config: ProjectConfig,
@@ -76,13 +87,7 @@ def predict_tasks(
     starts = list(range(0, len(tasks), CHUNK))
 
     def fetch(i: int) -> Any:
-        ref = _image_ref(tasks[i], config.image_key)
-        if ref is None:
-            return f"task has no '{config.image_key}' in its data"
-        try:
-            return fetcher.fetch(ref)
-        except ImageError as exc:
-            return str(exc)
+        return fetch_image(tasks[i], config.image_key, fetcher)
 
     with ThreadPoolExecutor(max(1, concurrency), "dermassist-fetch") as pool:
         submitted: dict[int, list[Future[Any]]] = {}

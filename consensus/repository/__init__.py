@@ -58,6 +58,7 @@ from consensus.repository.runs import (
     consensus_table,
     latest_run,
     pack_mask,
+    reader_reliability,
     save_consensus_run,
     unpack_mask,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "lesion_answers",
     "model_versions",
     "pack_mask",
+    "reader_reliability",
     "recent_jobs",
     "recent_preannotations",
     "record_event",

@@ -225,6 +225,26 @@ def consensus_probabilities(session: Session, run: ConsensusRun, label_key: str)
     return frame.fillna(0.0).astype(float)
 
 
+def reader_reliability(session: Session, run: ConsensusRun, label_key: str) -> pd.Series:
+    """Per rater (by name), the mean of the sensitivity and specificity a run estimated for one binary
+    label (one of them where the other is unknown), highest first; raters with neither are left out."""
+    import pandas as pd
+
+    rows = session.execute(
+        select(Rater.name, RaterReliability.sensitivity, RaterReliability.specificity)
+        .join(Rater, RaterReliability.rater_id == Rater.id)
+        .where(RaterReliability.run_id == run.id, RaterReliability.label_key == label_key)
+    ).all()
+    values = {
+        name: sum(known) / len(known)
+        for name, sens, spec in rows
+        if (known := [v for v in (sens, spec) if v is not None])
+    }
+    series = pd.Series(values, dtype=float, name="reliability")
+    series.index.name = "worker"
+    return series.sort_values(ascending=False, kind="stable")
+
+
 def consensus_masks(session: Session, run: ConsensusRun, label_key: str) -> dict[str, NDArray[np.bool_]]:
     """A run's consensus masks of one label: item external id -> mask."""
     rows = session.execute(

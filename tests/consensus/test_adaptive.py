@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from consensus.adaptive import StoppingRule, next_reads, replay
+from consensus.adaptive import StoppingRule, assign_reads, next_reads, replay
 from consensus.dawid_skene import DawidSkene
 
 from .test_dawid_skene import accuracy, crowd_set, four_raters
@@ -38,6 +38,27 @@ def test_the_queue_lists_open_images_least_confident_first_with_the_best_unread_
     by_task = queue.set_index("task")
     assert by_task.loc["b", "next"] == "r3,r4" and by_task.loc["c", "next"] == "r1,r2,r4"
     assert by_task.loc["d", "next"] == "" and by_task.loc["d", "reads"] == 4
+
+
+def test_each_open_image_goes_to_the_least_loaded_reader_who_has_not_read_it():
+    queue = pd.DataFrame(
+        {
+            "task": ["x", "y", "z", "w", "v"],
+            "posterior": [0.5, 0.6, 0.7, 0.8, 0.9],
+            "reads": [2, 2, 1, 2, 4],
+            "next": ["r3,r4", "r3,r4", "r2,r3,r4", "r4", ""],  # most reliable first; v: all have read it
+        }
+    )
+    assigned = assign_reads(queue)
+    assert list(zip(assigned["task"], assigned["reader"], strict=True)) == [
+        ("x", "r3"),  # both free: the more reliable
+        ("y", "r4"),  # r3 has one already
+        ("z", "r2"),
+        ("w", "r4"),
+    ]
+    capped = assign_reads(queue, per_reader=1)
+    assert list(capped["task"]) == ["x", "y", "z"]  # w waits: r4 is full
+    assert assign_reads(queue.iloc[:0]).empty
 
 
 @pytest.mark.parametrize("kwargs", [{"confidence": 0.4}, {"min_reads": 0}, {"min_reads": 3, "max_reads": 2}])

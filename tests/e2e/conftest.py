@@ -46,6 +46,23 @@ def ls(label_studio: ls_server.LabelStudioServer) -> Iterator[LabelStudioApi]:
         yield client
 
 
+def tiny_model(path: Path) -> Path:
+    """A tiny untrained BCC model checkpoint (width 0.35, 64 px, seed 0) at ``path``."""
+    import torch
+
+    from labeling_config import TARGETS
+    from model.common.checkpoint import save_checkpoint
+    from model.multitask.network import CheckpointMeta, DermNet
+
+    torch.manual_seed(0)
+    save_checkpoint(
+        path,
+        DermNet(width_mult=0.35),
+        CheckpointMeta(input_size=64, width_mult=0.35, thresholds=dict.fromkeys(TARGETS, 0.5)),
+    )
+    return path
+
+
 @dataclass
 class Backend:
     url: str

@@ -25,8 +25,8 @@ from backend.demo import study as ls_study
 from backend.demo.label_studio import LabelStudioServer, free_port
 from backend.demo.study import wait_for
 from backend.label_studio.sdk import LabelStudioApi
-from labeling_config import TARGETS, load_config
-from tests.e2e.conftest import DERMASSIST, start_backend
+from labeling_config import load_config
+from tests.e2e.conftest import DERMASSIST, start_backend, tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample" / "ham10000" / "images"
 BATCH = 2
@@ -35,19 +35,8 @@ BATCH = 2
 @pytest.fixture(scope="module")
 def served(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A live backend serving a tiny model (every output shown), and the environment the CLI needs."""
-    import torch
-
-    from model.common.checkpoint import save_checkpoint
-    from model.multitask.network import CheckpointMeta, DermNet
-
     root = tmp_path_factory.mktemp("preannotate")
-    torch.manual_seed(0)
-    model = root / "tiny.pt"
-    save_checkpoint(
-        model,
-        DermNet(width_mult=0.35),
-        CheckpointMeta(input_size=64, width_mult=0.35, thresholds=dict.fromkeys(TARGETS, 0.5)),
-    )
+    model = tiny_model(root / "tiny.pt")
     env = {
         **os.environ,
         "LABEL_STUDIO_URL": label_studio.url,
