@@ -6,9 +6,11 @@ reliability) an image can stop once its consensus is confident: :class:`Stopping
 done when its most probable class has posterior >= ``confidence`` after at least ``min_reads`` reads (or
 when it has ``max_reads``). :func:`next_reads` turns a fitted consensus into a queue: every open image
 with the readers who have not read it yet, the most reliable first. :func:`replay` measures the rule on
-a recorded multi-reader set: the reads of each image are revealed one round at a time in a random order,
-the consensus is refitted after each round, and an image stops when the rule says so; the reads used and
-the accuracy of the final consensus are compared with those of collecting every read.
+a recorded multi-reader set: the reads of each image are revealed one round at a time, in a random order
+or (``order="reliable"``, after ``random_reads`` random reads) the read of the reader the consensus so far
+rates most reliable first (:func:`reader_accuracy`), the consensus is refitted after each round, and an image
+stops when the rule says so; the reads used and the accuracy of the final consensus are compared with
+those of collecting every read.
 """
 
 from __future__ import annotations
@@ -123,6 +125,34 @@ def assign_reads(queue: pd.DataFrame, per_reader: int | None = None) -> pd.DataF
     return pd.DataFrame(rows, columns=["task", "reader", "posterior", "reads"])
 
 
+def reader_accuracy(fitted: Any) -> pd.Series:
+    """Each reader's estimated accuracy under a fitted Dawid-Skene-like estimator.
+
+    ``sum_c priors_[c] * errors_.loc[(reader, c), c]``: the probability that the reader answers the true
+    class of an image drawn from the fitted class prior (the diagonal of their confusion matrix,
+    weighted by how common each class is). It reads only the fit (``errors_`` and ``priors_``), so it
+    never looks at truth.
+
+    Args:
+        fitted: a fitted estimator with ``errors_`` (indexed by (worker, observed) x true) and
+            ``priors_``.
+
+    Returns:
+        Reader -> accuracy (name ``accuracy``).
+    """
+    errors: pd.DataFrame = fitted.errors_
+    priors: pd.Series = fitted.priors_
+    classes = list(errors.columns)
+    workers = errors.index.get_level_values(0).unique()
+    matrices = errors.to_numpy().reshape(len(workers), len(classes), len(classes))  # [worker, observed, true]
+    diagonal = np.einsum("wcc->wc", matrices)
+    weights = priors.reindex(classes).to_numpy()
+    return pd.Series(diagonal @ weights, index=workers, name="accuracy")
+
+
+ORDERS = ("random", "reliable")
+
+
 @dataclass(frozen=True)
 class Replay:
     """What :func:`replay` found on one set."""
@@ -145,53 +175,94 @@ def replay(
     rule: StoppingRule | None = None,
     random_state: int = 0,
     fit: Callable[[Any, pd.DataFrame], pd.DataFrame] | None = None,
+    order: str = "random",
+    reliability: Callable[[Any], pd.Series] = reader_accuracy,
+    random_reads: int = 1,
 ) -> Replay:
-    """Replay a recorded set with the stopping rule: reads revealed per image in a random order.
+    """Replay a recorded set with the stopping rule, one more read per open image and round.
 
-    Round ``r`` reveals the ``r``-th read (in a random order per image) of every image that is still
-    open and has one left; the estimator (copied) is refitted on every revealed read; images the rule
-    calls done close. It ends when no open image has a read left.
+    The first round reveals one read per image, chosen at random. Each later round reveals one more
+    read of every image that is still open and has one left: with ``order="random"`` the next read in
+    a random order drawn per image; with ``order="reliable"`` the recorded read of the reader the
+    current fit estimates as the most reliable (``reliability`` of the fitted estimator; readers the
+    fit has not seen yet get the mean of those it has; ties go to the random order). The choice uses
+    only the reads revealed so far, never truth nor the labels of unrevealed reads. After each round the
+    estimator (copied) is refitted on every revealed read and the images the rule calls done close. It
+    ends when no open image has a read left.
 
     Args:
         answers: long table ``task``, ``worker``, ``label`` (every recorded read).
         estimator: an unfitted Dawid-Skene-like estimator (``fit(data)`` then ``probas_``); copied.
         rule: the stopping rule.
         random_state: seed of the read order.
-        fit: how to fit (default ``copy.deepcopy(estimator).fit(data).probas_``).
+        fit: how to fit (default ``copy.deepcopy(estimator).fit(data).probas_``); only with
+            ``order="random"``, as the reliable order needs the fitted estimator.
+        order: ``"random"`` or ``"reliable"``.
+        reliability: fitted estimator -> reader -> reliability, higher better (``order="reliable"``);
+            default :func:`reader_accuracy`.
+        random_reads: with ``order="reliable"``, how many reads per image are revealed in the random
+            order before the choice by reliability starts (at least 1: one read per image says nothing
+            about who is reliable; 2 gives the first fit pairs of readers to compare).
 
     Returns:
         The reads used, the final consensus and how many rounds it took.
+
+    Raises:
+        ValueError: an unknown ``order``, or ``fit`` given with ``order="reliable"``.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if random_reads < 1:
+        raise ValueError(f"random_reads must be at least 1, got {random_reads}")
+    if fit is not None and order != "random":
+        raise ValueError("order='reliable' needs the fitted estimator: leave fit=None")
     rule = rule if rule is not None else StoppingRule()
-    frame = check_columns(answers, ("task", "worker", "label")).reset_index(drop=True)
+    frame = check_columns(answers, ("task", "worker", "label"))[["task", "worker", "label"]]
+    frame = frame.reset_index(drop=True)
     classes = sorted(pd.unique(frame["label"]).tolist())
 
-    def default_fit(est: Any, data: pd.DataFrame) -> pd.DataFrame:
+    def default_fit(est: Any, data: pd.DataFrame) -> Any:
         fitted = copy.deepcopy(est)
         if getattr(fitted, "classes", None) is None:
             fitted.classes = classes
-        return fitted.fit(data).probas_  # type: ignore[no-any-return]
+        return fitted.fit(data)
 
-    fitter = fit if fit is not None else default_fit
     rng = np.random.default_rng(random_state)
-    order = pd.Series(rng.random(len(frame)), index=frame.index)
-    rank = order.groupby(frame["task"]).rank(method="first").astype(int) - 1  # 0 = the first read shown
-    frame = frame.assign(_rank=rank)
-    open_tasks = set(frame["task"])
+    shuffle = pd.Series(rng.random(len(frame)), index=frame.index)
+    rank = shuffle.groupby(frame["task"]).rank(method="first").astype(int) - 1  # 0 = the first read shown
+    ranks = rank.to_numpy()
+    tasks = frame["task"]
+    workers = frame["worker"]
+    open_tasks = set(tasks)
     revealed_mask = np.zeros(len(frame), dtype=bool)
     rounds = 0
     probas = pd.DataFrame()
+    scores = pd.Series(dtype=float)  # reader -> reliability, from the latest fit
     while True:
-        step = frame["task"].isin(open_tasks).to_numpy() & (frame["_rank"].to_numpy() == rounds)
+        candidate = tasks.isin(open_tasks).to_numpy() & ~revealed_mask
+        if order == "random" or rounds < random_reads:
+            step = candidate & (ranks == rounds)
+        else:
+            score = workers.map(scores).astype(float).fillna(float(scores.mean())).to_numpy()
+            pool = pd.DataFrame({"task": tasks, "key": -score, "rank": ranks})[candidate]
+            chosen = pool.sort_values(["key", "rank"], kind="stable").drop_duplicates("task").index
+            step = np.zeros(len(frame), dtype=bool)
+            step[chosen.to_numpy()] = True
         if not step.any():
             break
         revealed_mask |= step
         rounds += 1
         revealed = frame[revealed_mask]
-        probas = fitter(estimator, revealed[["task", "worker", "label"]])
+        if fit is not None:
+            probas = fit(estimator, revealed)
+        else:
+            fitted = default_fit(estimator, revealed)
+            probas = fitted.probas_
+            if order == "reliable":
+                scores = reliability(fitted)
         reads = revealed.groupby("task").size()
         done = rule.done(probas, reads)
         open_tasks = {t for t in open_tasks if not bool(done.get(t, False))}
-    revealed = frame[revealed_mask][["task", "worker", "label"]]
+    revealed = frame[revealed_mask]
     labels = probas.idxmax(axis=1).rename("agg_label")
     return Replay(int(revealed_mask.sum()), len(frame), rounds, labels, revealed.reset_index(drop=True))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from consensus.adaptive import StoppingRule, assign_reads, next_reads, replay
+from consensus.adaptive import StoppingRule, assign_reads, next_reads, reader_accuracy, replay
 from consensus.dawid_skene import DawidSkene
 
 from .test_dawid_skene import accuracy, crowd_set, four_raters
@@ -92,3 +92,57 @@ def test_replay_on_the_dermx_dermatologists_saves_reads():
     assert result.saved > 0.3
     assert accuracy(result.labels, truth) >= accuracy(DawidSkene().fit_predict(answers), truth) - 0.02
     assert np.isfinite(result.saved)
+
+
+def oracle_and_noisy(n_items: int, seed: int) -> tuple[pd.DataFrame, pd.Series]:
+    """Binary reads of six readers on every image: derm1 always right, derm2..derm6 right 70% of the time."""
+    return four_raters(n_items, seed, sens=(1.0,) + (0.7,) * 5, spec=(1.0,) + (0.7,) * 5, missing=0.0)
+
+
+def test_reader_accuracy_rates_the_perfect_reader_first():
+    answers, _ = oracle_and_noisy(300, seed=1)
+    scores = reader_accuracy(DawidSkene().fit(answers))
+    assert scores.idxmax() == "derm1" and scores["derm1"] > 0.95
+    assert (scores.drop("derm1") < 0.8).all() and (scores.drop("derm1") > 0.6).all()
+
+
+def test_reliable_order_reveals_the_best_rated_readers_read_after_the_random_first_read():
+    answers, _ = oracle_and_noisy(200, seed=2)
+    ranking = pd.Series({"derm1": 0.99, "derm2": 0.9, "derm3": 0.8, "derm4": 0.7, "derm5": 0.6, "derm6": 0.5})
+    two_reads = StoppingRule(1.0, 1, max_reads=2)  # every image stops at its second read
+    result = replay(
+        answers, DawidSkene(), two_reads, random_state=0, order="reliable", reliability=lambda _: ranking
+    )
+    assert result.rounds == 2 and (result.revealed.groupby("task").size() == 2).all()
+    readers = result.revealed.groupby("task")["worker"].agg(set)
+    assert all("derm1" in seen for seen in readers)  # second read derm1, or derm1 came first
+    assert all(seen == {"derm1", "derm2"} for seen in readers if "derm2" in seen)  # derm2 only after derm1
+    # The random order (the default) reveals its second read at random: derm1 on about a third.
+    random = replay(answers, DawidSkene(), two_reads, random_state=0)
+    with_derm1 = random.revealed.groupby("task")["worker"].agg(lambda w: "derm1" in set(w))
+    assert 0.2 < with_derm1.mean() < 0.5
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_reliable_order_reaches_the_truth_with_fewer_reads_than_random(seed):
+    answers, truth = oracle_and_noisy(300, seed=seed)
+    rule = StoppingRule(0.99, 3)
+    # Two random reads first: one read per image says nothing about who is reliable.
+    reliable = replay(answers, DawidSkene(), rule, random_state=0, order="reliable", random_reads=2)
+    random = replay(answers, DawidSkene(), rule, random_state=0, order="random")
+    assert reliable.revealed.groupby("task")["worker"].agg(lambda w: "derm1" in set(w)).all()
+    assert accuracy(reliable.labels, truth) == 1.0 == accuracy(random.labels, truth)
+    assert reliable.reads < 0.9 * random.reads
+    # The default order is the random one, unchanged.
+    default = replay(answers, DawidSkene(), rule, random_state=0)
+    pd.testing.assert_frame_equal(default.revealed, random.revealed)
+
+
+def test_replay_rejects_an_unknown_order_no_random_read_and_a_custom_fit_with_the_reliable_order():
+    answers, _ = oracle_and_noisy(20, seed=4)
+    with pytest.raises(ValueError, match="order must be"):
+        replay(answers, DawidSkene(), order="best")
+    with pytest.raises(ValueError, match="random_reads"):
+        replay(answers, DawidSkene(), order="reliable", random_reads=0)
+    with pytest.raises(ValueError, match="fitted estimator"):
+        replay(answers, DawidSkene(), order="reliable", fit=lambda est, data: est.fit(data).probas_)
