@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Any
 
@@ -20,9 +21,9 @@ def _labelled(task: dict[str, Any]) -> bool:
 def cmd_next_batch(args: argparse.Namespace) -> int:
     """The next batch to label in a Label Studio project: every task scored by the acquisition strategy
     (--strategy, else the config's <Image acquisition>, else ACQUISITION) with the promoted models, then
-    --size unlabelled tasks picked among the --pool-factor x size most uncertain, each the farthest (in
-    the BCC model's embedding) from every labelled or picked image. Printed, written as CSV with --out,
-    and shown in Label Studio as the tab "Next batch" with --view."""
+    the --size most uncertain unlabelled tasks; with --pool-factor k > 1, picked among the k x size most
+    uncertain, each the farthest (in the BCC model's embedding) from every labelled or picked image.
+    Printed, written as CSV with --out, and shown in Label Studio as the tab "Next batch" with --view."""
     import pandas as pd
     from tqdm import tqdm
 
@@ -72,6 +73,7 @@ def cmd_next_batch(args: argparse.Namespace) -> int:
                 show_all=settings.show_outputs == "all",
                 concurrency=settings.image_fetch_concurrency,
                 progress=lambda done, _: bar.update(done - bar.n),
+                override=settings.model_score_threshold,
             )
             bar.close()
             picks = next_batch(scored, labelled, args.size, args.pool_factor)
@@ -96,6 +98,19 @@ def cmd_next_batch(args: argparse.Namespace) -> int:
         f"; {len(scored.failed)} not scored" + (f"; Label Studio tab {view}" if view is not None else "")
     )
     return 0
+
+
+def _reader_names(ls: Any, names: list[str]) -> dict[str, str]:
+    """Store rater name -> the name a coordinator knows: a reader first seen by id (``ls-user-7``) is
+    shown by their Label Studio e-mail where the user list can be read."""
+    from backend.collection.sync import user_emails
+
+    emails = user_emails(ls) if any(n.startswith("ls-user-") for n in names) else {}
+    shown = {}
+    for name in names:
+        found = re.fullmatch(r"ls-user-(\d+)", name)
+        shown[name] = emails.get(int(found.group(1)), name) if found else name
+    return shown
 
 
 def cmd_next_reads(args: argparse.Namespace) -> int:
@@ -138,6 +153,9 @@ def cmd_next_reads(args: argparse.Namespace) -> int:
             reads = table[table["task"].isin(in_project)].rename(columns={"value": "label"})
             queue = next_reads(probas, reads[["task", "worker", "label"]], readers, rule)
             assigned = assign_reads(queue, args.per_reader)
+            shown = _reader_names(ls, list(readers.index))
+            assigned["reader"] = assigned["reader"].map(shown)
+            readers.index = readers.index.map(shown)
             views = {}
             if args.view:
                 for reader in readers.index:

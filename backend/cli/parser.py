@@ -445,9 +445,10 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     nb.add_argument(
         "--pool-factor",
         type=int,
-        default=POOL_FACTOR,
-        help="pick among this many times --size of the most uncertain (1: no diversity; "
-        "default: %(default)s)",
+        default=1,
+        help="pick among this many times --size of the most uncertain, spread out in the model's "
+        "embedding (default: %(default)s, no spreading: it cost labels on derm-dev, docs/RESULTS.md; "
+        f"{POOL_FACTOR} is the usual choice)",
     )
     nb.add_argument("--view", action="store_true", help='show the batch as the Label Studio tab "Next batch"')
     nb.add_argument("--out", default=None, help="also write the batch as CSV here")

@@ -51,9 +51,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults: Label Studio and the backend on localhost with a pre-annotated
     BCC screening project: 64 real dermoscopic images (sample/ham10000) pre-annotated by the released
-    models, four simulated dermatologists, their consensus, one retraining. --synthetic runs the synthetic
-    study (a model trained on drawings); --no-label-studio the headless part of it: study, store,
-    consensus, report."""
+    models, four simulated dermatologists, their consensus, one retraining, then what to label next (the
+    task score by least confidence, a "Next batch" tab) and who reads what next (a "Next reads" tab per
+    reader).
+    --synthetic runs the synthetic study (a model trained on drawings); --no-label-studio the headless part
+    of it: study, store, consensus, report."""
     if not args.no_label_studio:
         from backend.demo.label_studio import LabelStudioUnavailableError
         from backend.demo.run import DemoConfig, run

@@ -138,11 +138,11 @@ def sync_from_label_studio(settings: Settings, sessions: sessionmaker[Session], 
     with connect(url, key) as ls, label_studio_errors(url):
         xml = ls.label_config(project)
         tasks = ls.export_tasks(project)
-        emails = _emails(ls)
+        emails = user_emails(ls)
     return sync_project(sessions, project, [with_emails(t, emails) for t in tasks], parse_config(xml))
 
 
-def _emails(ls: Any) -> dict[int, str]:
+def user_emails(ls: Any) -> dict[int, str]:
     """Label Studio user id -> e-mail; empty where the user list cannot be read (a key without the
     right to list users): readers are then named by their id, as before."""
     import httpx

@@ -14,9 +14,10 @@
    lesion outline (U-Net) and, for a predicted BCC, where it is (Grad-CAM inside the outline). Outputs
    not validated on real images (the six BCC patterns) are not shown;
 4. runs the consensus and one retraining (the Train button), and writes the study report;
-5. shows what to label next: the task score is the acquisition strategy's (``ACQUISITION=entropy``
-   here), the tab "Next batch" holds the batch it picks (``dermassist next-batch``), and one tab per
-   dermatologist holds the images that still need their read (``dermassist next-reads``);
+5. shows what to label next: the task score is the acquisition strategy's (``least_confidence``, the
+   best in the label-efficiency study), the tab "Next batch" holds the batch it picks (``dermassist
+   next-batch``), and one tab per dermatologist holds the images that still need their read
+   (``dermassist next-reads``);
 6. prints the URL, the login and what to look at, and keeps both servers up until Ctrl-C.
 
 ``dermassist demo --synthetic`` runs the earlier study instead: synthetic drawings with pattern truth,
@@ -66,7 +67,7 @@ class DemoConfig:
     seed: int = 0
     annotated_share: float = 0.5
     two_read_share: float = 0.25  # the next images, read by two dermatologists so far
-    acquisition: str = "entropy"
+    acquisition: str = "least_confidence"  # the best of the label-efficiency study (RESULTS)
     next_batch: int = 8
     image_size: int = 160
     epochs: int = 4
@@ -331,7 +332,10 @@ def run(config: DemoConfig) -> int:
                 exe, env, "next-batch", "--project", str(project), "--size", str(config.next_batch), "--view",
                 "--quiet",
             )  # fmt: skip
-            reads = _dermassist_out(exe, env, "next-reads", "--project", str(project), "--view")
+            # a study that wants three reads of an image, more only where the consensus is unsure
+            reads = _dermassist_out(
+                exe, env, "next-reads", "--project", str(project), "--min-reads", "3", "--view"
+            )
             report = out / "consensus" / "report.html"
             subprocess.run(
                 [str(exe), "export", "--format", "report", "--out", str(report)],
@@ -370,8 +374,11 @@ def run(config: DemoConfig) -> int:
         {look}
       - the data manager sorted by prediction score, ascending: the images the {config.acquisition} strategy
         would label first (the score is 1 - its uncertainty; README, "The task score");
-      - the tab "Next batch": {picked}
-      - the tabs "Next reads: <dermatologist>": {reads}
+      - the tab "Next batch": the {config.next_batch} unlabelled images the {config.acquisition} strategy
+        would label next ({picked})
+      - the tabs "Next reads: <dermatologist>": the images that need another read (posterior < 0.95
+        or fewer than three reads), each for a dermatologist who has not read it
+        ({reads})
       - the first {len(annotated)} tasks: read by four simulated dermatologists, the next {len(two_read)} by
         two ({n} annotations);
       - the consensus report: {report.resolve()}

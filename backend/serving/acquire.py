@@ -61,8 +61,10 @@ def score_tasks(
     show_all: bool,
     concurrency: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    override: float | None = None,
 ) -> Scored:
-    """The strategy's uncertainty and the embedding of every task whose image can be had.
+    """The strategy's uncertainty (one minus the task score ``/predict`` gives; ``override``:
+    ``MODEL_SCORE_THRESHOLD``) and the embedding of every task whose image can be had.
 
     Raises:
         ValueError: an unknown strategy, or no BCC model to give the embedding.
@@ -101,7 +103,7 @@ def score_tasks(
                     else [None] * len(good)
                 )
                 for (task, _), output, lesion in zip(good, outputs, lesions, strict=True):
-                    score = acquisition_score(strategy, config, served, output, lesion, show_all)
+                    score = acquisition_score(strategy, config, served, output, lesion, show_all, override)
                     assert output.embedding is not None
                     ids.append(int(task["id"]))
                     values.append(1.0 - score)

@@ -24,7 +24,7 @@ from typing import Any
 
 from backend import metrics
 from backend.images import ImageError, ImageFetcher
-from backend.label_studio.predictions import empty_prediction, task_prediction
+from backend.label_studio.predictions import empty_prediction, task_prediction, threshold_for
 from backend.serving.lesion import LesionSystem, lesion_prediction, metadata_row, run_lesion, segment
 from backend.serving.multitask import ImageOutput, ServedModel, run_batch
 from labeling_config.parse import ProjectConfig
@@ -212,8 +212,18 @@ def acquisition_score(
     output: ImageOutput | None,
     lesion_output: Any,
     show_all: bool,
+    override: float | None = None,
 ) -> float:
-    """One task's score under ``strategy``: ``1 - uncertainty`` over the outputs the config shows."""
+    """One task's score under ``strategy``: ``1 - uncertainty`` over the outputs the config shows.
+
+    ``least_confidence`` with the BCC model is the prediction's own score: the confidence of the
+    diagnosis chosen at its threshold (the control's, else ``override``, else the checkpoint's).
+    """
+    if strategy == DEFAULT_STRATEGY and output is not None and served.multitask is not None:
+        control = config.diagnosis.threshold if config.diagnosis is not None else None
+        t = threshold_for(DIAGNOSIS_KEY, served.multitask.meta.thresholds, control, override)
+        p = output.probs[DIAGNOSIS_KEY]
+        return round(p if p >= t else 1.0 - p, 6)
     binary = samples = None
     if output is not None and served.multitask is not None:
         targets = list(served.multitask.meta.targets)

@@ -214,20 +214,21 @@ def k_center_greedy(
     given = None if centers is None else np.asarray(centers, dtype=np.float64).reshape(-1, x.shape[1])
     if given is None or len(given) == 0:
         given = points.mean(axis=0, keepdims=True)
+    norms = (points * points).sum(1)  # once: each pick then costs one matrix-vector product
     nearest = np.full(len(pool), np.inf)
     for start in range(0, len(given), 1024):
-        nearest = np.minimum(nearest, _sq_dist(points, given[start : start + 1024]).min(axis=1))
+        nearest = np.minimum(nearest, _sq_dist(points, norms, given[start : start + 1024]).min(axis=1))
     picked: list[int] = []
     for _ in range(n):
         best = int(np.argmax(nearest))
         picked.append(int(pool[best]))
-        nearest = np.minimum(nearest, _sq_dist(points, points[best : best + 1])[:, 0])
+        nearest = np.minimum(nearest, _sq_dist(points, norms, points[best : best + 1])[:, 0])
         nearest[best] = -np.inf
     return picked
 
 
-def _sq_dist(a: FloatArray, b: FloatArray) -> FloatArray:
-    d: FloatArray = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
+def _sq_dist(a: FloatArray, a_norms: FloatArray, b: FloatArray) -> FloatArray:
+    d: FloatArray = a_norms[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
     return np.maximum(d, 0.0)
 
 

@@ -40,3 +40,22 @@ def test_labelled_tasks_are_never_picked_and_bad_sizes_are_refused():
         next_batch(scored(), set(), 0)
     with pytest.raises(ValueError, match="pool factor"):
         next_batch(scored(), set(), 2, pool_factor=0)
+
+
+def test_least_confidence_ranks_by_the_score_label_studio_shows():
+    """The diagnosis is chosen at its threshold (0.2 here), so p = 0.3 is a BCC with confidence 0.3,
+    as /predict's task score says, not max(p, 1 - p) = 0.7."""
+    from types import SimpleNamespace
+
+    from backend.serving.multitask import ImageOutput
+    from backend.serving.predict import Served, acquisition_score
+    from labeling_config import TARGETS, load_config
+    from labeling_config.parse import parse_config
+
+    meta = SimpleNamespace(targets=TARGETS, thresholds={"bcc": 0.2}, provenance=None)
+    model = SimpleNamespace(meta=meta)
+    served = Served("v", ("multitask",), model, None, None)  # type: ignore[arg-type]
+    output = ImageOutput(probs=dict.fromkeys(TARGETS, 0.3), maps=np.zeros((0, 0, 0), np.float32))
+    config = parse_config(load_config("bcc"))
+    assert acquisition_score("least_confidence", config, served, output, None, True) == 0.3
+    assert acquisition_score("least_confidence", config, served, output, None, True, override=0.5) == 0.7

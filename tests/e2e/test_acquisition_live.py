@@ -128,7 +128,7 @@ def test_the_next_batch_is_a_tab_of_unlabelled_tasks(
     batch = tmp_path / "batch.csv"
     out = _dermassist(
         env, "next-batch", "--project", str(project), "--size", "5", "--strategy", "entropy",
-        "--view", "--out", str(batch), "--quiet",
+        "--pool-factor", "4", "--view", "--out", str(batch), "--quiet",
     )  # fmt: skip
     assert "5 of 12 unlabelled tasks picked by entropy" in out and "0 not scored" in out, out
     with batch.open() as handle:
@@ -139,6 +139,6 @@ def test_the_next_batch_is_a_tab_of_unlabelled_tasks(
     assert _tab_tasks(ls, view) == set(picks)
 
     _dermassist(env, "next-batch", "--project", str(project), "--size", "3", "--strategy", "entropy",
-                "--view", "--quiet")  # fmt: skip
+                "--pool-factor", "4", "--view", "--quiet")  # fmt: skip
     (again,) = _tabs(ls, project, "Next batch").values()
     assert again["id"] == view["id"] and len(_tab_tasks(ls, again)) == 3
