@@ -307,6 +307,15 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
         help="report: a Grad-CAM agreement CSV (consensus gradcam-agreement) for the regions section",
     )
     ex.add_argument(
+        "--reads-confidence",
+        type=float,
+        default=0.999,
+        help="report: the adaptive-reads rule, an image is done at this posterior (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--min-reads", type=int, default=3, help="report: ... after this many reads (default: %(default)s)"
+    )
+    ex.add_argument(
         "--config",
         default=str(resources.files("labeling_config") / "bcc.xml"),
         help="ls-import: the target project's labeling config (default: the shipped bcc.xml)",
@@ -463,11 +472,11 @@ def build_parser(env: Settings | None = None) -> argparse.ArgumentParser:
     nr.add_argument(
         "--confidence",
         type=float,
-        default=0.95,
+        default=0.999,
         help="an image is done at this posterior (default: %(default)s)",
     )
     nr.add_argument(
-        "--min-reads", type=int, default=2, help="... after this many reads (default: %(default)s)"
+        "--min-reads", type=int, default=3, help="... after this many reads (default: %(default)s)"
     )
     nr.add_argument("--max-reads", type=int, default=None, help="an image with this many reads is done")
     nr.add_argument("--per-reader", type=int, default=None, help="at most this many images per reader")

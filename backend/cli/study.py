@@ -298,7 +298,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.truth:
             truth = pd.read_csv(args.truth, dtype={"image_id": str}).set_index("image_id")
         gradcam = pd.read_csv(args.gradcam) if args.gradcam else None
-        write_report(study, out, truth, gradcam)
+        from consensus.adaptive import StoppingRule
+
+        rule = StoppingRule(args.reads_confidence, args.min_reads)
+        write_report(study, out, truth, gradcam, reads_rule=rule)
         pages = out.parent / "raters"
         print(f"consensus run {study.run['id']}: report -> {out}, a page per reader in {pages}")
     else:

@@ -45,6 +45,8 @@ from backend.label_studio.client import connect, label_studio_errors
 from labeling_config import load_config
 
 PROJECT_TITLE = "BCC screening (dermassist demo)"
+#: The demo's study wants three reads of an image, more only where the consensus is unsure.
+MIN_READS = 3
 
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample" / "ham10000"
@@ -332,17 +334,17 @@ def run(config: DemoConfig) -> int:
                 exe, env, "next-batch", "--project", str(project), "--size", str(config.next_batch), "--view",
                 "--quiet",
             )  # fmt: skip
-            # a study that wants three reads of an image, more only where the consensus is unsure
             reads = _dermassist_out(
-                exe, env, "next-reads", "--project", str(project), "--min-reads", "3", "--view"
+                exe, env, "next-reads", "--project", str(project), "--min-reads", str(MIN_READS), "--view"
             )
             report = out / "consensus" / "report.html"
             subprocess.run(
-                [str(exe), "export", "--format", "report", "--out", str(report)],
+                [str(exe), "export", "--format", "report", "--out", str(report),
+                 "--min-reads", str(MIN_READS)],
                 env=env,
                 check=True,
                 capture_output=True,
-            )
+            )  # fmt: skip
 
             minutes = (time.monotonic() - t0) / 60
             if config.synthetic:
@@ -376,7 +378,7 @@ def run(config: DemoConfig) -> int:
         would label first (the score is 1 - its uncertainty; README, "The task score");
       - the tab "Next batch": the {config.next_batch} unlabelled images the {config.acquisition} strategy
         would label next ({picked})
-      - the tabs "Next reads: <dermatologist>": the images that need another read (posterior < 0.95
+      - the tabs "Next reads: <dermatologist>": the images that need another read (posterior < 0.999
         or fewer than three reads), each for a dermatologist who has not read it
         ({reads})
       - the first {len(annotated)} tasks: read by four simulated dermatologists, the next {len(two_read)} by

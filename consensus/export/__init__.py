@@ -28,6 +28,7 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from consensus.adaptive import StoppingRule, assign_reads, next_reads
 from consensus.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen_kappa, percent_agreement
 from consensus.agreement import rater_vs_consensus as rater_vs_consensus_table
 from consensus.export.html import render, table_html, with_interval
@@ -655,6 +656,7 @@ def write_report(
     gradcam: pd.DataFrame | None = None,
     images: Mapping[str, str | Path] | None = None,
     rater_pages: bool = True,
+    reads_rule: StoppingRule | None = None,
 ) -> Path:
     """A self-contained HTML page: the run, agreement, reliability against each reference, the rater
     model chosen per label, gold, regions, criterion consistency, AI exposure, plots, and an index of the
@@ -670,6 +672,7 @@ def write_report(
         images: image id -> local image file for the readers' pages' thumbnails (default the store's).
         rater_pages: also write one page per reader into ``raters/`` beside the report
             (:func:`consensus.export.raters.write_rater_pages`), which the report's index links to.
+        reads_rule: the adaptive-reads section's stopping rule (default :class:`StoppingRule`).
     """
     import matplotlib
 
@@ -699,6 +702,7 @@ def write_report(
         "report.html",
         rater_model=_rater_model_section(study),
         gold=_gold_section(study),
+        adaptive=adaptive_section(study, reads_rule),
         regions=_regions_section(study, gradcam),
         readers=study.readers.to_dict("records") if rater_pages else [],
         run=study.run,
@@ -757,6 +761,47 @@ def _rater_model_section(study: Study) -> dict[str, Any]:
         "criteria": sorted(set(study.rater_model_criteria.values())),
         "fixed": fixed,
         "method": method,
+    }
+
+
+def adaptive_section(
+    study: Study, rule: StoppingRule | None = None, shown: int = 50
+) -> dict[str, Any] | None:
+    """The adaptive-reads queue of the diagnosis (:mod:`consensus.adaptive`): the images whose consensus
+    is not yet sure or that have too few reads, each with the reader to ask next (the least loaded of
+    those who have not read it, the most reliable first). None without a BCC consensus."""
+    rule = rule if rule is not None else StoppingRule()
+    column = f"{DIAGNOSIS_KEY}_posterior"
+    if column not in study.consensus.columns or study.ratings.empty:
+        return None
+    p = pd.to_numeric(study.consensus[column], errors="coerce").dropna().astype(float)
+    probas = pd.DataFrame({0: 1.0 - p, 1: p})
+    reads = [c for c in study.ratings.columns if str(c).endswith(f":{DIAGNOSIS_KEY}")]
+    wide = study.ratings[reads].copy()
+    wide.columns = pd.Index([str(c).rsplit(":", 1)[0] for c in reads])
+    answers = (
+        wide.rename_axis("task")
+        .reset_index()
+        .melt(id_vars="task", var_name="worker", value_name="label")
+        .dropna(subset=["label"])
+    )
+    rel = study.reliability
+    rel = rel[rel["label_key"] == DIAGNOSIS_KEY] if not rel.empty else rel
+    readers = (
+        rel.set_index("rater")[["sensitivity", "specificity"]].mean(axis=1)
+        if not rel.empty
+        else pd.Series(dtype=float)
+    )
+    queue = assign_reads(next_reads(probas, answers, readers, rule))
+    per_reader = queue.groupby("reader").size().rename("images").reset_index() if len(queue) else queue
+    return {
+        "rule": f"posterior \u2265 {rule.confidence:g} after \u2265 {rule.min_reads} reads",
+        "open": len(queue),
+        "read": len(probas),
+        "per_reader": Markup(table_html(per_reader)) if len(queue) else None,
+        "queue": Markup(table_html(queue.head(shown))) if len(queue) else None,
+        "more": max(0, len(queue) - shown),
+        "table": queue,
     }
 
 

@@ -33,7 +33,7 @@ def test_an_image_is_done_when_confident_after_enough_reads():
 
 def test_the_queue_lists_open_images_least_confident_first_with_the_best_unread_readers():
     reliability = pd.Series({"r1": 0.9, "r2": 0.7, "r3": 0.95, "r4": 0.6})
-    queue = next_reads(PROBAS, ANSWERS, reliability)
+    queue = next_reads(PROBAS, ANSWERS, reliability, StoppingRule(0.95, 2))
     assert queue["task"].tolist() == ["d", "b", "c"]
     by_task = queue.set_index("task")
     assert by_task.loc["b", "next"] == "r3,r4" and by_task.loc["c", "next"] == "r1,r2,r4"

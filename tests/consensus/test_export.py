@@ -236,3 +236,31 @@ def test_a_run_without_gold_says_so(study_db, tmp_path):
     assert study.rater_vs_gold.empty and study.gold_summary["run"]["n"] == 0
     html = write_report(study, tmp_path / "report.html").read_text()
     assert "The run held <b>no gold labels</b>" in html and "This run has no region consensus" in html
+
+
+def test_the_report_shows_the_adaptive_reads_queue(study_db, tmp_path):
+    from consensus.adaptive import StoppingRule
+    from consensus.export import adaptive_section
+
+    with study_db() as session:
+        study = build_study(session)
+    diagnoses = study.ratings[["derm1:bcc", "derm2:bcc", "derm3:bcc", "derm4:bcc"]]
+    # Ask five reads of every image: each image a reader has not read goes to one such reader.
+    section = adaptive_section(study, StoppingRule(0.95, 5))
+    assert section is not None and section["read"] == 40
+    queue = section["table"]
+    assert set(queue["task"]) == set(diagnoses.index[diagnoses.isna().any(axis=1)])
+    for task, reader in zip(queue["task"], queue["reader"], strict=True):
+        assert pd.isna(diagnoses.loc[task, f"{reader}:bcc"]), (task, reader)  # never a second read
+    # Drop derm3's and derm4's diagnoses of the first ten images: with three reads asked, those ten
+    # are open, each for a reader who has not read it.
+    first = list(diagnoses.index[:10])
+    study.ratings.loc[first, ["derm3:bcc", "derm4:bcc"]] = None
+    section = adaptive_section(study, StoppingRule(0.95, 3))
+    assert section is not None
+    queue = section["table"].set_index("task")
+    assert set(first) <= set(queue.index)
+    for task in first:
+        assert pd.isna(study.ratings.loc[task, f"{queue.loc[task, 'reader']}:bcc"])
+    page = write_report(study, tmp_path / "report.html", reads_rule=StoppingRule(0.95, 3)).read_text()
+    assert 'id="adaptive-reads"' in page and f"<b>{section['open']}</b> of\nthe 40 images" in page

@@ -75,7 +75,8 @@ def test_next_reads_go_to_readers_who_have_not_read_the_open_images(
         "LOG_LEVEL": "WARNING",
     }
     queue = tmp_path / "reads.csv"
-    out = _dermassist(env, "next-reads", "--project", str(project), "--view", "--out", str(queue))
+    rule = ("--confidence", "0.95", "--min-reads", "2")
+    out = _dermassist(env, "next-reads", "--project", str(project), *rule, "--view", "--out", str(queue))
     assert "6 of 12 read images open" in out, out
     with queue.open() as handle:
         rows = list(csv.DictReader(handle))
@@ -93,7 +94,7 @@ def test_next_reads_go_to_readers_who_have_not_read_the_open_images(
     for task, reader in assigned.items():  # a reader is never asked to read an image again
         assert not any(reader.startswith(r) for r in read_by[task]), (task, reader, read_by[task])
 
-    _dermassist(env, "next-reads", "--project", str(project), "--view")
+    _dermassist(env, "next-reads", "--project", str(project), *rule, "--view")
     again = _tabs(ls, project, "Next reads: ")
     assert {t: v["id"] for t, v in again.items()} == {
         t: v["id"] for t, v in tabs.items()
