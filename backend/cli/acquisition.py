@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any
 
-from backend.cli.common import _settings
+from backend.cli.common import _settings, _synced_label_studio
 
 logger = logging.getLogger("dermassist")
 
@@ -119,8 +119,7 @@ def cmd_next_reads(args: argparse.Namespace) -> int:
     fewer than --min-reads reads; each open image goes to the least-loaded reader who has not read it
     (ties: the most reliable). Printed, written as CSV with --out, and shown in Label Studio as one tab
     per reader ("Next reads: <reader>") with --view."""
-    from backend.collection.sync import sync_from_label_studio
-    from backend.label_studio.client import LabelStudioError, connect, label_studio_errors
+    from backend.label_studio.client import label_studio_errors
     from consensus.adaptive import StoppingRule, assign_reads, next_reads
     from consensus.db import init_db
     from consensus.repository import answers, consensus_probabilities, reader_reliability
@@ -133,12 +132,8 @@ def cmd_next_reads(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine, sessions = init_db(settings.database_url)
     try:
-        url, key = settings.label_studio_url or "", settings.label_studio_api_key or ""
-        try:
-            synced = sync_from_label_studio(settings, sessions, args.project)
-            ls = connect(url, key)
-        except LabelStudioError as exc:
-            raise ValueError(str(exc)) from None
+        url = settings.label_studio_url or ""
+        synced, ls = _synced_label_studio(settings, sessions, args.project)
         with ls, label_studio_errors(url):
             in_project = {
                 f"ls-{t['id']}" for t in ls.export_tasks(args.project) if isinstance(t.get("id"), int)

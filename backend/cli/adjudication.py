@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from backend.cli.common import _database_url, _settings
+from backend.cli.common import _database_url, _settings, _synced_label_studio
 
 logger = logging.getLogger("dermassist")
 
@@ -44,9 +44,8 @@ def cmd_adjudicate(args: argparse.Namespace) -> int:
     (gold images excepted), and add them to the project's adjudication project in Label Studio (made on
     the first call), each with every reader's annotation shown as a prediction. The adjudicator's
     annotations come back (webhook or `dermassist sync --project <adjudication project>`) as gold labels."""
-    from backend.collection.sync import sync_from_label_studio
     from backend.label_studio.adjudication import queue_adjudication
-    from backend.label_studio.client import LabelStudioError, connect, label_studio_errors
+    from backend.label_studio.client import label_studio_errors
     from consensus.adjudication import DisputeRule, disputed_items
     from consensus.db import init_db
     from consensus.repository import answers, consensus_probabilities
@@ -64,12 +63,8 @@ def cmd_adjudicate(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown label(s) {unknown}; the labels are {list(TARGETS)}")
     engine, sessions = init_db(settings.database_url)
     try:
-        url, key = settings.label_studio_url or "", settings.label_studio_api_key or ""
-        try:
-            synced = sync_from_label_studio(settings, sessions, args.project)
-            ls = connect(url, key)
-        except LabelStudioError as exc:
-            raise ValueError(str(exc)) from None
+        url = settings.label_studio_url or ""
+        synced, ls = _synced_label_studio(settings, sessions, args.project)
         with ls, label_studio_errors(url):
             source_tasks = ls.export_tasks(args.project)
             with sessions.begin() as session:

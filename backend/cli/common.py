@@ -47,3 +47,19 @@ def _database_url(args: argparse.Namespace) -> str:
     from backend.settings import Settings
 
     return str(args.db or Settings.from_env().database_url)
+
+
+def _synced_label_studio(settings: Settings, sessions: Any, project: int) -> tuple[Any, Any]:
+    """Sync ``project`` into the store, then a client of its Label Studio: ``(sync outcome, client)``.
+
+    Raises:
+        ValueError: Label Studio cannot be reached or refused (its message).
+    """
+    from backend.collection.sync import sync_from_label_studio
+    from backend.label_studio.client import LabelStudioError, connect
+
+    try:
+        synced = sync_from_label_studio(settings, sessions, project)
+        return synced, connect(settings.label_studio_url or "", settings.label_studio_api_key or "")
+    except LabelStudioError as exc:
+        raise ValueError(str(exc)) from None
