@@ -23,9 +23,9 @@ from numpy.typing import NDArray
 from backend.images import ImageFetcher
 from backend.serving.lesion import metadata_row, run_lesion
 from backend.serving.multitask import run_batch
-from backend.serving.predict import SAMPLING, Served, acquisition_score, fetch_image
+from backend.serving.predict import Served, acquisition_score, fetch_image
 from labeling_config.parse import ProjectConfig
-from model.common.acquisition import POOL_FACTOR, check_strategy, diverse_batch
+from model.common.acquisition import POOL_FACTOR, SAMPLING, check_strategy, diverse_batch
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from numpy.typing import NDArray
 from PIL import Image
 from scipy.special import expit
 
+from model.common.acquisition import SAMPLING
+
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 16
@@ -247,10 +249,6 @@ def to_array(image: Image.Image, size: int) -> FloatArray:
     return array
 
 
-#: Sampling for the acquisition strategies: Monte Carlo dropout, or the test-time views.
-SAMPLING = ("dropout", "views")
-
-
 def views(images: FloatArray) -> list[FloatArray]:
     """The test-time views of a square batch ``(B, 3, S, S)``: itself, flipped left-right, flipped
     upside down, turned a quarter (a dermoscopic image has no up or left)."""
@@ -278,8 +276,8 @@ def run_batch(
             (same pass); ``views``: its probabilities on the :func:`views` (one more pass per view).
         embeddings: keep each image's pooled features (``embedding``).
     """
-    if sampling is not None and sampling not in SAMPLING:
-        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    if sampling is not None and sampling not in SAMPLING.values():
+        raise ValueError(f"sampling must be one of {sorted(SAMPLING.values())}, got {sampling!r}")
     meta = served.meta
     temperatures = np.asarray([float(meta.temperatures.get(k, 1.0)) for k in meta.targets], dtype=np.float32)
     extras = sampling == "dropout" or embeddings

@@ -29,7 +29,7 @@ from backend.serving.lesion import LesionSystem, lesion_prediction, metadata_row
 from backend.serving.multitask import ImageOutput, ServedModel, run_batch
 from labeling_config.parse import ProjectConfig
 from labeling_config.schema import DIAGNOSIS_KEY
-from model.common.acquisition import DEFAULT_STRATEGY, Outputs, task_score, uncertainty
+from model.common.acquisition import DEFAULT_STRATEGY, SAMPLING, Outputs, task_score, uncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +187,6 @@ def _predict_images(
             prediction["score"] = acquisition_score(strategy, config, served, output, lesion_output, show_all)
         results.append(prediction)
     return results
-
-
-#: The strategies that sample the BCC model, and how.
-SAMPLING = {"bald": "dropout", "tta": "views"}
 
 
 def served_targets(config: ProjectConfig, model: ServedModel, show_all: bool) -> list[str]:

@@ -41,6 +41,10 @@ STRATEGIES = ACQUISITION_STRATEGIES
 #: The default: the calibrated confidence, as the task score always was.
 DEFAULT_STRATEGY = "least_confidence"
 
+#: How the BCC model is sampled for the strategies that need more than one output per image: Monte Carlo
+#: dropout (``bald``, from the same pass) or the test-time views (``tta``, one more pass per view).
+SAMPLING: dict[str, str] = {"bald": "dropout", "tta": "views"}
+
 #: :func:`diverse_batch` draws its batch from this many times its size of the most uncertain images.
 POOL_FACTOR = 4
 

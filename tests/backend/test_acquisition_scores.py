@@ -16,7 +16,7 @@ from backend.serving.multitask import load_served, run_batch
 from backend.settings import Settings, SettingsError
 from labeling_config import load_config
 from labeling_config.parse import ConfigError, parse_config
-from model.common.acquisition import Outputs, task_score, uncertainty
+from model.common.acquisition import SAMPLING, Outputs, task_score, uncertainty
 from tests.backend.conftest import png_bytes, with_settings
 from tests.backend.test_app import serve_upload
 
@@ -43,7 +43,7 @@ def expected(strategy: str, checkpoint: Any, bodies: list[bytes]) -> list[float]
     """What the strategy gives, recomputed from the model (PyTorch) on the same images."""
     served = load_served(checkpoint, engine="torch")
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in bodies]
-    sampling = {"bald": "dropout", "tta": "views"}.get(strategy)
+    sampling = SAMPLING.get(strategy)
     outputs = run_batch(served, images, maps=False, sampling=sampling)
     targets = list(served.meta.targets)  # bcc.xml shows the diagnosis and every pattern
     binary = np.array([[o.probs[k] for k in targets] for o in outputs])
