@@ -192,6 +192,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             title += f"; dotted: all labels ({full:.3f}), dashed: 95 %"
         ax.set_title(title, fontsize=9)
         ax.set_xscale("log", base=2)
+        ticks = next(iter(result["strategies"].values()))["labels"]
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("labelled training images")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean over seeds, band: min-max")
